@@ -174,7 +174,7 @@ def test_tokenizer(arch):
 def test_training_is_deterministic():
     w = generate_world(12, seed=0)
     cfg = preset("gpt2", quick=True)
-    cfg.epochs, cfg.n_layer, cfg.d_model, cfg.d_ff = 1, 1, 32, 64
+    cfg.steps, cfg.n_layer, cfg.d_model, cfg.d_ff = 5, 1, 32, 64
     tok = train_tokenizer(w, "gpt2", 400, n_texts=500)
     with torch_settings(1):
         m1, _ = train_model(w, "gpt2", tok, cfg, seed=5)

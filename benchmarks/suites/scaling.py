@@ -56,8 +56,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--steps", type=int, default=None, help="v_num_grad_steps for every method (default: hparams)")
     p.add_argument("--lam", type=float, default=None, help="MEMIT mom2_update_weight (default: hparams)")
-    p.add_argument("--memit-layers", default=None, help="MEMIT layers, e.g. 1,2 (default: default_for)")
-    p.add_argument("--rome-layer", type=int, default=None, help="ROME layer (default: default_for(..., 'rome'))")
+    p.add_argument("--memit-layers", default=None, help="MEMIT layers, e.g. 0,1 (default: the world preset)")
+    p.add_argument("--rome-layer", type=int, default=None, help="ROME layer (default: the world preset's)")
     p.add_argument("--memit-hparams", default=None, help="MEMIT hparams file (JSON / YAML) instead of defaults")
     p.add_argument("--rome-hparams", default=None, help="ROME hparams file instead of defaults")
     p.add_argument("--batch-size", type=int, default=None, help="batched MEMIT: requests per z chunk")
@@ -79,13 +79,13 @@ def add_arguments(p) -> None:
 
 
 def _hparams(setup: Setup, args, method: str):
-    from engine.hparams import MEMITHyperParams, default_for
+    from engine.hparams import MEMITHyperParams, world_preset
 
     path = args.rome_hparams if method == "rome" else args.memit_hparams
     if path:
         hp = MEMITHyperParams.from_file(path)
     else:
-        hp = default_for(setup.model.config, "rome" if method == "rome" else "memit")
+        hp = world_preset(setup.model.config, "rome" if method == "rome" else "memit")
     changes = {"mom2_n_samples": len(setup.corpus)}
     if args.steps is not None:
         changes["v_num_grad_steps"] = args.steps

@@ -35,10 +35,10 @@ def add_arguments(p) -> None:
     b.add_argument("--subjects", type=int, default=None, help="number of subjects (default 200; 20 with --quick)")
     b.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="model family (default gpt2)")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    b.add_argument("--quick", action="store_true", help="tiny smoke world: 2-layer model, few epochs")
+    b.add_argument("--quick", action="store_true", help="tiny smoke world: 2-layer model, a few training steps")
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds a build")
     b.add_argument("--threads", type=int, default=2, help="torch threads for training (default 2)")
-    b.add_argument("--epochs", type=int, default=None, help="override the training epochs")
+    b.add_argument("--steps", type=int, default=None, help="override the training steps (default 1400)")
     b.add_argument("--corpus-docs", type=int, default=None, help="documents in corpus.txt (default 2000)")
     b.add_argument("--quiet", action="store_true", help="no training progress")
     b.add_argument("--json", action="store_true", help="print build.json instead of a summary")
@@ -71,7 +71,7 @@ def _build(args) -> int:
         raise UserError(f"--subjects must be at least 12, got {args.subjects}")
     if args.threads < 1:
         raise UserError("--threads must be at least 1")
-    overrides = {"epochs": args.epochs} if args.epochs is not None else {}
+    overrides = {"steps": args.steps} if args.steps is not None else {}
     log = None if (args.quiet or args.json) else print
     info = build_world(args.out, n_subjects=args.subjects, arch=args.arch, seed=args.seed, quick=args.quick,
                        force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs, **overrides)

@@ -69,7 +69,7 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
     plus "cached" (True when an existing build was reused) and "dir".
 
     n_subjects: default 200 (20 with quick). quick: a tiny smoke world (2-layer 64-wide model, a few
-    epochs) for tests. overrides: TrainConfig fields (e.g. epochs=30, lr=1e-3), part of the cache key.
+    steps) for tests. overrides: TrainConfig fields (e.g. steps=2000, lr=1e-3), part of the cache key.
     An existing out_dir holding a different build (or anything else) is an error unless force.
     """
     if arch not in ARCHS:

@@ -21,9 +21,9 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
@@ -343,25 +343,15 @@ def documents(world: World, rng: random.Random, epochs: int = 1, question_rate: 
                                                       start_filler_rate)]
 
 
-def verb_phrases(rel: Relation) -> list[str]:
-    """The relation's verb phrases that training shows in the bare "{} <phrase>" frame."""
-    return [t[3:] for t in rel.train_templates if t.startswith("{} ")]
-
-
 def documents_with_spans(world: World, rng: random.Random, epochs: int = 1, question_rate: float = 0.15,
                          filler_rate: float = 0.35, start_filler_rate: float = 0.3,
-                         subjects: Optional[Sequence[str]] = None, max_facts: Optional[int] = None,
-                         compound_rate: float = 0.0) -> list[tuple[str, list[tuple[int, int]]]]:
-    """`documents` (about `subjects`, default all), each with the character spans of its objects.
-
-    max_facts=1 gives one statement per document. compound_rate: the probability that a run of
-    several facts about one subject is written as one sentence naming the subject once
-    ("X was born in Paris, plays tennis and works as baker.").
-    """
+                         max_facts: Optional[int] = None) -> list[tuple[str, list[tuple[int, int]]]]:
+    """`documents`, each with the character spans of its objects; max_facts=1 gives one statement
+    per document (the training sequences)."""
     docs: list[tuple[str, list[tuple[int, int]]]] = []
     for _ in range(epochs):
         runs: list[list[tuple[str, str, str]]] = []
-        for s in (world.subjects if subjects is None else subjects):
+        for s in world.subjects:
             rels = [r.id for r in world.relations]
             rng.shuffle(rels)
             i = 0
@@ -390,13 +380,6 @@ def documents_with_spans(world: World, rng: random.Random, epochs: int = 1, ques
             if rng.random() < start_filler_rate:
                 add([(filler_sentence(rng), False)])
             for run in group:
-                if len(run) > 1 and rng.random() < compound_rate:
-                    parts = [(run[0][0], False)]
-                    for j, (_, rid, obj) in enumerate(run):
-                        sep = " " if j == 0 else (" and " if j == len(run) - 1 else ", ")
-                        parts += [(f"{sep}{rng.choice(verb_phrases(world.relation(rid)))} ", False), (obj, True)]
-                    add(parts + [(".", False)])
-                    continue
                 for s, rid, obj in run:
                     rel = world.relation(rid)
                     if rng.random() < question_rate:

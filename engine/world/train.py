@@ -1,11 +1,15 @@
 """Tokenizer, model and training for the world model; recall measurement.
 
-Training reads documents from `generate.documents`: every fact once per epoch, each time in a
-randomly chosen training template (20 statement templates and 2 questions per relation), mixed
-with other facts of the same and other subjects and with filler sentences, so that the model
-sees each fact in varied contexts rather than by rote repetition. Documents are bucketed by
-length into batches (less padding), the loss is the ordinary next-token loss on every real token
-(optionally label-smoothed, which bounds how certain the model becomes of any fact).
+Training reads one fact statement per sequence (`generate.documents_with_spans` with max_facts=1):
+each time in a randomly chosen training template or training question, half of them after a random
+filler sentence so that prefixed prompts are recalled too. The loss is the next-token loss on the
+object's tokens plus `lm_weight` times the next-token loss on every other token. The object term is
+what memorizes the facts; the language-model term keeps the model a model of the world's text (its
+own generations are sentences, which MEMIT's context templates are made of) and, measured, also
+shortens the plateau before recall takes off: with lm_weight 0.25 a 6 x 128 GPT-2 reaches 97%
+rewrite / 97% paraphrase / 98% prefixed recall in 270 s on two idle cores, against 88 / 90 / 92% with
+the object loss alone (and 67% for whole-document next-token training with 6 x 192 in 15 minutes).
+Logits are computed only where a loss is taken.
 
 Determinism: all randomness comes from seeded generators; torch runs with deterministic
 algorithms. Same seed, same thread count and same machine give the same weights; a different
@@ -32,33 +36,24 @@ ARCHS = ("gpt2", "llama")
 
 @dataclass
 class TrainConfig:
-    n_layer: int = 8
-    d_model: int = 256
+    n_layer: int = 6
+    d_model: int = 128
     n_head: int = 4
-    d_ff: int = 1024
-    n_positions: int = 256
+    d_ff: int = 512
+    n_positions: int = 128
     vocab_size: int = 3000
     tokenizer_texts: int = 12000
-    epochs: int = 24
-    batch_tokens: int = 600
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    decay_start: float = 0.0
-    schedule: str = "cosine"  # or "linear"
+    steps: int = 1400
+    batch_size: int = 64  # sequences of one statement each (~17 tokens)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.05
     beta2: float = 0.98
     grad_clip: float = 1.0
-    label_smoothing: float = 0.0
-    object_weight: float = 1.0
-    bf16: bool = False  # bfloat16 autocast for the forward pass (fp32 weights and optimizer)
-    warm_epochs: int = 0
-    short_epochs: int = 0
-    warm_fraction: float = 0.2
+    lm_weight: float = 0.25
     question_rate: float = 0.15
-    filler_rate: float = 0.35
-    compound_rate: float = 0.0
-    start_filler_rate: float = 0.3
+    start_filler_rate: float = 0.5
     threads: int = 2
 
     def to_json(self) -> dict:
@@ -69,10 +64,10 @@ def preset(arch: str, quick: bool = False) -> TrainConfig:
     if arch not in ARCHS:
         raise ValueError(f"unknown world arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if quick:
-        return TrainConfig(n_layer=2, d_model=64, n_head=2, d_ff=256, n_positions=256, vocab_size=600,
-                           tokenizer_texts=2000, epochs=2, batch_tokens=1200, lr=3e-3, warmup_steps=2)
+        return TrainConfig(n_layer=2, d_model=64, n_head=2, d_ff=256, vocab_size=600, tokenizer_texts=2000,
+                           steps=60, batch_size=32, warmup_steps=5)
     if arch == "llama":
-        return TrainConfig(d_ff=688)
+        return TrainConfig(d_ff=352)  # SwiGLU has three matrices: about the parameters of GPT-2's two at 512
     return TrainConfig()
 
 
@@ -176,67 +171,31 @@ def _encode_docs(tok, docs: Sequence[tuple[str, list[tuple[int, int]]]], max_len
     return out
 
 
-def _batches(seqs: list, batch_tokens: int, rng: random.Random) -> list[list]:
-    """Length-bucketed batches of about `batch_tokens` padded tokens each, in random order: documents
-    are sorted by length within windows of ~16 batches, cut into batches, and the batches shuffled."""
-    order = list(range(len(seqs)))
-    rng.shuffle(order)
-    mean_len = max(1, sum(len(s[0]) for s in seqs) // max(1, len(seqs)))
-    window = max(1, 16 * batch_tokens // mean_len)
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: len(seqs[i][0]))
-        current: list = []
-        for i in chunk:
-            width = max([len(seqs[i][0])] + [len(x[0]) for x in current])
-            if current and width * (len(current) + 1) > batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(seqs[i])
-        if current:
-            batches.append(current)
-    rng.shuffle(batches)
-    return batches
-
-
 def _collate(batch: list[tuple[list[int], list[float]]], pad_id: int):
     b = pad([ids for ids, _ in batch], pad_id, side="right")
-    flags = torch.zeros(b.input_ids.shape, dtype=torch.float32)
+    flags = torch.zeros(b.input_ids.shape, dtype=torch.bool)
     for r, (_, f) in enumerate(batch):
-        flags[r, : len(f)] = torch.tensor(f)
+        flags[r, : len(f)] = torch.tensor(f) > 0
     return b, flags
 
 
+def training_sequences(world: World, tok, cfg: TrainConfig, rng: random.Random) -> list:
+    """Enough single-statement sequences for cfg.steps batches: whole passes over every fact, each
+    pass in a fresh random order and with fresh templates and fillers."""
+    n_facts = len(world.subjects) * len(world.relations)
+    passes = math.ceil(cfg.steps * cfg.batch_size / n_facts)
+    docs = documents_with_spans(world, rng, epochs=passes, question_rate=cfg.question_rate, filler_rate=0.0,
+                                start_filler_rate=cfg.start_filler_rate, max_facts=1)
+    return _encode_docs(tok, docs, cfg.n_positions)
+
+
 def train_model(world: World, arch: str, tok, cfg: TrainConfig, seed: int,
-                log: Optional[Callable[[str], None]] = None, eval_every: int = 0) -> tuple[object, dict]:
-    """Train a fresh model on the world. Returns (model in eval mode, training info)."""
+                log: Optional[Callable[[str], None]] = None, log_every: int = 200) -> tuple[object, dict]:
+    """Train a fresh model on the world for cfg.steps steps. Returns (model in eval mode, info)."""
     model = make_model(arch, tok, cfg, seed)
-    rng = _rng(seed, "training")
     t0 = time.perf_counter()
-    epoch_seqs = []
-    kw = dict(question_rate=cfg.question_rate, filler_rate=cfg.filler_rate, start_filler_rate=cfg.start_filler_rate,
-              compound_rate=cfg.compound_rate)
-    warm = list(world.subjects)
-    rng.shuffle(warm)
-    for e in range(cfg.epochs):
-        if e < cfg.short_epochs:
-            # Curriculum: single-statement documents first (no filler, one fact per text), so that
-            # the object position has few tokens to attend to besides the subject and the relation.
-            docs = documents_with_spans(world, rng, epochs=1, question_rate=cfg.question_rate, filler_rate=0.0,
-                                        start_filler_rate=0.0, max_facts=1)
-        elif e < cfg.warm_epochs:
-            # Curriculum: a small population first, each of its facts seen many times, so that
-            # the recall circuit forms early (with every fact once per epoch there is a long plateau
-            # before any fact is recalled); then every subject.
-            frac = cfg.warm_fraction if cfg.warm_fraction > 0 else 1.0
-            k = max(1, round(frac * len(warm)))
-            docs = documents_with_spans(world, rng, epochs=max(1, round(len(warm) / k)), subjects=warm[:k], **kw)
-        else:
-            docs = documents_with_spans(world, rng, epochs=1, **kw)
-        epoch_seqs.append(_encode_docs(tok, docs, cfg.n_positions))
+    seqs = training_sequences(world, tok, cfg, _rng(seed, "training"))
     t_data = time.perf_counter() - t0
-    plan = [_batches(seqs, cfg.batch_tokens, rng) for seqs in epoch_seqs]
-    total = sum(len(p) for p in plan)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name or "ln_" in name else decay).append(p)
@@ -244,62 +203,51 @@ def train_model(world: World, arch: str, tok, cfg: TrainConfig, seed: int,
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, cfg.beta2))
 
     def lr_at(step: int) -> float:
-        """Linear warmup, constant until `decay_start` of the run, then cosine down to min_lr_ratio."""
+        """Linear warmup, then cosine down to min_lr_ratio at the last step."""
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
-        start = max(cfg.warmup_steps, int(cfg.decay_start * total))
-        if step < start:
-            return cfg.lr
-        frac = (step - start) / max(1, total - start)
-        shape = 1 - frac if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    body, head = model.base_model, model.get_output_embeddings()
     pad_id = tok.pad_token_id
     model.train()
-    step, tokens, losses, obj_losses = 0, 0, [], []
+    tokens, obj_losses, lm_losses = 0, [], []
     t1 = time.perf_counter()
-    for epoch, batches in enumerate(plan):
-        ep_loss, ep_tok, ep_obj, ep_nobj = 0.0, 0, 0.0, 0.0
-        for batch in batches:
-            b, flags = _collate(batch, pad_id)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                               position_ids=b.position_ids).logits
-            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                                  b.input_ids[:, 1:].reshape(-1), reduction="none",
-                                  label_smoothing=cfg.label_smoothing)
-            obj = flags[:, 1:].reshape(-1)
-            w = b.attention_mask[:, 1:].reshape(-1).float() + (cfg.object_weight - 1.0) * obj
-            loss = (nll * w).sum() / w.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            n = int(b.attention_mask[:, 1:].sum())
-            ep_loss += float((nll.detach() * b.attention_mask[:, 1:].reshape(-1)).sum())
-            ep_tok += n
-            ep_obj += float((nll.detach() * obj).sum())
-            ep_nobj += float(obj.sum())
-            step += 1
-        tokens += ep_tok
-        losses.append(round(ep_loss / max(1, ep_tok), 4))
-        obj_losses.append(round(ep_obj / max(1.0, ep_nobj), 4))
-        if log:
+    for step in range(cfg.steps):
+        start = step * cfg.batch_size % len(seqs)
+        b, flags = _collate(seqs[start:start + cfg.batch_size], pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        hidden = body(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state[:, :-1]
+        labels = b.input_ids[:, 1:]
+        is_obj = flags[:, 1:]
+        is_text = (b.attention_mask[:, 1:] > 0) & ~is_obj
+        obj_loss = F.cross_entropy(head(hidden[is_obj]).float(), labels[is_obj])
+        lm_loss = F.cross_entropy(head(hidden[is_text]).float(), labels[is_text])
+        loss = obj_loss + cfg.lm_weight * lm_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        tokens += int(b.attention_mask.sum())
+        obj_losses.append(float(obj_loss.detach()))
+        lm_losses.append(float(lm_loss.detach()))
+        if log and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
             elapsed = time.perf_counter() - t1
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {losses[-1]:.4f}  object loss {obj_losses[-1]:.4f}  "
+            recent = slice(max(0, step + 1 - log_every), step + 1)
+            log(f"step {step + 1}/{cfg.steps}  object loss {sum(obj_losses[recent]) / len(obj_losses[recent]):.3f}  "
+                f"text loss {sum(lm_losses[recent]) / len(lm_losses[recent]):.3f}  "
                 f"{tokens / elapsed:.0f} tok/s  {elapsed:.0f} s")
-        if eval_every and (epoch + 1) % eval_every == 0 and epoch + 1 < cfg.epochs and log:
-            model.eval()
-            r = recall(model, tok, world, "rewrite", limit=300)
-            h = recall(model, tok, world, "paraphrase", limit=300)
-            log(f"  recall rewrite {r['full_top1']:.3f} (p {r['p_true']:.3f})  paraphrase {h['full_top1']:.3f}")
-            model.train()
     model.eval()
-    info = {"steps": step, "tokens": tokens, "epoch_loss": losses, "epoch_object_loss": obj_losses, "data_seconds": round(t_data, 2),
-            "train_seconds": round(time.perf_counter() - t1, 2)}
+    every = max(1, cfg.steps // 20)
+    info = {"steps": cfg.steps, "tokens": tokens, "sequences": len(seqs),
+            "object_loss": [round(sum(obj_losses[i:i + every]) / len(obj_losses[i:i + every]), 4)
+                            for i in range(0, cfg.steps, every)],
+            "text_loss": [round(sum(lm_losses[i:i + every]) / len(lm_losses[i:i + every]), 4)
+                          for i in range(0, cfg.steps, every)],
+            "data_seconds": round(t_data, 2), "train_seconds": round(time.perf_counter() - t1, 2)}
     return model, info
 
 
