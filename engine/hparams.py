@@ -659,31 +659,38 @@ def default_for(model_config: Any, algorithm: str = "memit") -> MEMITHyperParams
 def world_preset(model_config: Any, algorithm: str = "memit") -> MEMITHyperParams:
     """MEMIT (or ROME) settings for the small models that `massedit world build` trains.
 
-    Chosen from measurements on the default world model (6 layers x 128, benchmarks/quality.py):
-    - Layer: mean-ablating the MLP output at the subject's last token lowers P(true) by 0.20 at
-      layer 0 and by < 0.005 at every later layer, and a causal trace (restoring the clean state
-      of the subject's last token into a run with noised subject embeddings) recovers most at
-      layers 0-1: the subject's facts are written by layer 0's MLP, so both methods edit layer 0.
-      The z optimization agrees: its loss on 40 requests is 1.0 at layer 0, 1.1 at 1, 2.1 at 2.
-      MEMIT at n = 100 on layers [0] / [0, 1] / [1, 2]: ES 71 / 71 / 51, PS 68.5 / 64.5 / 57.
-    - z: such models are sure of their facts (p(true) ~ 0.9), so the reference's clamp (0.75·‖h‖)
-      and 20 steps stop z short of overturning one: 100 steps and clamp 10 take ROME's single
-      edits from ES 80 (40 steps, clamp 4) to 100 on ten cases.
-    - λ 200 rather than GPT-J's 15000 (the world's statistics come from 2,000 short documents);
-      λ 20 gains 4 points of ES at n = 100 and loses 14 of NS.
+    Chosen from measurements on the default world model (6 layers x 128; benchmarks/quality.py,
+    benchmarks/results/quality-20261122-052945.json):
+    - Layer: mean-ablating the MLP output at the subject's last token lowers P(true) by 0.33 at
+      layer 0 and by < 0.005 at every later layer: the subject's facts are written by layer 0's
+      MLP, so both methods edit layer 0. At n = 1000, layers [0] / [0, 1] / [1, 2] give ES 36.4 /
+      38.8 / 35.6 and NS 78.5 / 72.3 / 71.4; on a prototype of the same recipe the z loss on 40
+      requests was 1.0 with z at layer 0, 1.1 at 1 and 2.1 at 2.
+    - z: such models are sure of their facts (p(true) ~ 0.95), so the reference's clamp (0.75·‖h‖)
+      and 20 steps stop z short of overturning one: 100 steps and clamp 10 took ROME's single
+      edits on the prototype from ES 80 (40 steps, clamp 4) to 100 on ten cases; on the default
+      world the z loss at n = 100 is then median 0.06, and 87% of requests end below 0.7.
+    - λ 200 rather than GPT-J's 15000 (the world's statistics come from 2,000 short documents):
+      at n = 100, λ 1000 gives ES 36 / NS 98 and λ 5000 ES 1 / NS 99.6, against ES 80 / NS 88.
+    ROME gets layer 0 too, with a z optimization allowed to go further: 200 steps, clamp 20 and
+    weight decay 0.05. On the default world's first ten records, its single edits reach ES 100 /
+    PS 95 with them against ES 90 / PS 85 with MEMIT's 100 steps, clamp 10, decay 0.5 (one
+    relation-first prompt, "The city of birth of {} is", stays at z loss 2.0); for MEMIT at n = 100
+    the same change gives ES 78 against 80, and twice the steps would double the demo's z phase.
     """
     algorithm = algorithm.lower()
     if algorithm not in ("memit", "rome"):
         raise HParamsError(f"algorithm must be 'memit' or 'rome', got {algorithm!r}")
     cfg = _config_of(model_config)
     n = int(_cfg_get(cfg, "num_hidden_layers", "n_layer", "n_layers", "num_layers"))
+    rome = algorithm == "rome"
     return MEMITHyperParams(
         layers=[0],
-        v_num_grad_steps=100,
+        v_num_grad_steps=200 if rome else 100,
         v_lr=0.5,
         v_loss_layer=n - 1,
-        v_weight_decay=0.5,
-        clamp_norm_factor=10.0,
+        v_weight_decay=0.05 if rome else 0.5,
+        clamp_norm_factor=20.0 if rome else 10.0,
         kl_factor=0.0625,
         mom2_update_weight=200.0,
         mom2_dataset="world",

@@ -66,6 +66,13 @@ def render(result: dict) -> str:
         out.append("At the largest common n: " + "; ".join(
             f"{k} = {v['ratio']:.2f}× at n = {v['n']} ({v[k.split('/')[0] + '_s']:.2f} s vs {v['memit_s']:.2f} s)"
             for k, v in lc.items()) + ".")
+    at_max = result.get("ratios", {}).get("at_max_n", {})
+    if at_max:
+        out.append("")
+        out.append("At the batched engine's largest n (the other method's time extrapolated linearly from its last n): "
+                   + "; ".join(f"{k} ≈ {v['ratio']:.2f}× at n = {v['n']} (≈ {v[k.split('/')[0] + '_s_extrapolated']:.1f} s "
+                               f"from n = {v['extrapolated_from_n']}, vs {v['memit_s']:.2f} s measured)"
+                               for k, v in at_max.items()) + ".")
     out.append("")
     out.append("Phases (s), peak memory (MB, see memory_method) and quality after editing "
                "(ES / PS / NS / S on the n edited records, %; pre-edit in parentheses):")
