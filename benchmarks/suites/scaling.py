@@ -39,7 +39,7 @@ from benchmarks.suites.common import (DEFAULT_WORLD, RESULTS_DIR, PeakMemory, Se
                                       random_fallback, stamp, world_ready, write_json)
 
 METHODS = ("rome", "memit-serial", "memit")
-DEFAULT_BUDGET = 900.0  # seconds of edit runs; the whole suite stays under 20 min on a 2-core CPU
+DEFAULT_BUDGET = 1000.0  # seconds of edit runs; the whole suite stays under 20 min on a 2-core CPU
 GROWTH = 2.2  # predicted cost of the next run (n doubles) relative to the last one
 METRICS = ("ES", "PS", "NS", "S")
 SMOKE_TEMPLATES = [["{}"], ["The river was quiet. {}"]]
