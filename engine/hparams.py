@@ -619,6 +619,13 @@ def preset_name_for(model_config: Any, algorithm: str = "memit") -> Optional[str
     return names[0] if algorithm.lower() == "memit" else names[1]
 
 
+def _algorithm(name: str) -> str:
+    algorithm = name.lower()
+    if algorithm not in ("memit", "rome"):
+        raise HParamsError(f"algorithm must be 'memit' or 'rome', got {name!r}")
+    return algorithm
+
+
 def default_for(model_config: Any, algorithm: str = "memit") -> MEMITHyperParams:
     """Hyperparameters for a HF model config (or a model, or a config dict).
 
@@ -631,9 +638,7 @@ def default_for(model_config: Any, algorithm: str = "memit") -> MEMITHyperParams
     (the middle of the MEMIT range; GPT-J: 5), clamp 4 and ROME's [[5, 10], [10, 10]] templates.
     These are starting points, not tuned values: measure on the model at hand (DESIGN §9).
     """
-    algorithm = algorithm.lower()
-    if algorithm not in ("memit", "rome"):
-        raise HParamsError(f"algorithm must be 'memit' or 'rome', got {algorithm!r}")
+    algorithm = _algorithm(algorithm)
     cfg = _config_of(model_config)
     name = preset_name_for(cfg, algorithm)
     if name is not None:
@@ -678,9 +683,7 @@ def world_preset(model_config: Any, algorithm: str = "memit") -> MEMITHyperParam
     relation-first prompt, "The city of birth of {} is", stays at z loss 2.0); for MEMIT at n = 100
     the same change gives ES 78 against 80, and twice the steps would double the demo's z phase.
     """
-    algorithm = algorithm.lower()
-    if algorithm not in ("memit", "rome"):
-        raise HParamsError(f"algorithm must be 'memit' or 'rome', got {algorithm!r}")
+    algorithm = _algorithm(algorithm)
     cfg = _config_of(model_config)
     n = int(_cfg_get(cfg, "num_hidden_layers", "n_layer", "n_layers", "num_layers"))
     rome = algorithm == "rome"

@@ -6,8 +6,6 @@ import functools
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-from engine.loading import dtype_kwargs
 from transformers import (
     FalconConfig,
     GemmaConfig,
@@ -20,6 +18,8 @@ from transformers import (
     Phi3Config,
     Qwen2Config,
 )
+
+from engine.loading import dtype_kwargs
 
 WORDS = (
     "the a of in is was plays sport native language city capital country born works for "

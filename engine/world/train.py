@@ -157,25 +157,21 @@ def torch_settings(threads: int):
         torch.use_deterministic_algorithms(old_det)
 
 
-def _encode_docs(tok, docs: Sequence[tuple[str, list[tuple[int, int]]]], max_len: int) -> list[tuple[list[int], list[float]]]:
+def _encode_docs(tok, docs: Sequence[tuple[str, list[tuple[int, int]]]], max_len: int) -> list[tuple[list[int], list[int]]]:
     """Token ids (with eos) and per-token flags: 1 on the tokens of stated objects (the facts)."""
     enc = tok([text for text, _ in docs], add_special_tokens=True, return_offsets_mapping=True)
     eos = tok.eos_token_id
     out = []
     for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], docs):
-        weights = []
-        for a, b in offsets:
-            hit = b > a and any(a < e and b > s - 1 for s, e in spans)  # with the object's leading space
-            weights.append(1.0 if hit else 0.0)
-        out.append(((list(ids) + [eos])[:max_len], (weights + [0.0])[:max_len]))
+        # An object token may start with the object's leading space, hence s - 1.
+        flags = [int(b > a and any(a < e and b > s - 1 for s, e in spans)) for a, b in offsets]
+        out.append(((list(ids) + [eos])[:max_len], (flags + [0])[:max_len]))
     return out
 
 
-def _collate(batch: list[tuple[list[int], list[float]]], pad_id: int):
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     b = pad([ids for ids, _ in batch], pad_id, side="right")
-    flags = torch.zeros(b.input_ids.shape, dtype=torch.bool)
-    for r, (_, f) in enumerate(batch):
-        flags[r, : len(f)] = torch.tensor(f) > 0
+    flags = pad([f for _, f in batch], 0, side="right").input_ids.bool()
     return b, flags
 
 
