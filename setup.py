@@ -1,13 +1,20 @@
+"""Distribution `massedit-engine`: the folders engine/ and kernels/ install as one import package,
+`massedit` (engine/) with `massedit.kernels` (kernels/), so nothing lands on another distribution's
+import name (Hugging Face's `kernels` owns the top-level `kernels`)."""
 from setuptools import find_packages, setup
 
+PACKAGE_DIR = {"massedit": "engine", "massedit.kernels": "kernels"}
+PACKAGES = ["massedit"] + [f"massedit.{p}" for p in find_packages("engine")] + ["massedit.kernels"]
+
 setup(
-    name="massedit",
+    name="massedit-engine",
     version="0.1.0",
     description="Batched knowledge editing (MEMIT, ROME, MEMAT) for causal language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    package_dir=PACKAGE_DIR,
+    packages=PACKAGES,
     install_requires=[
         "torch>=2.1",
         "transformers>=4.40",
@@ -24,5 +31,5 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "datasets", "matplotlib"],
     },
-    entry_points={"console_scripts": ["massedit=engine.cli:main"]},
+    entry_points={"console_scripts": ["massedit=massedit.cli:main"]},
 )

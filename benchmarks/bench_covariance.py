@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from kernels import covariance
+from massedit.kernels import covariance
 from benchmarks.suites.common import machine_info as common_machine_info
-from kernels.covariance import accumulate_xtx_torch, accumulate_xtx_triton, symmetrize
+from massedit.kernels.covariance import accumulate_xtx_torch, accumulate_xtx_triton, symmetrize
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # One padded row in ten: typical of batches of variable-length prompts.

@@ -282,9 +282,9 @@ def block_params(layout, layers) -> int:
 def key_scales(model, layout, tok, requests, templates, layers, n_prompts: int = 64) -> dict[int, float]:
     """Mean squared key entry (trace(C)/d_ff) per layer, from a forward over some of the benchmark's
     prompts at all real token positions, as the statistics pass would see them."""
-    from engine.hooks import capture_inputs, run_until
-    from engine.keys import template_prompts
-    from engine.tokens import pad, pad_id_of
+    from massedit.hooks import capture_inputs, run_until
+    from massedit.keys import template_prompts
+    from massedit.tokens import pad, pad_id_of
 
     enc = template_prompts(tok, requests[: max(1, n_prompts // sum(len(g) for g in templates))], templates)
     batch = pad([e.ids for e in enc[:n_prompts]], pad_id_of(tok), "right", next(model.parameters()).device)
@@ -324,7 +324,7 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     covariance phase is not what this benchmark is about. The factor of λC, which the editor
     keeps across edits, is computed here (timed separately, `statistics.factor_s`).
     """
-    from engine.solve import LayerSolver
+    from massedit.solve import LayerSolver
 
     hp, layout = editor.hp, editor.layout
     t = time.perf_counter()
@@ -370,7 +370,7 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
 def count_z_forwards(counter: dict):
     """Counts the batched z optimizer's forward calls and the padded positions each one runs
     (rows × columns, from tensor shapes only: no device synchronization), per path."""
-    from engine import targets
+    from massedit import targets
 
     originals = {}
     for cls_name, path in (("_PrefixForward", "prefix"), ("_PlainForward", "plain")):
@@ -434,7 +434,7 @@ def z_accounting(tok, requests, templates, steps, path: str, p_through_loss: int
     `flops_backward_4x` repeats the sum with backward = 4·params per token (the "6·N·T" training
     convention, which includes weight gradients that are not computed here) for comparison.
     """
-    from engine.targets import build_prompts
+    from massedit.targets import build_prompts
 
     flat = [t for group in templates for t in group]
     full = suffix = labels = tokens = 0
@@ -572,9 +572,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     dtype = DTYPES[args.dtype]
 
-    from engine.arch import ModelLayout
-    from engine.editor import MassEditor
-    from engine.hparams import preset
+    from massedit.arch import ModelLayout
+    from massedit.editor import MassEditor
+    from massedit.hparams import preset
 
     result: dict = {
         "benchmark": "gpu_scale",

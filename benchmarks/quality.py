@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from engine import tokens as T
-from engine.arch import ModelLayout
-from engine.editor import MassEditor
-from engine.evaluate import evaluate, load_records
-from engine.hooks import capture_outputs, edit_output
-from engine.hparams import world_preset
-from engine.requests import parse_records
+from massedit import tokens as T
+from massedit.arch import ModelLayout
+from massedit.editor import MassEditor
+from massedit.evaluate import evaluate, load_records
+from massedit.hooks import capture_outputs, edit_output
+from massedit.hparams import world_preset
+from massedit.requests import parse_records
 
 METRICS = ("ES", "PS", "NS", "S")
 

@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from engine import __version__
+from massedit import __version__
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
 COMMANDS = ("demo", "stats", "edit", "eval", "world")
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"engine.commands.{name}")
+        module = importlib.import_module(f"massedit.commands.{name}")
         p = sub.add_parser(
             name,
             help=module.HELP,

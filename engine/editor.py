@@ -15,18 +15,18 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from engine import __version__
-from engine.arch import ModelLayout
-from engine.context import ContextTemplates, generate_templates, validate_templates
-from engine.delta import EditDelta, config_hash
-from engine.hparams import MEMITHyperParams, default_for
-from engine.loading import dtype_kwargs
-from engine.memit import spread_update
-from engine.requests import EditRequest, parse_records, validate_requests
-from engine.rome import rome_layer, rome_update
-from engine.solve import LayerSolver
-from engine.stats import layer_covariances, model_name_of
-from engine.targets import TargetOptimizer, ZSettings, frozen_eval
+from massedit import __version__
+from massedit.arch import ModelLayout
+from massedit.context import ContextTemplates, generate_templates, validate_templates
+from massedit.delta import EditDelta, config_hash
+from massedit.hparams import MEMITHyperParams, default_for
+from massedit.loading import dtype_kwargs
+from massedit.memit import spread_update
+from massedit.requests import EditRequest, parse_records, validate_requests
+from massedit.rome import rome_layer, rome_update
+from massedit.solve import LayerSolver
+from massedit.stats import layer_covariances, model_name_of
+from massedit.targets import TargetOptimizer, ZSettings, frozen_eval
 
 METHODS = ("memit", "memit-serial", "rome")
 
@@ -147,7 +147,7 @@ class MassEditor:
         templates = self.context_templates()
         timings["context_templates"] = time.perf_counter() - t
 
-        if rome:  # sequential rank-one edits (engine.rome); z here is ROME's v* per request
+        if rome:  # sequential rank-one edits (massedit.rome); z here is ROME's v* per request
             weights, z = rome_update(self.model, self.layout, self.tok, self.hp, reqs, templates, solvers.get(layer),
                                      timings, self.progress)
         else:

@@ -10,7 +10,7 @@ prompt at a time" mode (no padding at all).
 Conventions (and what the reference, kmeng01/memit, does):
 
 * **Object tokens.** The object is scored as a continuation of the prompt with a leading space
-  (`engine.tokens.target_ids`), token by token: the input is prompt ids + target ids[:-1] and the
+  (`massedit.tokens.target_ids`), token by token: the input is prompt ids + target ids[:-1] and the
   log-probs are read at the last len(target) positions. The reference builds
   `f"{prefix} {target}"` and tokenizes " target" separately (which, for tokenizers with a BOS,
   scores the BOS too); here the target ids are the suffix of tokenize(prompt + " " + target).
@@ -75,9 +75,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from engine import tokens as T
-from engine.arch import ModelLayout, UnsupportedModelError
-from engine.hooks import capture_outputs, run_until
+from massedit import tokens as T
+from massedit.arch import ModelLayout, UnsupportedModelError
+from massedit.hooks import capture_outputs, run_until
 
 CF_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
 GEN_METRICS = ("GE", "RS")

@@ -8,10 +8,10 @@ from typing import Sequence
 
 import torch
 
-from engine.arch import ModelLayout
-from engine.hooks import capture_inputs, capture_outputs, replayed, run_until
-from engine.requests import EditRequest
-from engine.tokens import Encoded, compose, encode_prompt, pad, pad_id_of, padding_side
+from massedit.arch import ModelLayout
+from massedit.hooks import capture_inputs, capture_outputs, replayed, run_until
+from massedit.requests import EditRequest
+from massedit.tokens import Encoded, compose, encode_prompt, pad, pad_id_of, padding_side
 
 
 @torch.no_grad()

@@ -14,10 +14,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from engine.arch import ModelLayout
-from engine.delta import EditDelta, WeightDelta
-from engine.keys import LayerStates
-from engine.solve import LayerSolver
+from massedit.arch import ModelLayout
+from massedit.delta import EditDelta, WeightDelta
+from massedit.keys import LayerStates
+from massedit.solve import LayerSolver
 
 
 def spread_update(

@@ -20,7 +20,7 @@ Formats (DESIGN §5):
   (``.csv``) with those column names. Unknown keys / columns are ignored.
 
 Targets are stored as given, without a forced leading space: the engine adds the space when it
-scores a target (``engine.tokens.spaced_target``), as the reference does.
+scores a target (``massedit.tokens.spaced_target``), as the reference does.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from engine import tokens as _tokens
+from massedit import tokens as _tokens
 
 __all__ = [
     "EditRequest",
@@ -421,7 +421,7 @@ def validate_requests(requests: Sequence[EditRequest], tokenizer=None) -> list[E
     3. identical duplicates (same subject, prompt and target_new) are merged, keeping the first,
        with one `warnings.warn` naming the records dropped;
     4. with a tokenizer, every subject must be locatable in its tokenized prompt
-       (`engine.tokens.encode_prompt`); else a RequestError naming the record and field "subject".
+       (`massedit.tokens.encode_prompt`); else a RequestError naming the record and field "subject".
 
     Subjects and targets are compared after stripping surrounding whitespace (" Paris" and
     "Paris" are scored alike). Order is kept otherwise.

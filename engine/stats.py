@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.arch import ModelLayout
-from engine.corpus import read_corpus
-from engine.hooks import capture_inputs, run_until
-from engine.tokens import pad, pad_id_of
-from kernels.covariance import accumulate_xtx, symmetrize
+from massedit.arch import ModelLayout
+from massedit.corpus import read_corpus
+from massedit.hooks import capture_inputs, run_until
+from massedit.tokens import pad, pad_id_of
+from massedit.kernels.covariance import accumulate_xtx, symmetrize
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

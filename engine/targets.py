@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from engine.arch import ModelLayout
-from engine.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
-from engine.requests import EditRequest
-from engine.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
+from massedit.arch import ModelLayout
+from massedit.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
+from massedit.requests import EditRequest
+from massedit.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
 
 KL_PROMPT = "{} is a"
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import engine.cli as cli
-import engine.stats as stats_mod
-from engine.delta import EditDelta
-from engine.tokens import fill, target_ids
+import massedit.cli as cli
+import massedit.stats as stats_mod
+from massedit.delta import EditDelta
+from massedit.tokens import fill, target_ids
 from tiny import MODEL_TYPES, WORDS, make_model, make_tokenizer
 
 # Random tiny models barely let δ at the subject token reach a later answer position (one block
@@ -42,7 +42,7 @@ def _importable_commands(monkeypatch):
     present = []
     for name in cli.COMMANDS:
         try:
-            importlib.import_module(f"engine.commands.{name}")
+            importlib.import_module(f"massedit.commands.{name}")
         except Exception:  # noqa: BLE001 - a module being written may fail in any way
             if name in _REQUIRED:
                 raise

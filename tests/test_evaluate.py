@@ -1,4 +1,4 @@
-"""engine.evaluate: teacher-forced scoring, CounterFact / zsRE metrics, loading, CLI."""
+"""massedit.evaluate: teacher-forced scoring, CounterFact / zsRE metrics, loading, CLI."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import engine.cli
-from engine import evaluate as ev
+import massedit.cli
+from massedit import evaluate as ev
 from tiny import make_model, make_tokenizer
 
 torch.set_num_threads(1)
@@ -416,8 +416,8 @@ def test_malformed_zsre_and_files(tmp_path):
 # ---- CLI -----------------------------------------------------------------------------------
 @pytest.fixture
 def only_existing_commands(monkeypatch):
-    present = tuple(n for n in engine.cli.COMMANDS if importlib.util.find_spec(f"engine.commands.{n}"))
-    monkeypatch.setattr(engine.cli, "COMMANDS", present)
+    present = tuple(n for n in massedit.cli.COMMANDS if importlib.util.find_spec(f"massedit.commands.{n}"))
+    monkeypatch.setattr(massedit.cli, "COMMANDS", present)
 
 
 def test_cli_end_to_end(gpt2, tmp_path, capsys, only_existing_commands):
@@ -427,7 +427,7 @@ def test_cli_end_to_end(gpt2, tmp_path, capsys, only_existing_commands):
     tok.save_pretrained(model_dir)
     data = _write(tmp_path, "cf.json", RECORDS)
     out = tmp_path / "out" / "metrics.json"
-    code = engine.cli.main(["eval", "--model", str(model_dir), "--data", str(data), "--json", str(out),
+    code = massedit.cli.main(["eval", "--model", str(model_dir), "--data", str(data), "--json", str(out),
                             "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--limit", "2"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -442,17 +442,17 @@ def test_cli_end_to_end(gpt2, tmp_path, capsys, only_existing_commands):
     # user errors: one line, exit 2
     bad = json.loads(json.dumps(RECORDS))
     del bad[1]["requested_rewrite"]["subject"]
-    code = engine.cli.main(["eval", "--model", str(model_dir), "--data", str(_write(tmp_path, "bad.json", bad))])
+    code = massedit.cli.main(["eval", "--model", str(model_dir), "--data", str(_write(tmp_path, "bad.json", bad))])
     err = capsys.readouterr().err
     assert code == 2 and "record 1" in err and "requested_rewrite.subject" in err
-    code = engine.cli.main(["eval", "--model", str(tmp_path / "nope"), "--data", str(data)])
+    code = massedit.cli.main(["eval", "--model", str(tmp_path / "nope"), "--data", str(data)])
     assert code == 2 and "model directory" in capsys.readouterr().err
 
 
 def test_bench_eval_smoke(tmp_path):
     """The evaluation benchmark runs and its batched and one-at-a-time log-probs agree."""
     from benchmarks import bench_eval
-    from engine.world.build import build_world
+    from massedit.world.build import build_world
 
     world = tmp_path / "world"
     build_world(world, quick=True, threads=1)

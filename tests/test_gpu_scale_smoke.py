@@ -68,10 +68,10 @@ def test_z_flop_formula_matches_counted_flops():
     out, as in the formula) exceed the formula only by the padding the formula leaves out."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.arch import ModelLayout
-    from engine.hparams import preset
-    from engine.requests import parse_records
-    from engine.targets import TargetOptimizer, ZSettings
+    from massedit.arch import ModelLayout
+    from massedit.hparams import preset
+    from massedit.requests import parse_records
+    from massedit.targets import TargetOptimizer, ZSettings
 
     tok = gpu_scale.train_tokenizer(gpu_scale.tokenizer_corpus(300, 0), 800)
     model = gpu_scale.build_model(gpu_scale.model_config("gptj-6b", True, len(tok)), torch.device("cpu"),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from engine.hparams import (
+from massedit.hparams import (
     EXTRA_KEYS,
     PRESETS,
     HParamsError,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.covariance as cov
-from kernels.covariance import accumulate_xtx, accumulate_xtx_torch, accumulate_xtx_triton, symmetrize
+import massedit.kernels.covariance as cov
+from massedit.kernels.covariance import accumulate_xtx, accumulate_xtx_torch, accumulate_xtx_triton, symmetrize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -260,7 +260,7 @@ def test_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from kernels.covariance import accumulate_xtx\n"
+        "from massedit.kernels.covariance import accumulate_xtx\n"
         "acc = torch.zeros(8, 8); x = torch.randn(3, 8)\n"
         "assert accumulate_xtx(acc, x) == 3\n"
         "try:\n"

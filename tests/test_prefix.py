@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from engine.arch import ModelLayout
-from engine.editor import MassEditor
-from engine.hparams import default_for
-from engine.requests import EditRequest
-from engine.targets import TargetOptimizer, ZSettings
+from massedit.arch import ModelLayout
+from massedit.editor import MassEditor
+from massedit.hparams import default_for
+from massedit.requests import EditRequest
+from massedit.targets import TargetOptimizer, ZSettings
 from tiny import MODEL_TYPES, SENTENCEPIECE_TYPES, WORDS, make_model, make_requests, make_tokenizer
 
 TEMPLATES = [["{}"], ["The city of Paris. {}", "Because I speak. {}"]]
@@ -60,7 +60,7 @@ def test_prefix_reuse_every_architecture(model_type):
 def test_prefix_reuse_same_weight_deltas(model_type, tmp_path, monkeypatch):
     import random
 
-    import engine.targets as targets
+    import massedit.targets as targets
 
     used = []
     for cls in (targets._PrefixForward, targets._PlainForward):
@@ -142,7 +142,7 @@ def test_prefix_reuse_is_available_on_current_transformers(model_type):
     import transformers
     from packaging.version import Version
 
-    from engine.targets import supports_prefix_reuse
+    from massedit.targets import supports_prefix_reuse
 
     if Version(transformers.__version__) < Version("4.56"):
         pytest.skip("older transformers keep some families on legacy caches; the plain path is used there")

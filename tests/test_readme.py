@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import cli
+from massedit import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -16,7 +16,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 @pytest.fixture(scope="module")
 def quick_world(tmp_path_factory):
-    from engine.world.build import build_world
+    from massedit.world.build import build_world
 
     out = tmp_path_factory.mktemp("world") / "gpt2-quick"
     build_world(out, quick=True, threads=1)
@@ -49,7 +49,7 @@ def test_every_command_has_help_with_an_example(capsys):
 
 
 def test_version():
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "massedit.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("massedit ")
 
 

@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 
-import engine.tokens as tokens
-from engine.requests import EditRequest, RequestError, load_requests, parse_records, validate_requests
+import massedit.tokens as tokens
+from massedit.requests import EditRequest, RequestError, load_requests, parse_records, validate_requests
 from tiny import make_tokenizer
 
 CF = [

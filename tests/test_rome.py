@@ -1,13 +1,13 @@
-"""ROME (engine.rome, DESIGN §3): the rank-one update against a direct computation, exact revert,
+"""ROME (massedit.rome, DESIGN §3): the rank-one update against a direct computation, exact revert,
 the one-layer rule, sequential semantics, and restoration on failure."""
 import pytest
 import torch
 
-from engine.delta import EditDelta
-from engine.editor import METHODS, MassEditor
-from engine.hparams import HParamsError, MEMITHyperParams
-from engine.requests import EditRequest
-from engine.tokens import compose, encode_prompt, fill, target_ids
+from massedit.delta import EditDelta
+from massedit.editor import METHODS, MassEditor
+from massedit.hparams import HParamsError, MEMITHyperParams
+from massedit.requests import EditRequest
+from massedit.tokens import compose, encode_prompt, fill, target_ids
 from tiny import _corpus, make_model
 
 LAYER = 1
@@ -227,7 +227,7 @@ def test_sequential_second_edit_sees_the_first(tmp_path):
 
 
 def test_failure_midway_restores_the_model(tmp_path, monkeypatch):
-    import engine.rome as rome
+    import massedit.rome as rome
 
     model, tok = make_model("gpt2")
     ed = _editor(model, tok, tmp_path)

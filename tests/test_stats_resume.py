@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-import engine.stats as stats
-from engine.arch import ModelLayout
+import massedit.stats as stats
+from massedit.arch import ModelLayout
 from tiny import WORDS, make_model
 
 

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from engine.arch import ModelLayout
-from engine.editor import MassEditor
-from engine.hparams import default_for
-from engine.targets import TargetOptimizer, ZSettings, build_prompts
-from engine.tokens import fill
+from massedit.arch import ModelLayout
+from massedit.editor import MassEditor
+from massedit.hparams import default_for
+from massedit.targets import TargetOptimizer, ZSettings, build_prompts
+from massedit.tokens import fill
 from tiny import WORDS, make_model, make_requests, make_tokenizer
 
 TEMPLATES = [["{}"], ["The city of Paris. {}", "Because I speak. {}", "You know what. {}"]]

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cli import main as cli_main
-from engine.world import build as build_mod
-from engine.world import generate_world, load_world, write_world_files
-from engine.world.build import WorldExistsError, build_world, is_complete
-from engine.world.generate import counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
-from engine.world.train import preset, recall, train_model, train_tokenizer, torch_settings
+from massedit.cli import main as cli_main
+from massedit.world import build as build_mod
+from massedit.world import generate_world, load_world, write_world_files
+from massedit.world.build import WorldExistsError, build_world, is_complete
+from massedit.world.generate import counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
+from massedit.world.train import preset, recall, train_model, train_tokenizer, torch_settings
 
 DATA_FILES = ("counterfact.json", "zsre.json", "corpus.txt", "world.json", "reference_texts.json")
 
@@ -143,7 +143,7 @@ def test_document_spans_mark_the_objects():
 
 
 def test_object_flags_cover_object_tokens():
-    from engine.world.train import _encode_docs
+    from massedit.world.train import _encode_docs
 
     w = generate_world(15, seed=0)
     tok = train_tokenizer(w, "gpt2", 800, n_texts=1500)
@@ -163,7 +163,7 @@ def test_tokenizer(arch):
     if arch == "llama":
         assert ids[0] == tok.bos_token_id
     # An object is the same tokens at the end of a sentence as after a prompt.
-    from engine.tokens import target_ids
+    from massedit.tokens import target_ids
 
     for obj in ("Paris", "Cape Town", "ice hockey"):
         t = target_ids(tok, "X was born in", obj)

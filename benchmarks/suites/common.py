@@ -172,7 +172,7 @@ def load_world(world: Path, corpus_docs: Optional[int] = None) -> Setup:
     """A `massedit world build` directory: DIR/model, DIR/counterfact.json, DIR/corpus.txt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.corpus import read_corpus
+    from massedit.corpus import read_corpus
 
     world = Path(world)
     model = AutoModelForCausalLM.from_pretrained(world / "model", dtype=torch.float32)
@@ -199,8 +199,8 @@ def random_fallback(smoke: bool, seed: int = 0, n_subjects: Optional[int] = None
 
     For development and smoke tests only: timings are representative of the model size, quality
     figures are meaningless (nothing was learnt, so there are no facts to edit)."""
-    from engine.world.generate import corpus_documents, counterfact_records, generate_world
-    from engine.world.train import make_model, preset, train_tokenizer
+    from massedit.world.generate import corpus_documents, counterfact_records, generate_world
+    from massedit.world.train import make_model, preset, train_tokenizer
 
     n_subjects = n_subjects or (20 if smoke else 120)
     world = generate_world(n_subjects, seed)
@@ -214,7 +214,7 @@ def random_fallback(smoke: bool, seed: int = 0, n_subjects: Optional[int] = None
     model.eval()
     info = {
         "kind": "random-fallback",
-        "note": "untrained GPT-2 and synthetic requests (engine.world.generate): timings only; quality "
+        "note": "untrained GPT-2 and synthetic requests (massedit.world.generate): timings only; quality "
                 "figures are meaningless",
         "model_type": "gpt2", "n_layer": cfg.n_layer, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
         "vocab_size": len(tok), "records": len(records), "corpus_docs": len(corpus),

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from engine.editor import METHODS, MassEditor
-from engine.evaluate import evaluate, load_records, summary
-from engine.hparams import world_preset
-from engine.requests import parse_records
+from massedit.editor import METHODS, MassEditor
+from massedit.evaluate import evaluate, load_records, summary
+from massedit.hparams import world_preset
+from massedit.requests import parse_records
 
 NAME = "demo"
 HELP = "build the knowledge world, edit N facts, evaluate before/after (the two-command quick start)"
@@ -78,7 +78,7 @@ def _plot(pre: dict, post: dict, path: Path) -> bool:
 
 
 def run(args) -> int:
-    from engine.world.build import build_world, is_complete
+    from massedit.world.build import build_world, is_complete
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")

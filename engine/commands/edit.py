@@ -15,12 +15,12 @@ import json
 import time
 from pathlib import Path
 
-from engine.context import load_templates
-from engine.editor import METHODS, MassEditor
-from engine.evaluate import evaluate, load_records, summary
-from engine.hparams import MEMITHyperParams, default_for
-from engine.loading import load_model, model_name_for
-from engine.requests import load_requests, validate_requests
+from massedit.context import load_templates
+from massedit.editor import METHODS, MassEditor
+from massedit.evaluate import evaluate, load_records, summary
+from massedit.hparams import MEMITHyperParams, default_for
+from massedit.loading import load_model, model_name_for
+from massedit.requests import load_requests, validate_requests
 
 NAME = "edit"
 HELP = "edit facts into a model (MEMIT) and save model, delta and report"

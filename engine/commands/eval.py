@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from engine.cli import UserError
-from engine.loading import load_model
+from massedit.cli import UserError
+from massedit.loading import load_model
 
 NAME = "eval"
 HELP = "score a model on CounterFact / zsRE records (efficacy, generalization, specificity)"
@@ -67,7 +67,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from engine import evaluate as ev
+    from massedit import evaluate as ev
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from engine.arch import ModelLayout
-from engine.corpus import read_corpus
-from engine.loading import load_model, model_name_for
-from engine.stats import DTYPES, second_moments, stats_file, write_stats
+from massedit.arch import ModelLayout
+from massedit.corpus import read_corpus
+from massedit.loading import load_model, model_name_for
+from massedit.stats import DTYPES, second_moments, stats_file, write_stats
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"

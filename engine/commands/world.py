@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 
-from engine.cli import UserError
-from engine.loading import dtype_kwargs
+from massedit.cli import UserError
+from massedit.loading import dtype_kwargs
 
 NAME = "world"
 HELP = "build a synthetic knowledge world and a small model trained on it"
@@ -65,7 +65,7 @@ def run(args) -> int:
 
 
 def _build(args) -> int:
-    from engine.world.build import build_world
+    from massedit.world.build import build_world
 
     if args.subjects is not None and args.subjects < 12:
         raise UserError(f"--subjects must be at least 12, got {args.subjects}")
@@ -99,8 +99,8 @@ def _recall(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.world.generate import load_world
-    from engine.world.train import recall_all
+    from massedit.world.generate import load_world
+    from massedit.world.train import recall_all
 
     world_dir = Path(args.world)
     if not (world_dir / "world.json").exists():

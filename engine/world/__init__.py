@@ -1,6 +1,6 @@
 """A synthetic knowledge world and a small model trained on it, to measure editing on a laptop.
 
-    from engine.world import build_world, load_world_model, recall
+    from massedit.world import build_world, load_world_model, recall
     info = build_world("worlds/gpt2", n_subjects=200, arch="gpt2", seed=0)
     model, tok, world = load_world_model("worlds/gpt2")
     recall(model, tok, world, "paraphrase")["full_top1"]
@@ -8,8 +8,8 @@
 `generate` holds the world (names, relations, templates, facts, CounterFact/zsRE records,
 corpus), `train` the tokenizer, the models and recall, `build` the cached, atomic build.
 """
-from engine.world.build import build_world, is_complete, load_world_model, read_build
-from engine.world.generate import (
+from massedit.world.build import build_world, is_complete, load_world_model, read_build
+from massedit.world.generate import (
     World,
     corpus_documents,
     counterfact_records,
@@ -19,7 +19,7 @@ from engine.world.generate import (
     write_world_files,
     zsre_records,
 )
-from engine.world.train import SPLITS, TrainConfig, preset, recall, recall_all, train_tokenizer
+from massedit.world.train import SPLITS, TrainConfig, preset, recall, recall_all, train_tokenizer
 
 __all__ = [
     "World", "build_world", "corpus_documents", "counterfact_records", "generate_world", "is_complete",

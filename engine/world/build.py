@@ -25,8 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
-from engine.world.generate import GENERATOR_VERSION, generate_world, write_world_files
-from engine.world.train import ARCHS, TrainConfig, preset, recall_all, torch_settings, train_model, train_tokenizer
+from massedit.world.generate import GENERATOR_VERSION, generate_world, write_world_files
+from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_settings, train_model, train_tokenizer
 
 REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt",
                   "build.json", "model/config.json", "model/tokenizer.json")
@@ -176,7 +176,7 @@ def _build_in_child(out: Path, kwargs: dict, log) -> dict:
 
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{_CHILD_ENV: "1"})
     payload = json.dumps({"out": str(out), "verbose": log is not None, "kwargs": kwargs})
-    code = "import sys; from engine.world.build import _child_main; sys.exit(_child_main(sys.argv[1]))"
+    code = "import sys; from massedit.world.build import _child_main; sys.exit(_child_main(sys.argv[1]))"
     proc = subprocess.Popen([sys.executable, "-c", code, payload], env=env)
     try:
         returncode = proc.wait()
@@ -231,7 +231,7 @@ def load_world_model(out_dir, device: str = "cpu"):
     """(model, tokenizer, world) of a build directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.world.generate import load_world
+    from massedit.world.generate import load_world
 
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(out / "model")

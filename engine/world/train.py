@@ -27,8 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.tokens import pad, spaced_target, target_ids
-from engine.world.generate import World, _rng, documents_with_spans, filler_sentence, fill, counterfact_records, \
+from massedit.tokens import pad, spaced_target, target_ids
+from massedit.world.generate import World, _rng, documents_with_spans, filler_sentence, fill, counterfact_records, \
     zsre_records, tokenizer_texts
 
 ARCHS = ("gpt2", "llama")
@@ -282,7 +282,7 @@ def recall_items(world: World, split: str) -> list[tuple[str, str, str]]:
 
 
 def _encode_pairs(tok, items: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, object ids) per item, as `engine.tokens.target_ids` computes them, batched."""
+    """(prompt ids, object ids) per item, as `massedit.tokens.target_ids` computes them, batched."""
     if not items:
         return []
     prompts = [p for p, _ in items]
