@@ -12,15 +12,23 @@ weights before and after: the original weights come back bit for bit, or nothing
 Exactness needs Δ recomputed identically, i.e. on the same kind of device and the same
 torch/BLAS build as at apply time; the digest check refuses a revert where that does not hold.
 
+Whether a delta is applied is a property of the model's weights, not of the delta object or
+file: the apply record holds SHA-256 digests of each weight before and after the edit, so apply
+refuses weights that already equal the edited digest (wherever the delta came from) and revert
+refuses weights that equal the base digest. `EditDelta.record(model)` computes the record without
+changing the model (edits made with apply=False carry one too).
+
 File format: a single safetensors file.
   tensors  "weight.<i>.u", "weight.<i>.v"    the factors, as given (float32 typically);
-           "fixup.<i>.index", "fixup.<i>.value"  only for an applied delta: int64 flat indices
-                                                 into weight i (own layout, row-major) and the
-                                                 original values there, in the weight's dtype.
+           "fixup.<i>.index", "fixup.<i>.value"  only with a record: int64 flat indices into
+                                                 weight i (own layout, row-major) and the base
+                                                 values there, in the weight's dtype.
   header   metadata key "massedit.delta", a JSON object:
-           {"format_version": 1, "metadata": {...the caller's metadata...},
+           {"format_version": 2, "metadata": {...the caller's metadata...},
             "weights": [{"name": ..., "transposed": ...}, ...],
-            "applied": null, or per weight {"dtype", "sha256_before", "sha256_after", "device"}}
+            "record": null, or per weight {"dtype", "sha256_before", "sha256_after", "device"}}
+  Version 1 files (the record under "applied") are read too. Loading checks the header against
+  the tensors (names, counts, shapes, dtypes) and raises DeltaError naming the file and field.
   Read the header with safetensors.safe_open(path, "pt").metadata()["massedit.delta"].
 """
 from __future__ import annotations
@@ -33,11 +41,13 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 named the apply record "applied"; its files stay readable.
+_RECORD_KEYS = {1: "applied", 2: "record"}
 HEADER_KEY = "massedit.delta"
 
 # Bounds every float64 temporary (one chunk of Δ and its companions) regardless of weight size.
@@ -170,7 +180,8 @@ def config_hash(model: nn.Module) -> str:
 
 @dataclass
 class _Applied:
-    """What apply recorded for one weight, all that an exact revert needs besides Δ."""
+    """What apply records for one weight: the digests that say whether it holds the base or the
+    edited values, and all that an exact revert needs besides Δ."""
 
     dtype: torch.dtype
     sha256_before: str
@@ -202,16 +213,19 @@ class EditDelta:
             json.dumps(self.metadata)
         except TypeError as err:
             raise DeltaError(f"delta metadata must be JSON-serializable: {err}") from err
-        self._applied: Optional[list[_Applied]] = None
-
-    @property
-    def applied(self) -> bool:
-        return self._applied is not None
+        self._record: Optional[list[_Applied]] = None
 
     @property
     def n_fixups(self) -> int:
-        """How many weight entries needed a fix-up at apply time (0 when not applied)."""
-        return sum(a.fix_index.numel() for a in self._applied or [])
+        """How many weight entries need a fix-up for an exact revert (0 without a record)."""
+        return sum(a.fix_index.numel() for a in self._record or [])
+
+    def is_applied(self, model: nn.Module) -> bool:
+        """Whether every weight of `model` this delta changes holds its edited values."""
+        if self._record is None:
+            return False
+        params = self._params(model)
+        return all(p.dtype == r.dtype and _sha256(p.detach()) == r.sha256_after for p, r in zip(params, self._record))
 
     def _params(self, model: nn.Module) -> list[nn.Parameter]:
         named = dict(model.named_parameters())
@@ -233,12 +247,7 @@ class EditDelta:
             params.append(p)
         return params
 
-    def apply(self, model: nn.Module, force: bool = False) -> None:
-        """W ← round(W + Δ) for every weight, all or nothing: on any error the weights already
-        written are restored exactly. The model's config hash must match metadata["config_hash"]
-        when the delta has one; force=True skips that check."""
-        if self.applied:
-            raise DeltaError("this delta is already applied; revert it before applying it again")
+    def _checked_params(self, model: nn.Module, force: bool) -> list[nn.Parameter]:
         expected = self.metadata.get("config_hash")
         if expected and not force:
             actual = config_hash(model)
@@ -253,11 +262,41 @@ class EditDelta:
             for factor in (wd.u, wd.v):
                 if not factor.is_floating_point() or not torch.isfinite(factor).all():
                     raise DeltaError(f"{wd.name}: the delta's factors contain NaN/inf (or are not floats)")
+        return params
+
+    def _refuse_if_applied(self, params: list[nn.Parameter]) -> list[str]:
+        """The weights' current digests; an error if any already holds this delta's edit."""
+        digests = [_sha256(p.detach()) for p in params]
+        for wd, p, digest, r in zip(self.weights, params, digests, self._record or []):
+            if p.dtype == r.dtype and digest == r.sha256_after:
+                raise DeltaError(
+                    f"this delta is already applied to this model ({wd.name} holds its edited values); "
+                    "revert it before applying it again"
+                )
+        return digests
+
+    def record(self, model: nn.Module, force: bool = False) -> None:
+        """Compute what apply would record for `model` (digests of the base and the edited weights,
+        fix-ups) without changing it, so that a saved unapplied delta knows its base too."""
+        params = self._checked_params(model, force)
+        digests = self._refuse_if_applied(params)
+        records = []
+        for wd, p, before in zip(self.weights, params, digests):
+            new, index, value = _edited(p.detach(), wd)
+            records.append(_Applied(p.dtype, before, _sha256(new), index, value, p.device.type))
+        self._record = records
+
+    def apply(self, model: nn.Module, force: bool = False) -> None:
+        """W ← round(W + Δ) for every weight, all or nothing: on any error the weights already
+        written are restored exactly. Refused when the weights already hold the edit. The model's
+        config hash must match metadata["config_hash"] when the delta has one; force=True skips
+        that check."""
+        params = self._checked_params(model, force)
+        digests = self._refuse_if_applied(params)
         done: list[tuple[WeightDelta, nn.Parameter, _Applied]] = []
         try:
-            for wd, p in zip(self.weights, params):
+            for wd, p, before in zip(self.weights, params, digests):
                 w = p.detach()
-                before = _sha256(w)
                 new, index, value = _edited(w, wd)
                 record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type)
                 _write(p, new)
@@ -266,36 +305,41 @@ class EditDelta:
             for wd, p, record in reversed(done):
                 _write(p, _restored(p.detach(), wd, record.fix_index, record.fix_value))
             raise
-        self._applied = [record for _, _, record in done]
+        self._record = [record for _, _, record in done]
 
     def revert(self, model: nn.Module, exact: bool = True) -> None:
         """Restore the weights from before apply, bit for bit; nothing is written unless every
         weight can be (so one restored copy of each edited weight is held meanwhile).
         exact=False subtracts Δ instead (approximate), for weights that changed since apply."""
-        if not self.applied:
+        if self._record is None:
             raise DeltaError(
-                "this delta is not applied (never applied, or already reverted): nothing to revert"
+                "this delta is not applied: it carries no apply record (never applied), nothing to revert"
             )
         params = self._params(model)
+        digests = [_sha256(p.detach()) for p in params]
+        if all(p.dtype == r.dtype and d == r.sha256_before for p, d, r in zip(params, digests, self._record)):
+            raise DeltaError(
+                "this delta is not applied to this model: its weights equal the base weights "
+                "(already reverted, or never applied); nothing to revert"
+            )
         if not exact:
             for wd, p in zip(self.weights, params):
                 _write(p, _restored(p.detach(), wd))
-            self._applied = None
             return
-        for wd, p, record in zip(self.weights, params, self._applied):
+        for wd, p, digest, record in zip(self.weights, params, digests, self._record):
             if p.dtype != record.dtype:
                 raise DeltaError(
                     f"{wd.name}: the delta was applied to a {record.dtype} weight, this one is "
                     f"{p.dtype}; exact revert needs the same dtype (or use revert(model, exact=False))"
                 )
-            if _sha256(p) != record.sha256_after:
+            if digest != record.sha256_after:
                 raise DeltaError(
                     f"{wd.name} has changed since this delta was applied (training steps, another "
                     "edit?): an exact revert is impossible; revert(model, exact=False) subtracts "
                     "Δ approximately. No weight was changed."
                 )
         originals = []
-        for wd, p, record in zip(self.weights, params, self._applied):
+        for wd, p, record in zip(self.weights, params, self._record):
             old = _restored(p.detach(), wd, record.fix_index, record.fix_value)
             if _sha256(old) != record.sha256_before:
                 raise DeltaError(
@@ -307,10 +351,9 @@ class EditDelta:
             originals.append(old)
         for p, old in zip(params, originals):
             _write(p, old)
-        self._applied = None
 
     def save(self, path) -> None:
-        """Write the delta (and its apply record, if applied) to one safetensors file."""
+        """Write the delta (and its apply record, if it has one) to one safetensors file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -318,14 +361,14 @@ class EditDelta:
             # Own contiguous copies: safetensors refuses views and tensors sharing storage.
             tensors[f"weight.{i}.u"] = wd.u.detach().cpu().contiguous().clone()
             tensors[f"weight.{i}.v"] = wd.v.detach().cpu().contiguous().clone()
-        for i, record in enumerate(self._applied or []):
+        for i, record in enumerate(self._record or []):
             tensors[f"fixup.{i}.index"] = record.fix_index.contiguous()
             tensors[f"fixup.{i}.value"] = record.fix_value.contiguous()
         header = {
             "format_version": FORMAT_VERSION,
             "metadata": self.metadata,
             "weights": [{"name": wd.name, "transposed": wd.transposed} for wd in self.weights],
-            "applied": None if self._applied is None else [r.header() for r in self._applied],
+            "record": None if self._record is None else [r.header() for r in self._record],
         }
         # Write then rename, so an interrupted save never leaves a truncated delta behind.
         tmp = path.with_name(path.name + ".tmp")
@@ -334,31 +377,101 @@ class EditDelta:
 
     @classmethod
     def load(cls, path) -> "EditDelta":
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(HEADER_KEY)
-            if raw is None:
-                raise DeltaError(
-                    f"{path} is not a massedit delta (no {HEADER_KEY!r} in its safetensors header)"
-                )
-            header = json.loads(raw)
-            if header.get("format_version") != FORMAT_VERSION:
-                raise DeltaError(
-                    f"{path}: delta format version {header.get('format_version')} is not supported "
-                    f"(this massedit reads version {FORMAT_VERSION})"
-                )
-            weights = [
-                WeightDelta(
-                    w["name"], f.get_tensor(f"weight.{i}.u"), f.get_tensor(f"weight.{i}.v"), w["transposed"]
-                )
-                for i, w in enumerate(header["weights"])
-            ]
-            delta = cls(weights, header["metadata"])
-            if header["applied"] is not None:
-                delta._applied = [
-                    _Applied(
-                        getattr(torch, a["dtype"]), a["sha256_before"], a["sha256_after"],
-                        f.get_tensor(f"fixup.{i}.index"), f.get_tensor(f"fixup.{i}.value"), a["device"],
-                    )
-                    for i, a in enumerate(header["applied"])
-                ]
-        return delta
+        """Read a delta, checking its header against its tensors: DeltaError names the file and field."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return _parse(path, (f.metadata() or {}).get(HEADER_KEY), set(f.keys()), f.get_tensor)
+        except SafetensorError as err:
+            raise DeltaError(f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt") from None
+
+
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _parse(path, raw: Optional[str], keys: set, get_tensor) -> EditDelta:
+    def bad(field: str, why: str) -> DeltaError:
+        return DeltaError(f"{path}: delta header field {field} {why}; the file is damaged or not a massedit delta")
+
+    if raw is None:
+        raise DeltaError(f"{path} is not a massedit delta (no {HEADER_KEY!r} in its safetensors header)")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise bad("(the header itself)", f"is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("(the header itself)", "is not a JSON object")
+    version = header.get("format_version")
+    if version not in _RECORD_KEYS:
+        raise DeltaError(
+            f"{path}: delta format version {version} is not supported "
+            f"(this massedit reads versions {', '.join(map(str, _RECORD_KEYS))})"
+        )
+    metadata, entries, records = header.get("metadata"), header.get("weights"), header.get(_RECORD_KEYS[version])
+    if not isinstance(metadata, dict):
+        raise bad("'metadata'", "is missing or not an object")
+    if not isinstance(entries, list):
+        raise bad("'weights'", "is missing or not a list")
+    expected = set()
+    weights = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise bad(f"'weights'[{i}].name", "is missing or not a non-empty string")
+        if not isinstance(entry.get("transposed"), bool):
+            raise bad(f"'weights'[{i}].transposed", "is missing or not true/false")
+        factors = []
+        for side in ("u", "v"):
+            key = f"weight.{i}.{side}"
+            expected.add(key)
+            if key not in keys:
+                raise bad(f"'weights'[{i}]", f"has no tensor {key!r} in the file")
+            t = get_tensor(key)
+            if t.dim() != 2 or not t.is_floating_point():
+                raise bad(f"'weights'[{i}]", f"has tensor {key!r} of shape {tuple(t.shape)} and dtype {t.dtype}; "
+                          "expected a 2-D float matrix")
+            factors.append(t)
+        try:
+            weights.append(WeightDelta(entry["name"], factors[0], factors[1], entry["transposed"]))
+        except DeltaError as err:
+            raise bad(f"'weights'[{i}]", f"does not match its tensors ({err})") from None
+    try:
+        delta = EditDelta(weights, metadata)
+    except DeltaError as err:
+        raise bad("'weights'", f"is invalid ({err})") from None
+    if records is not None:
+        if not isinstance(records, list) or len(records) != len(weights):
+            raise bad(f"{_RECORD_KEYS[version]!r}", f"must be null or a list of {len(weights)} entries, one per weight")
+        delta._record = [_parse_record(bad, f"{_RECORD_KEYS[version]!r}[{i}]", i, r, wd, keys, get_tensor, expected)
+                         for i, (r, wd) in enumerate(zip(records, weights))]
+    extra = sorted(keys - expected)
+    if extra:
+        raise bad("'weights'", f"does not account for the tensors {extra} in the file")
+    return delta
+
+
+def _parse_record(bad, field: str, i: int, r, wd: WeightDelta, keys: set, get_tensor, expected: set) -> _Applied:
+    if not isinstance(r, dict):
+        raise bad(field, "is not an object")
+    dtype = getattr(torch, str(r.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise bad(f"{field}.dtype", f"is {r.get('dtype')!r}, not a torch dtype")
+    for k in ("sha256_before", "sha256_after"):
+        digest = r.get(k)
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+            raise bad(f"{field}.{k}", "is not a SHA-256 hex digest")
+    if not isinstance(r.get("device"), str):
+        raise bad(f"{field}.device", "is missing or not a string")
+    index_key, value_key = f"fixup.{i}.index", f"fixup.{i}.value"
+    expected.update((index_key, value_key))
+    for key in (index_key, value_key):
+        if key not in keys:
+            raise bad(field, f"has no tensor {key!r} in the file")
+    index, value = get_tensor(index_key), get_tensor(value_key)
+    n = wd.shape[0] * wd.shape[1]
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise bad(field, f"has {index_key!r} of dtype {index.dtype} and shape {tuple(index.shape)}; expected int64 [k]")
+    if value.dtype != dtype or tuple(value.shape) != tuple(index.shape):
+        raise bad(field, f"has {value_key!r} of dtype {value.dtype} and shape {tuple(value.shape)}; "
+                  f"expected {dtype} {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+        raise bad(field, f"has {index_key!r} pointing outside the {wd.shape} weight")
+    return _Applied(dtype, r["sha256_before"], r["sha256_after"], index, value, r["device"])

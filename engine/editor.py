@@ -124,7 +124,7 @@ class MassEditor:
 
         Every stage runs in eval mode without parameter gradients; the model's own mode and
         flags are restored afterwards. With apply=False the model is left unchanged and the
-        returned delta can be applied later.
+        returned delta (which records this model's weights as its base) can be applied later.
         """
         with frozen_eval(self.model):
             return self._edit(requests, method, batch_size, apply)
@@ -169,6 +169,8 @@ class MassEditor:
         delta = EditDelta(weights, self._metadata(method, len(reqs), templates))
         if apply:
             delta.apply(self.model)
+        else:
+            delta.record(self.model)
         timings["total"] = time.perf_counter() - start
         return EditResult(delta, method, len(reqs), timings, z.loss, z.steps, z.z, reqs)
 

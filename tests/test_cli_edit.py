@@ -122,7 +122,7 @@ def test_edit_cli_every_architecture(kind, tmp_path, capsys):
     assert all(v >= 0 for v in report["timings"].values())
     assert set(report["z_loss"]) >= {"mean", "max"} and report["z_loss"]["max"] >= report["z_loss"]["mean"]
     delta = EditDelta.load(out / "delta.safetensors")
-    assert delta.applied and delta.metadata["n_requests"] == 3 and delta.metadata["layers"] == [1, 2]
+    assert delta.is_applied(AutoModelForCausalLM.from_pretrained(out)) and delta.metadata["n_requests"] == 3 and delta.metadata["layers"] == [1, 2]
     assert delta.metadata["model_type"] == kind
 
     before, after = _target_logprobs(model_dir), _target_logprobs(out)
@@ -136,7 +136,7 @@ def test_saved_delta_reverts_and_reproduces_the_saved_model(tmp_path):
     original = AutoModelForCausalLM.from_pretrained(model_dir)
     edited = AutoModelForCausalLM.from_pretrained(files.out)
     saved = EditDelta.load(files.out / "delta.safetensors")
-    assert saved.applied  # it carries its apply record: it reverts the saved model exactly
+    assert saved.is_applied(edited)  # its apply record matches the saved model: it reverts it exactly
     saved.revert(edited)
     for (name, a), (_, b) in zip(original.state_dict().items(), edited.state_dict().items()):
         assert torch.equal(a, b), name

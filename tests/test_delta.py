@@ -48,7 +48,7 @@ def test_apply_adds_delta_to_targeted_weights_only(kind, n):
     before = _snapshot(model)
     delta = _make_delta(model, n=n)
     delta.apply(model)
-    assert delta.applied
+    assert delta.is_applied(model)
     after = model.state_dict()
     targeted = {wd.name: wd for wd in delta.weights}
     for name, value in after.items():
@@ -78,7 +78,7 @@ def test_revert_is_bit_identical(kind, dtype, rel, tmp_path):
         # A Δ this large crosses binades nearly everywhere: naive subtraction cannot be exact.
         assert delta.n_fixups > 0
     delta.revert(model)
-    assert not delta.applied
+    assert not delta.is_applied(model)
     _assert_same(model, before)
 
 
@@ -95,7 +95,7 @@ def test_revert_after_save_load_of_delta_and_model(dtype, tmp_path):
 
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", **dtype_kwargs(dtype))
     loaded = EditDelta.load(tmp_path / "out" / "delta.safetensors")
-    assert loaded.applied and loaded.n_fixups == delta.n_fixups
+    assert loaded.is_applied(edited) and loaded.n_fixups == delta.n_fixups
     loaded.revert(edited)
     _assert_same(edited, before)
 
@@ -151,7 +151,7 @@ def test_save_load_keeps_factors_and_metadata(tmp_path):
     delta.metadata["hparams"] = {"layers": [0, 2, 3], "mom2_update_weight": 15000.0}
     delta.save(tmp_path / "delta.safetensors")
     loaded = EditDelta.load(tmp_path / "delta.safetensors")
-    assert not loaded.applied
+    assert not loaded.is_applied(model)
     assert loaded.metadata == delta.metadata
     for a, b in zip(delta.weights, loaded.weights):
         assert (a.name, a.transposed) == (b.name, b.transposed)
@@ -193,7 +193,7 @@ def test_non_finite_factors_refused():
     delta.weights[-1].v[3, 0] = float("nan")
     with pytest.raises(DeltaError, match="NaN"):
         delta.apply(model)
-    assert not delta.applied
+    assert not delta.is_applied(model)
     _assert_same(model, before)
 
 
@@ -208,7 +208,7 @@ def test_revert_refused_after_weights_changed():
     with pytest.raises(DeltaError, match=r"changed since.*exact=False"):
         delta.revert(model)
     _assert_same(model, changed)
-    assert delta.applied
+    assert not delta.is_applied(model)
     delta.revert(model, exact=False)
     for wd in delta.weights:
         assert torch.allclose(model.get_parameter(wd.name), original[wd.name], atol=2e-3)
@@ -238,7 +238,7 @@ def test_failed_write_mid_apply_restores_model(monkeypatch):
     monkeypatch.setattr(delta_mod, "_write", flaky_write)
     with pytest.raises(RuntimeError, match="injected"):
         delta.apply(model)
-    assert not delta.applied
+    assert not delta.is_applied(model)
     _assert_same(model, before)
 
 
@@ -249,7 +249,7 @@ def test_overflow_mid_apply_restores_model():
     delta.weights[1].u.mul_(1e9)
     with pytest.raises(DeltaError, match="overflows"):
         delta.apply(model)
-    assert not delta.applied
+    assert not delta.is_applied(model)
     _assert_same(model, before)
 
 

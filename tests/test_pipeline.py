@@ -69,7 +69,7 @@ def test_revert_restores_weights_bit_identically(kind, dtype, tmp_path):
     before = _snapshot(model)
     result = _editor(model, tok, tmp_path).edit(REQUESTS)
     layout = ModelLayout(model)
-    assert result.delta.applied and result.n_edits == 3
+    assert result.delta.is_applied(model) and result.n_edits == 3
     assert set(_changed(model, before)) == {layout.rewrite_weight_name(l) for l in (1, 2)}
     assert all(p.dtype == dtype for p in model.parameters())
     result.delta.revert(model)
@@ -81,11 +81,11 @@ def test_apply_false_leaves_model_unchanged_and_delta_applies_later(tmp_path):
     before = _snapshot(model)
     later = _editor(model, tok, tmp_path / "a").edit(REQUESTS, apply=False)
     _assert_same(model, before)
-    assert not later.delta.applied
+    assert not later.delta.is_applied(model)
 
     reference, _ = make_model("gpt2")
     now = _editor(reference, tok, tmp_path / "b").edit(REQUESTS, apply=True)
-    assert now.delta.applied
+    assert now.delta.is_applied(reference)
     for a, b in zip(later.delta.weights, now.delta.weights):
         assert a.name == b.name and torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
 
@@ -194,7 +194,7 @@ def test_flags_and_training_mode_restored_after_edit(tmp_path):
     model, tok = make_model("gpt2")
     flags = _frozen_embeddings_in_train_mode(model)
     result = _editor(model, tok, tmp_path).edit(REQUESTS)
-    assert result.delta.applied
+    assert result.delta.is_applied(model)
     _assert_modes(model, flags)
     assert _no_hooks_left(model)
 

@@ -32,7 +32,7 @@ def test_python_snippet_runs(quick_world, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     model, result = namespace["model"], namespace["result"]
     assert (tmp_path / "edit.safetensors").exists()
-    assert result.n_edits == 2 and not result.delta.applied
+    assert result.n_edits == 2 and not result.delta.is_applied(model)
     original = type(model).from_pretrained(quick_world / "model")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 

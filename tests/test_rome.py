@@ -185,7 +185,7 @@ def test_revert_is_bit_exact_and_delta_round_trips(tmp_path):
     res.delta.revert(model)
     assert _same(model, before)
     loaded = EditDelta.load(tmp_path / "rome.safetensors")
-    assert loaded.metadata["method"] == "rome" and loaded.applied
+    assert loaded.metadata["method"] == "rome" and not loaded.is_applied(model)
     fresh = EditDelta(loaded.weights, loaded.metadata)
     fresh.apply(model)
     assert _same(model, edited)
