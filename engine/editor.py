@@ -82,7 +82,8 @@ class MassEditor:
         if self.tok.pad_token_id is None and self.tok.eos_token_id is not None:
             self.tok.pad_token = self.tok.eos_token
         self.stats_dir, self.corpus = stats_dir, corpus
-        self.model_name = model_name or model_name_of(model)
+        # A name the caller gives also vouches for unmarked (reference) statistics files under it.
+        self.model_name, self._explicit_name = model_name or model_name_of(model), model_name is not None
         self.seed, self.progress, self.reuse_prefix = seed, progress, reuse_prefix
         self._templates = validate_templates(context_templates) if context_templates is not None else None
         self._solvers: dict[int, LayerSolver] = {}
@@ -93,7 +94,6 @@ class MassEditor:
 
         model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **dtype_kwargs(torch_dtype))
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        kwargs.setdefault("model_name", Path(str(name_or_path).rstrip("/")).name)
         return cls(model, tok, hparams, **kwargs)
 
     def context_templates(self) -> ContextTemplates:
@@ -108,7 +108,7 @@ class MassEditor:
         if missing:
             with frozen_eval(self.model):
                 covs = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
-                                         self.corpus, self.progress)
+                                         self.corpus, self.progress, self._explicit_name)
             for l in missing:
                 self._solvers[l] = LayerSolver(covs[l], self.hp.mom2_update_weight, l)
         return self._solvers

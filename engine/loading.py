@@ -45,6 +45,9 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
 
 
 def model_name_for(name_or_path: str) -> str:
-    """Statistics are filed under the model directory's basename (or the hub name with '/' → '_')."""
-    path = Path(name_or_path.rstrip("/"))
-    return path.name if path.exists() else name_or_path.replace("/", "_")
+    """Statistics are filed under the model directory's basename (or the hub name with '/' → '_');
+    the resolved directory's, so that `.` and `..` give a real name, never a path."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path.resolve().name or "root"
+    return name_or_path.strip("/").replace("/", "_")

@@ -7,11 +7,24 @@ the reference implementation's file layout, so statistics computed by it are reu
     <stats_dir>/<model_name>/<dataset>_stats/<module>_<dtype>_mom2_<n>.npz
     with mom2.mom2 = Σ k kᵀ, mom2.count = number of tokens, sample_size, mom2.constructor.
 
+The path names a model only by a name (two different models saved in directories both named
+`model` get the same one), so every file massedit writes also carries the model's identity, an
+extra array "massedit.identity" that the reference ignores: the config hash and a digest of the
+weights that determine the layer's keys (embeddings and blocks 0..l, less the rewrite weights
+that edits change). A file whose identity is
+another model's is refused. A file without one (the reference's, or an older massedit's) is
+used only when the caller names the model explicitly (`--model-name`, MassEditor(model_name=...)).
+`sample_size` records the number of documents actually used, which is fewer than the number in
+the file name when the corpus is shorter (a warning says so).
+
 Statistics always come from the unedited model: callers compute them before any weight changes.
+The raw sum is accumulated in float32 or float64; float16 files (which overflow past 65504) are
+read but never written, and non-finite statistics are refused when written and when read.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import warnings
@@ -25,6 +38,7 @@ from tqdm.auto import tqdm
 
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
+from massedit.delta import config_hash
 from massedit.hooks import capture_inputs, run_until
 from massedit.tokens import pad, pad_id_of
 from massedit.kernels.covariance import accumulate_xtx, symmetrize
@@ -32,42 +46,192 @@ from massedit.kernels.covariance import accumulate_xtx, symmetrize
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+IDENTITY_KEY = "massedit.identity"
+# The raw sum Σkkᵀ outgrows float16 (max 65504) after a few hundred tokens.
+UNSTORABLE = {"float16": "float16 cannot hold the raw sum Σkkᵀ (it overflows past 65504 after a few hundred tokens)"}
+
+
 class StatsError(ValueError):
     pass
 
 
 def model_name_of(model) -> str:
-    """The reference's model name: config._name_or_path with '/' replaced by '_'."""
-    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return str(name).rstrip("/").replace("/", "_")
+    """The statistics name of a loaded model, derived from config._name_or_path like the CLI's."""
+    from massedit.loading import model_name_for
+
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    return model_name_for(name) if name.strip("/.") else type(model).__name__
+
+
+def check_model_name(name: str) -> str:
+    """A model name is one directory inside the statistics directory, never a path out of it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise StatsError(f"model name {name!r} is not a plain directory name; pass --model-name NAME "
+                         "(MassEditor(model_name=...)) with a name like 'gpt2-xl'")
+    return name
+
+
+def check_storable(dtype: str) -> None:
+    """Refuse a statistics dtype that cannot be written, before any work."""
+    if dtype not in DTYPES:
+        raise StatsError(f"mom2_dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype in UNSTORABLE:
+        raise StatsError(f"statistics dtype {dtype}: {UNSTORABLE[dtype]}; compute them in float32 "
+                         "(--dtype float32, or mom2_dtype in the hparams); existing float16 files are still read")
 
 
 def stats_file(stats_dir, model_name: str, dataset: str, module_name: str, dtype: str, n_samples: Optional[int]) -> Path:
     suffix = "" if n_samples is None else f"_{n_samples}"
-    return Path(stats_dir) / model_name / f"{dataset}_stats" / f"{module_name}_{dtype}_mom2{suffix}.npz"
+    return Path(stats_dir) / check_model_name(model_name) / f"{dataset}_stats" / f"{module_name}_{dtype}_mom2{suffix}.npz"
 
 
-def write_stats(path: Path, mom2: torch.Tensor, count: int, sample_size: int) -> None:
-    """Atomic write: a temp file in the same directory, then rename."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_savez(path: Path, arrays: dict) -> None:
+    """A temp file in the same directory, then rename; with the permissions of a normal file
+    (mkstemp's are 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                **{
-                    "constructor": np.array("util.runningstats.CombinedStat()"),
-                    "mom2.constructor": np.array("util.runningstats.SecondMoment()"),
-                    "mom2.count": np.array(count),
-                    "mom2.mom2": mom2.cpu().numpy(),
-                    "sample_size": np.array(sample_size),
-                },
-            )
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_stats(path: Path, mom2: torch.Tensor, count: int, sample_size: int, identity: Optional[dict] = None) -> None:
+    """Atomic write of a reference-layout file, with the model's identity when given; non-finite
+    statistics are refused, nothing is written."""
+    bad = int((~torch.isfinite(mom2)).sum())
+    if bad:
+        raise StatsError(
+            f"statistics for {path} have {bad} non-finite entries in {mom2.dtype} (the sum overflowed, or the "
+            "model's keys are not finite); nothing was written — compute them in float32 or float64"
+        )
+    arrays = {
+        "constructor": np.array("util.runningstats.CombinedStat()"),
+        "mom2.constructor": np.array("util.runningstats.SecondMoment()"),
+        "mom2.count": np.array(count),
+        "mom2.mom2": mom2.cpu().numpy(),
+        "sample_size": np.array(sample_size),
+    }
+    if identity is not None:
+        arrays[IDENTITY_KEY] = np.array(json.dumps(identity, sort_keys=True))
+    _atomic_savez(path, arrays)
+
+
+def _digest_value(model, name: str, p: torch.Tensor) -> torch.Tensor:
+    """The parameter's values; for a weight Accelerate offloaded (on the meta device), the copy in
+    its hook's weights map, or nothing readable (then only its name, shape and dtype count)."""
+    if p.device.type != "meta":
+        return p.detach()
+    owner, _, leaf = name.rpartition(".")
+    hook = getattr(model.get_submodule(owner), "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    try:
+        return weights[leaf] if weights is not None else p
+    except KeyError:
+        return p
+
+
+class ModelIdentity:
+    """What identifies a model's statistics for layer l: its config hash and a digest of the
+    weights that produce the keys of l (embeddings and other weights before the blocks, blocks
+    0..l; not the final norm or LM head). The rewrite weights are left out: they are what edits
+    change, and an edited model keeps using its base model's statistics. Floats are hashed as
+    float32 (float64 as is), so the same checkpoint loaded in float16 or float32 has one identity.
+    Per-block digests are computed once."""
+
+    def __init__(self, model, layout: ModelLayout, name: str):
+        self.model, self.layout, self.name = model, layout, name
+        self.config_hash = config_hash(model)
+        self._blocks: dict[int, str] = {}
+        self._stem: Optional[str] = None
+
+    def _params(self) -> dict[Optional[int], list[tuple[str, torch.Tensor]]]:
+        prefixes = {f"{self.layout.block_name(i)}.": i for i in range(self.layout.n_layers)}
+        head = {id(p) for m in (self.layout.ln_f, self.layout.lm_head, *self.layout.extra_head) for p in m.parameters()}
+        embed = self.model.get_input_embeddings()
+        head -= {id(p) for p in (embed.parameters() if embed is not None else ())}
+        edited = {self.layout.rewrite_weight_name(i) for i in range(self.layout.n_layers)}
+        groups: dict[Optional[int], list] = {}
+        for name, p in self.model.named_parameters():
+            block = next((i for prefix, i in prefixes.items() if name.startswith(prefix)), None)
+            if (block is None and id(p) in head) or name in edited:
+                continue
+            groups.setdefault(block, []).append((name, p))
+        return groups
+
+    def _digest(self, params) -> str:
+        h = hashlib.sha256()
+        for name, p in params:
+            value = _digest_value(self.model, name, p)
+            h.update(f"{name}:{tuple(p.shape)}|".encode())
+            if value.device.type == "meta":
+                h.update(str(p.dtype).encode())
+                continue
+            if value.is_floating_point() and value.dtype != torch.float64:
+                value = value.float()
+            flat = value.reshape(-1)
+            step = max(1, (64 << 20) // max(1, flat.element_size()))
+            for start in range(0, flat.numel(), step):
+                h.update(flat[start: start + step].cpu().contiguous().view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    def of_layer(self, layer: int) -> dict:
+        missing = [i for i in range(layer + 1) if i not in self._blocks]
+        if missing or self._stem is None:
+            groups = self._params()
+            if self._stem is None:
+                self._stem = self._digest(groups.get(None, []))
+            for i in missing:
+                self._blocks[i] = self._digest(groups.get(i, []))
+        h = hashlib.sha256(f"{self.config_hash}|{self._stem}".encode())
+        for i in range(layer + 1):
+            h.update(self._blocks[i].encode())
+        return {"model": self.name, "config_hash": self.config_hash, "layer": layer, "weights_sha256": h.hexdigest()}
+
+
+def read_identity(path: Path) -> Optional[dict]:
+    """The identity stored with a statistics file, or None for a file without one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if IDENTITY_KEY not in data.files:
+                return None
+            return json.loads(str(data[IDENTITY_KEY]))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise StatsError(f"statistics file {path} cannot be read ({err}); delete it to recompute") from None
+
+
+def check_identity(path: Path, expected: dict, explicit_name: bool) -> None:
+    """Refuse a statistics file that belongs to another model, or an unmarked one (reference
+    layout) unless the model name was given explicitly."""
+    stored = read_identity(path)
+    if stored is None:
+        if not explicit_name:
+            raise StatsError(
+                f"statistics file {path} carries no model fingerprint (written by the reference code or an older "
+                f"massedit), so nothing shows it belongs to this model; if it does, name the model explicitly "
+                f"(--model-name {path.parent.parent.name}, or MassEditor(model_name=...)), else delete it to recompute"
+            )
+        return
+    keys = ("config_hash", "weights_sha256")
+    if not isinstance(stored, dict) or any(stored.get(k) != expected[k] for k in keys):
+        owner = stored.get("model", "?") if isinstance(stored, dict) else "?"
+        raise StatsError(
+            f"statistics file {path} belongs to another model ({owner!r}, weights "
+            f"{str(stored.get('weights_sha256', '?') if isinstance(stored, dict) else '?')[:12]}), not to this one "
+            f"({expected['model']!r}, weights {expected['weights_sha256'][:12]}); pass another --model-name (or "
+            "--stats-dir) for this model's statistics, or delete the file to recompute it"
+        )
 
 
 def read_stats(path: Path, dim: int) -> tuple[torch.Tensor, int]:
@@ -87,6 +251,12 @@ def read_stats(path: Path, dim: int) -> tuple[torch.Tensor, int]:
         )
     if count <= 0:
         raise StatsError(f"statistics file {path} counts {count} tokens; delete it to recompute")
+    bad = int((~np.isfinite(mom2)).sum())
+    if bad:
+        raise StatsError(
+            f"statistics file {path} holds {bad} non-finite entries (its {mom2.dtype} sum overflowed — float16 "
+            "statistics do past 65504); delete it and recompute in float32"
+        )
     return torch.from_numpy(mom2), count
 
 
@@ -112,8 +282,8 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return batches + [cur] if cur else batches
 
 
-def _fingerprint(encoded: Sequence[Sequence[int]], layers, dtype, batch_tokens) -> str:
-    h = hashlib.sha256(repr((list(layers), str(dtype), batch_tokens, len(encoded))).encode())
+def _fingerprint(encoded: Sequence[Sequence[int]], layers, dtype, batch_tokens, model_digest: str) -> str:
+    h = hashlib.sha256(repr((list(layers), str(dtype), batch_tokens, len(encoded), model_digest)).encode())
     for ids in encoded:
         h.update(np.asarray(ids, dtype=np.int64).tobytes())
         h.update(b"|")
@@ -121,30 +291,31 @@ def _fingerprint(encoded: Sequence[Sequence[int]], layers, dtype, batch_tokens) 
 
 
 def _save_checkpoint(path: Path, acc: dict, count: int, done: int, fingerprint: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, count=np.array(count), done=np.array(done), fingerprint=np.array(fingerprint),
-                     **{f"layer{l}": a.cpu().numpy() for l, a in acc.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_savez(path, {"count": np.array(count), "done": np.array(done), "fingerprint": np.array(fingerprint),
+                         **{f"layer{l}": a.cpu().numpy() for l, a in acc.items()}})
 
 
 def _load_checkpoint(path: Optional[Path], acc: dict, fingerprint: str) -> tuple[int, int]:
-    """(count, batches done) from a matching checkpoint, else (0, 0)."""
+    """(count, batches done) from a matching checkpoint, else (0, 0). A checkpoint that cannot be
+    read (truncated, not an npz, wrong arrays) is discarded with a warning: it only saves time."""
     if path is None or not path.exists():
         return 0, 0
-    with np.load(path, allow_pickle=False) as data:
-        if str(data["fingerprint"]) != fingerprint:
-            warnings.warn(f"ignoring statistics checkpoint {path}: it was made for another corpus or settings")
-            return 0, 0
-        for l, a in acc.items():
-            a.copy_(torch.from_numpy(data[f"layer{l}"]))
-        return int(data["count"]), int(data["done"])
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["fingerprint"]) != fingerprint:
+                warnings.warn(f"ignoring statistics checkpoint {path}: it was made for another model, corpus or settings")
+                return 0, 0
+            partial = {l: torch.from_numpy(data[f"layer{l}"]) for l in acc}
+            count, done = int(data["count"]), int(data["done"])
+            for l, a in acc.items():
+                a.copy_(partial[l])
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile) as err:
+        warnings.warn(f"discarding unreadable statistics checkpoint {path} ({type(err).__name__}: {err}); starting over")
+        path.unlink()
+        for a in acc.values():
+            a.zero_()
+        return 0, 0
+    return count, done
 
 
 @torch.no_grad()
@@ -159,12 +330,14 @@ def second_moments(
     progress: bool = True,
     checkpoint: Optional[Path] = None,
     checkpoint_every: int = 200,
+    model_digest: str = "",
 ) -> dict[int, tuple[torch.Tensor, int]]:
     """Σ k kᵀ and the token count for each layer, from one pass over `texts` stopped after max(layers).
 
     With `checkpoint`, partial sums and the position are saved every `checkpoint_every` batches
     and a rerun resumes from them; the batches are summed in the same order either way, so a
     resumed run gives exactly the uninterrupted result. The checkpoint is removed at the end.
+    `model_digest` (the model's identity) keeps another model's checkpoint from being resumed.
     """
     max_len = context_length(model, tok)
     encoded = [tok(t, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"] for t in texts]
@@ -172,7 +345,7 @@ def second_moments(
     modules = {str(l): layout.rewrite_module(l) for l in layers}
     acc = {l: torch.zeros(layout.key_dim(l), layout.key_dim(l), dtype=dtype, device=layout.device_of(l)) for l in layers}
     batches = _batches([len(ids) for ids in encoded], batch_tokens)
-    fingerprint = _fingerprint(encoded, layers, dtype, batch_tokens) if checkpoint else ""
+    fingerprint = _fingerprint(encoded, layers, dtype, batch_tokens, model_digest) if checkpoint else ""
     count, done = _load_checkpoint(checkpoint, acc, fingerprint)
     device = next(model.parameters()).device
     stop = layout.block(max(layers))
@@ -206,8 +379,12 @@ def layer_covariances(
     model_name: str,
     corpus=None,
     progress: bool = True,
+    explicit_name: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """C^l (float64, on each layer's device) for every edited layer: cached files, else computed from `corpus`."""
+    """C^l (float64, on each layer's device) for every edited layer: cached files, else computed from `corpus`.
+
+    Cached files must carry this model's identity; unmarked ones (reference layout) are used only
+    with `explicit_name` (the caller named the model)."""
     dtype_name = hp.mom2_dtype
     if dtype_name not in DTYPES:
         raise StatsError(f"mom2_dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
@@ -215,7 +392,10 @@ def layer_covariances(
         l: stats_file(stats_dir, model_name, hp.mom2_dataset, layout.rewrite_name(l), dtype_name, hp.mom2_n_samples)
         for l in hp.layers
     }
+    identity = ModelIdentity(model, layout, model_name)
     sums = {l: read_stats(p, layout.key_dim(l)) for l, p in paths.items() if p.exists()}
+    for l in sums:
+        check_identity(paths[l], identity.of_layer(l), explicit_name)
     missing = [l for l in hp.layers if l not in sums]
     if missing:
         if corpus is None:
@@ -223,14 +403,17 @@ def layer_covariances(
                 f"no covariance statistics for layer(s) {missing} at {paths[missing[0]]}; pass a corpus "
                 "(--corpus FILE) to compute them, or --stats-dir / --model-name pointing at existing statistics"
             )
+        check_storable(dtype_name)
         texts = list(corpus)[: hp.mom2_n_samples] if isinstance(corpus, (list, tuple)) else read_corpus(corpus, hp.mom2_n_samples)
         if len(texts) < hp.mom2_n_samples:
-            warnings.warn(f"corpus has {len(texts)} documents, fewer than mom2_n_samples={hp.mom2_n_samples}; using all")
+            warnings.warn(f"the corpus has {len(texts)} documents, fewer than mom2_n_samples={hp.mom2_n_samples}: "
+                          f"the statistics use all {len(texts)} and are filed under {hp.mom2_n_samples} (their "
+                          "sample_size records the true number)")
         acc_dtype = torch.float64 if dtype_name == "float64" else torch.float32
         checkpoint = paths[missing[0]].with_name(f"pass_{'-'.join(map(str, missing))}_{dtype_name}.partial.npz")
         computed = second_moments(model, layout, tok, texts, missing, acc_dtype, progress=progress,
-                                  checkpoint=checkpoint)
+                                  checkpoint=checkpoint, model_digest=identity.of_layer(max(missing))["weights_sha256"])
         for l, (mom2, count) in computed.items():
-            write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts))
+            write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts), identity.of_layer(l))
             sums[l] = (mom2, count)
     return {l: (sums[l][0].to(layout.device_of(l), torch.float64) / sums[l][1]) for l in hp.layers}

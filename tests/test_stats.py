@@ -208,7 +208,11 @@ def test_hand_written_reference_file_is_read_as_is(gpt2, tmp_path):
             },
         )
     hp = _hp(model, n=5000, dataset="wikipedia")
-    covs = layer_covariances(model, layout, tok, hp, tmp_path, MODEL_NAME, corpus=None, progress=False)
+    # Nothing in such a file says which model it belongs to: the caller must name the model.
+    with pytest.raises(StatsError, match="no model fingerprint.*--model-name tiny-model"):
+        layer_covariances(model, layout, tok, hp, tmp_path, MODEL_NAME, corpus=_documents(), progress=False)
+    covs = layer_covariances(model, layout, tok, hp, tmp_path, MODEL_NAME, corpus=None, progress=False,
+                             explicit_name=True)
     for layer in (1, 2):
         torch.testing.assert_close(covs[layer], torch.from_numpy(sums[layer]).double() / 1234, rtol=1e-12, atol=0)
 

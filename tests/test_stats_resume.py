@@ -59,7 +59,7 @@ def test_checkpoint_from_other_corpus_is_ignored(tmp_path):
     ckpt = tmp_path / "pass.partial.npz"
     acc = {1: torch.ones(layout.key_dim(1), layout.key_dim(1))}
     stats._save_checkpoint(ckpt, acc, 123, 1, "not-this-corpus")
-    with pytest.warns(UserWarning, match="another corpus"):
+    with pytest.warns(UserWarning, match="another model, corpus"):
         got = stats.second_moments(model, layout, tok, _texts(10), [1], progress=False, checkpoint=ckpt)
     assert torch.equal(got[1][0], stats.second_moments(model, layout, tok, _texts(10), [1], progress=False)[1][0])
 

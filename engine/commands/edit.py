@@ -19,7 +19,7 @@ from massedit.context import load_templates
 from massedit.editor import METHODS, MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import MEMITHyperParams, default_for
-from massedit.loading import load_model, model_name_for
+from massedit.loading import load_model
 from massedit.requests import load_requests, validate_requests
 
 NAME = "edit"
@@ -74,7 +74,7 @@ def run(args) -> int:
     hp = hp or default_for(model.config, "rome" if args.method == "rome" else "memit")
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
-        model_name=args.model_name or model_name_for(args.model), context_templates=templates, seed=args.seed,
+        model_name=args.model_name, context_templates=templates, seed=args.seed,
         progress=not args.quiet,
     )
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None

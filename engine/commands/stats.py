@@ -4,11 +4,16 @@ Example:
   massedit stats --model ./world/model --corpus ./world/corpus.txt --layers 1,2,3 \\
       --samples 2000 --stats-dir stats
 Files land in <stats-dir>/<model-name>/<dataset>_stats/<module>_<dtype>_mom2_<samples>.npz,
-the reference MEMIT layout, so existing statistics are reused by `massedit edit`.
+the reference MEMIT layout, so existing statistics are reused by `massedit edit`. Each file also
+records the model's identity: a file of another model under the same name is refused (pass
+another --model-name), and an unmarked file (reference layout) counts as cached only with an
+explicit --model-name. A corpus with fewer documents than --samples is used whole, with a
+warning; the file keeps the --samples name and records the true number as sample_size.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import torch
@@ -16,7 +21,8 @@ import torch
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.loading import load_model, model_name_for
-from massedit.stats import DTYPES, second_moments, stats_file, write_stats
+from massedit.stats import (DTYPES, ModelIdentity, check_identity, check_storable, second_moments, stats_file,
+                            write_stats)
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"
@@ -52,23 +58,34 @@ def run(args) -> int:
     layers = parse_layers(args.layers)
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
+    check_storable(args.dtype)
+    name = args.model_name or model_name_for(args.model)
+    stats_file(args.stats_dir, name, args.dataset, "module", args.dtype, args.samples)  # a bad name fails here
     model, tok = load_model(args.model, args.device, args.model_dtype)
     layout = ModelLayout(model)
     layout.check_layers(layers)
-    name = args.model_name or model_name_for(args.model)
     paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.dtype, args.samples)
              for l in layers}
+    identity = ModelIdentity(model, layout, name)
     todo = [l for l in layers if args.force or not paths[l].exists()]
+    for l in layers:
+        if l not in todo:
+            check_identity(paths[l], identity.of_layer(l), explicit_name=args.model_name is not None)
     t0 = time.perf_counter()
     n_docs = tokens = 0
     if todo:
         texts = read_corpus(args.corpus, args.samples)
         n_docs = len(texts)
+        if n_docs < args.samples:
+            print(f"massedit stats: warning: {args.corpus} has {n_docs} documents, fewer than --samples "
+                  f"{args.samples}: the statistics use all {n_docs} and are filed under {args.samples} "
+                  "(sample_size in the file records the true number)", file=sys.stderr)
         acc = torch.float64 if args.dtype == "float64" else torch.float32
         checkpoint = paths[todo[0]].with_name(f"pass_{'-'.join(map(str, todo))}_{args.dtype}.partial.npz")
-        moments = second_moments(model, layout, tok, texts, todo, acc, progress=not args.quiet, checkpoint=checkpoint)
+        moments = second_moments(model, layout, tok, texts, todo, acc, progress=not args.quiet, checkpoint=checkpoint,
+                                 model_digest=identity.of_layer(max(todo))["weights_sha256"])
         for l, (mom2, count) in moments.items():
-            write_stats(paths[l], mom2.to(DTYPES[args.dtype]), count, n_docs)
+            write_stats(paths[l], mom2.to(DTYPES[args.dtype]), count, n_docs, identity.of_layer(l))
             tokens = count
     summary = {"files": {str(l): str(p) for l, p in paths.items()}, "computed_layers": todo, "documents": n_docs,
                "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}
