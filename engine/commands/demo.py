@@ -8,8 +8,9 @@ Examples:
   massedit demo --quick                          # a tiny smoke world, seconds
 
 Writes OUT/report.json (metrics pre/post, timings per phase, hparams), OUT/delta.safetensors and,
-when matplotlib is installed, OUT/metrics.png. The world and the statistics are cached, so a
-second run only edits and evaluates.
+when matplotlib is installed, OUT/metrics.png, all at once when the run finishes. A non-empty OUT
+is refused unless --force. The world and the statistics (OUT/stats) are cached, so a second run
+(with --force) only edits and evaluates.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from massedit.editor import METHODS, MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
+from massedit.outdir import check_out, staged
 from massedit.requests import parse_records
 
 NAME = "demo"
@@ -34,7 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="world model family")
     p.add_argument("--n", type=int, default=1000, help="number of facts to edit (default 1000)")
     p.add_argument("--method", default="memit", choices=METHODS)
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; must be new or empty unless --force)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out directory (reusing its statistics)")
     p.add_argument("--quick", action="store_true", help="tiny smoke world and few edits")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -82,6 +85,8 @@ def run(args) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
+    out = Path(args.out)
+    check_out(out, args.force)
     if args.threads:
         torch.set_num_threads(args.threads)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
@@ -106,7 +111,6 @@ def run(args) -> int:
     pre = summary(evaluate(model, tok, records))
     t_pre = time.perf_counter() - t
 
-    out = Path(args.out)
     say(f"[3/4] editing {len(requests)} facts with {args.method} (layers {hp.layers}; statistics cached in {out / 'stats'})")
     editor = MassEditor(model, tok, hp, stats_dir=out / "stats", corpus=world_dir / "corpus.txt",
                         model_name=f"world-{world_dir.name}", progress=not args.quiet)
@@ -122,10 +126,10 @@ def run(args) -> int:
     report = {"n_edits": result.n_edits, "method": args.method, "world": str(world_dir),
               "metrics": {"pre": pre, "post": post}, "timings": {k: round(v, 3) for k, v in timings.items()},
               "z_loss": result.report()["z_loss"], "hparams": hp.to_dict()}
-    out.mkdir(parents=True, exist_ok=True)
-    result.delta.save(out / "delta.safetensors")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    plotted = _plot(pre, post, out / "metrics.png")
+    with staged(out) as stage:
+        result.delta.save(stage / "delta.safetensors")
+        plotted = _plot(pre, post, stage / "metrics.png")
+        (stage / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

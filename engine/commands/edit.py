@@ -7,7 +7,10 @@ Examples:
       --stats-dir data/stats --method memit --batch-size 128 --out out/gpt2xl-edited
 
 Writes OUT/ (model and tokenizer, save_pretrained), OUT/delta.safetensors (low-rank factors,
-revertible) and OUT/report.json (timings in seconds, z losses).
+revertible) and OUT/report.json (timings in seconds, z losses). OUT appears all at once when the
+run finishes (written beside it, then renamed), so an interrupted run leaves OUT as it was; with
+--out equal to --model and --force the original model stays in place until the edited one, with
+its delta, is complete.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from massedit.editor import METHODS, MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import load_model
+from massedit.outdir import check_out, staged
 from massedit.requests import load_requests, validate_requests
 
 NAME = "edit"
@@ -48,16 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --force to write into it")
-
-
 def run(args) -> int:
     out = Path(args.out)
-    _check_out(out, args.force)
+    check_out(out, args.force)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     requests = load_requests(args.requests, zsre_target=args.zsre_target)
@@ -79,16 +76,16 @@ def run(args) -> int:
     )
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
-    t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    result.delta.save(out / "delta.safetensors")
     report = result.report()
-    report["timings"]["save"] = round(time.perf_counter() - t0, 4)
     if records:
         report["metrics"] = {"pre": pre, "post": summary(evaluate(model, tok, records, zsre_target=args.zsre_target))}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    t0 = time.perf_counter()
+    with staged(out) as stage:
+        result.delta.save(stage / "delta.safetensors")
+        model.save_pretrained(stage)
+        tok.save_pretrained(stage)
+        report["timings"]["save"] = round(time.perf_counter() - t0, 4)
+        (stage / "report.json").write_text(json.dumps(report, indent=2))
     t = report["timings"]
     print(f"edited {result.n_edits} facts with {result.method} in {t['total']:.2f} s "
           f"(z {t['z']:.2f} s, keys {t.get('keys', 0):.2f} s, solve {t.get('solve', 0):.2f} s, "

@@ -1,0 +1,118 @@
+"""Output directories that appear all at once: a run writes into a staging directory beside the
+target and publishes it in one step, so an interrupted run (exception, SIGINT, SIGKILL) never
+leaves a finished-looking output, and an edit written over its own model (`--out` = `--model
+--force`) keeps the original until the new one is complete.
+
+Publishing a new directory is one rename. Over an existing one, the staging directory first
+receives hard links to the entries it does not replace (so `--force` still writes *into* the
+directory: the user's other files stay), then the two are swapped with one atomic
+renameat2(RENAME_EXCHANGE) where the platform has it, else with two renames a moment apart.
+A run killed before publishing leaves only a hidden `.NAME.massedit-staging-*` directory beside
+the target, which can be deleted.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import stat
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+# A model saved into the staging directory supersedes the old directory's weight files, which may
+# be named or sharded differently (transformers' save_pretrained removes them the same way).
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
+                          r"(\.index\.json)?$")
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that cannot be published, before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --force to write into it")
+    real, cwd = Path(os.path.realpath(out)), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise ValueError(f"--out {out} is the current directory or contains it, and is replaced as a whole when "
+                         "the run finishes; run from another directory or choose another --out")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+        if path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _publish(stage: Path, out: Path) -> None:
+    if not out.exists():
+        _fsync_tree(stage)
+        os.rename(stage, out)
+        return
+    os.chmod(stage, stat.S_IMODE(out.stat().st_mode))
+    replaces_weights = (stage / "config.json").exists()
+    for entry in out.iterdir():
+        target = stage / entry.name
+        if target.exists() or target.is_symlink() or (replaces_weights and _WEIGHT_FILE.match(entry.name)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        else:
+            _link_or_copy(str(entry), str(target))
+    _fsync_tree(stage)
+    if not _exchange(stage, out):
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.massedit-staging-"))
+        os.rename(out, old / out.name)
+        try:
+            os.rename(stage, out)
+        except BaseException:
+            os.rename(old / out.name, out)
+            raise
+        stage = old
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def staged(out) -> Iterator[Path]:
+    """An empty directory beside `out` to write the outputs into; published as `out` when the
+    block finishes, removed (and `out` untouched) when it raises or is interrupted."""
+    out = Path(os.path.realpath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.massedit-staging-"))
+    # mkdtemp makes 0700; the published directory should look like one the user made.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(stage, 0o777 & ~mask)
+    try:
+        yield stage
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
