@@ -40,7 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--method", default="memit", choices=METHODS)
     p.add_argument("--batch-size", type=int, help="requests per z-optimization chunk (default: hparams batch_size)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated context templates")
-    p.add_argument("--model-name", help="model name in the statistics path (default: model directory's basename)")
+    p.add_argument("--model-name", help="model name in the statistics path (default: the model directory's name); "
+                   "naming it also accepts reference-layout statistics, which carry no model fingerprint")
     p.add_argument("--zsre-target", default="answers", choices=("answers", "alt"),
                    help="zsRE mapping of target_new: answers[0] (MEMIT, default) or alt (EasyEdit)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -21,8 +21,8 @@ import torch
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.loading import load_model, model_name_for
-from massedit.stats import (DTYPES, ModelIdentity, check_identity, check_storable, second_moments, stats_file,
-                            write_stats)
+from massedit.stats import (DTYPES, ModelIdentity, check_identity, check_model_name, check_storable, second_moments,
+                            stats_file, write_stats)
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"
@@ -46,7 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="statistics dtype (default float32)")
     p.add_argument("--stats-dir", required=True, help="directory of the statistics cache")
     p.add_argument("--dataset", default="wikipedia", help="dataset name in the file path (hparams' mom2_dataset)")
-    p.add_argument("--model-name", help="name in the file path (default: model directory's basename)")
+    p.add_argument("--model-name", help="name in the file path (default: the model directory's name); naming it "
+                   "also accepts existing reference-layout files, which carry no model fingerprint")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--model-dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     p.add_argument("--force", action="store_true", help="recompute even if the files exist")
@@ -59,8 +60,7 @@ def run(args) -> int:
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
     check_storable(args.dtype)
-    name = args.model_name or model_name_for(args.model)
-    stats_file(args.stats_dir, name, args.dataset, "module", args.dtype, args.samples)  # a bad name fails here
+    name = check_model_name(args.model_name or model_name_for(args.model))
     model, tok = load_model(args.model, args.device, args.model_dtype)
     layout = ModelLayout(model)
     layout.check_layers(layers)
