@@ -4,8 +4,9 @@ leaves a finished-looking output, and an edit written over its own model (`--out
 --force`) keeps the original until the new one is complete.
 
 Publishing a new directory is one rename. Over an existing one, the staging directory first
-receives hard links to the entries it does not replace (so `--force` still writes *into* the
-directory: the user's other files stay), then the two are swapped with one atomic
+receives hard links to the entries the run does not own (so `--force` still writes *into* the
+directory: the user's other files stay; a file the run owns but did not write this time, like
+an older run's plot, is dropped rather than left stale), then the two are swapped with one atomic
 renameat2(RENAME_EXCHANGE) where the platform has it, else with two renames a moment apart.
 A run killed before publishing leaves only a hidden `.NAME.massedit-staging-*` directory beside
 the target, which can be deleted.
@@ -20,7 +21,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 # A model saved into the staging directory supersedes the old directory's weight files, which may
 # be named or sharded differently (transformers' save_pretrained removes them the same way).
@@ -69,7 +70,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _publish(stage: Path, out: Path) -> None:
+def _publish(stage: Path, out: Path, owned: frozenset) -> None:
     if not out.exists():
         _fsync_tree(stage)
         os.rename(stage, out)
@@ -78,7 +79,8 @@ def _publish(stage: Path, out: Path) -> None:
     replaces_weights = (stage / "config.json").exists()
     for entry in out.iterdir():
         target = stage / entry.name
-        if target.exists() or target.is_symlink() or (replaces_weights and _WEIGHT_FILE.match(entry.name)):
+        if (target.exists() or target.is_symlink() or entry.name in owned
+                or (replaces_weights and _WEIGHT_FILE.match(entry.name))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
@@ -100,9 +102,10 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 @contextmanager
-def staged(out) -> Iterator[Path]:
+def staged(out, owned: Iterable[str] = ()) -> Iterator[Path]:
     """An empty directory beside `out` to write the outputs into; published as `out` when the
-    block finishes, removed (and `out` untouched) when it raises or is interrupted."""
+    block finishes, removed (and `out` untouched) when it raises or is interrupted. `owned`: the
+    names this kind of run writes, never carried over from an older `out`."""
     out = Path(os.path.realpath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.massedit-staging-"))
@@ -112,7 +115,7 @@ def staged(out) -> Iterator[Path]:
     os.chmod(stage, 0o777 & ~mask)
     try:
         yield stage
-        _publish(stage, out)
+        _publish(stage, out, frozenset(owned))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

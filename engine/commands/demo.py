@@ -126,7 +126,7 @@ def run(args) -> int:
     report = {"n_edits": result.n_edits, "method": args.method, "world": str(world_dir),
               "metrics": {"pre": pre, "post": post}, "timings": {k: round(v, 3) for k, v in timings.items()},
               "z_loss": result.report()["z_loss"], "hparams": hp.to_dict()}
-    with staged(out) as stage:
+    with staged(out, owned=("delta.safetensors", "report.json", "metrics.png")) as stage:
         result.delta.save(stage / "delta.safetensors")
         plotted = _plot(pre, post, stage / "metrics.png")
         (stage / "report.json").write_text(json.dumps(report, indent=2))

@@ -81,7 +81,7 @@ def run(args) -> int:
     if records:
         report["metrics"] = {"pre": pre, "post": summary(evaluate(model, tok, records, zsre_target=args.zsre_target))}
     t0 = time.perf_counter()
-    with staged(out) as stage:
+    with staged(out, owned=("delta.safetensors", "report.json")) as stage:
         result.delta.save(stage / "delta.safetensors")
         model.save_pretrained(stage)
         tok.save_pretrained(stage)
