@@ -47,6 +47,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 
 
 IDENTITY_KEY = "massedit.identity"
+_SAMPLED = 1 << 20  # entries of each weight tensor that enter its model's identity
 # The raw sum Σkkᵀ outgrows float16 (max 65504) after a few hundred tokens.
 UNSTORABLE = {"float16": "float16 cannot hold the raw sum Σkkᵀ (it overflows past 65504 after a few hundred tokens)"}
 
@@ -148,7 +149,10 @@ class ModelIdentity:
     0..l; not the final norm or LM head). The rewrite weights are left out: they are what edits
     change, and an edited model keeps using its base model's statistics. Floats are hashed as
     float32 (float64 as is), so the same checkpoint loaded in float16 or float32 has one identity.
-    Per-block digests are computed once."""
+    Each tensor contributes an evenly strided sample of at most _SAMPLED entries, which keeps the
+    digest of a 6B model to seconds: two different models differ almost everywhere, and models
+    that differ in a few entries only have practically the same statistics. Per-block digests are
+    computed once."""
 
     def __init__(self, model, layout: ModelLayout, name: str):
         self.model, self.layout, self.name = model, layout, name
@@ -178,12 +182,11 @@ class ModelIdentity:
             if value.device.type == "meta":
                 h.update(str(p.dtype).encode())
                 continue
-            if value.is_floating_point() and value.dtype != torch.float64:
-                value = value.float()
-            flat = value.reshape(-1)
-            step = max(1, (64 << 20) // max(1, flat.element_size()))
-            for start in range(0, flat.numel(), step):
-                h.update(flat[start: start + step].cpu().contiguous().view(torch.uint8).numpy())
+            flat = value.detach().reshape(-1)
+            sample = flat[:: max(1, -(-flat.numel() // _SAMPLED))]
+            if sample.is_floating_point() and sample.dtype != torch.float64:
+                sample = sample.float()
+            h.update(sample.cpu().contiguous().view(torch.uint8).numpy())
         return h.hexdigest()
 
     def of_layer(self, layer: int) -> dict:
