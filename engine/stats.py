@@ -200,7 +200,9 @@ class ModelIdentity:
         h = hashlib.sha256(f"{self.config_hash}|{self._stem}".encode())
         for i in range(layer + 1):
             h.update(self._blocks[i].encode())
-        return {"model": self.name, "config_hash": self.config_hash, "layer": layer, "weights_sha256": h.hexdigest()}
+        source = str(getattr(self.model.config, "_name_or_path", "") or "")
+        return {"model": self.name, "source": source, "config_hash": self.config_hash, "layer": layer,
+                "weights_sha256": h.hexdigest()}
 
 
 def read_identity(path: Path) -> Optional[dict]:
@@ -228,12 +230,14 @@ def check_identity(path: Path, expected: dict, explicit_name: bool) -> None:
         return
     keys = ("config_hash", "weights_sha256")
     if not isinstance(stored, dict) or any(stored.get(k) != expected[k] for k in keys):
-        owner = stored.get("model", "?") if isinstance(stored, dict) else "?"
+        stored = stored if isinstance(stored, dict) else {}
+        owner = stored.get("source") or stored.get("model", "?")
+        this = expected["source"] or expected["model"]
         raise StatsError(
-            f"statistics file {path} belongs to another model ({owner!r}, weights "
-            f"{str(stored.get('weights_sha256', '?') if isinstance(stored, dict) else '?')[:12]}), not to this one "
-            f"({expected['model']!r}, weights {expected['weights_sha256'][:12]}); pass another --model-name (or "
-            "--stats-dir) for this model's statistics, or delete the file to recompute it"
+            f"statistics file {path} belongs to another model ({owner}, weights "
+            f"{str(stored.get('weights_sha256', '?'))[:12]}), not to this one ({this}, weights "
+            f"{expected['weights_sha256'][:12]}); pass another --model-name (or --stats-dir) for this model's "
+            "statistics, or delete the file to recompute it"
         )
 
 

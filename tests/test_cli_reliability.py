@@ -101,7 +101,7 @@ def test_two_models_named_model_do_not_share_statistics(files, tmp_path, capsys)
 
     assert cli.main(files.stats_argv(second)) == 2  # not "cached": those are the first model's
     line = _one_line_error(capsys, "stats", "belongs to another model", "--model-name", str(files.stats / "model"))
-    assert str(first) in line or "'model'" in line
+    assert str(first) in line and str(second) in line  # which model the file belongs to, and this one
     out = tmp_path / "edited-b"
     assert cli.main(files.edit(second, out)) == 2  # with a corpus too: the first model's files are kept
     _one_line_error(capsys, "edit", "belongs to another model", "--model-name")
