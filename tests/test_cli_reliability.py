@@ -112,6 +112,21 @@ def test_two_models_named_model_do_not_share_statistics(files, tmp_path, capsys)
     assert set(_tree(files.stats)) - set(written) == {n.replace("model/", "model-b/", 1) for n in written}
 
 
+def test_reference_layout_files_need_an_explicit_model_name(files, tmp_path, capsys):
+    model_dir = _save_model(tmp_path / "model")
+    assert cli.main(files.stats_argv(model_dir)) == 0
+    for path in (files.stats / "model").rglob("*.npz"):  # as the reference code writes them: no identity
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files if k != "massedit.identity"}
+        np.savez(path, **arrays)
+    capsys.readouterr()
+    out = tmp_path / "edited"
+    assert cli.main(files.edit(model_dir, out, corpus=False)) == 2
+    _one_line_error(capsys, "edit", "no model fingerprint", "--model-name model")
+    assert not out.exists()
+    assert cli.main(files.edit(model_dir, out, "--model-name", "model", corpus=False)) == 0
+
+
 def test_stats_model_dot_and_dotdot_stay_inside_stats_dir(files, tmp_path, monkeypatch, capsys):
     model_dir = _save_model(tmp_path / "world" / "model")
     (model_dir / "sub").mkdir()
