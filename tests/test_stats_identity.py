@@ -167,3 +167,14 @@ def test_checkpoint_of_another_model_is_not_resumed(tmp_path):
         got = stats_mod.second_moments(model, layout, tok, DOCS, [1], progress=False, checkpoint=ckpt,
                                        model_digest="this-model")
     assert torch.equal(got[1][0], stats_mod.second_moments(model, layout, tok, DOCS, [1], progress=False)[1][0])
+
+
+def test_identity_of_an_offloaded_model_reads_the_offloaded_weights():
+    from accelerate import cpu_offload
+
+    model, _ = make_model("gpt2")
+    offloaded, _ = make_model("gpt2")
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.get_input_embeddings().weight.device.type == "meta"
+    expected = ModelIdentity(model, ModelLayout(model), "m").of_layer(3)
+    assert ModelIdentity(offloaded, ModelLayout(offloaded), "m").of_layer(3) == expected
