@@ -40,11 +40,11 @@ from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.delta import config_hash
 from massedit.hooks import capture_inputs, run_until
+from massedit.loading import model_name_for
 from massedit.tokens import pad, pad_id_of
 from massedit.kernels.covariance import accumulate_xtx, symmetrize
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 IDENTITY_KEY = "massedit.identity"
 _SAMPLED = 1 << 20  # entries of each weight tensor that enter its model's identity
@@ -58,8 +58,6 @@ class StatsError(ValueError):
 
 def model_name_of(model) -> str:
     """The statistics name of a loaded model, derived from config._name_or_path like the CLI's."""
-    from massedit.loading import model_name_for
-
     name = str(getattr(model.config, "_name_or_path", "") or "")
     return model_name_for(name) if name.strip("/.") else type(model).__name__
 
