@@ -23,6 +23,7 @@ from massedit.editor import METHODS, MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
 from massedit.requests import parse_records
+from massedit.writable import check_dir
 
 NAME = "demo"
 HELP = "build the knowledge world, edit N facts, evaluate before/after (the two-command quick start)"
@@ -82,6 +83,7 @@ def run(args) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
+    check_dir(args.out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))

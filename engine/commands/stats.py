@@ -17,6 +17,7 @@ from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.loading import load_model, model_name_for
 from massedit.stats import DTYPES, second_moments, stats_file, write_stats
+from massedit.writable import check_dir
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"
@@ -52,9 +53,10 @@ def run(args) -> int:
     layers = parse_layers(args.layers)
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
+    check_dir(args.stats_dir, "--stats-dir")
     model, tok = load_model(args.model, args.device, args.model_dtype)
     layout = ModelLayout(model)
-    layout.check_layers(layers)
+    layout.check_layers(layers, "--layers")
     name = args.model_name or model_name_for(args.model)
     paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.dtype, args.samples)
              for l in layers}
