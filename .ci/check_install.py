@@ -62,7 +62,8 @@ def main() -> None:
             ROOT)
         wheel = next((tmp / "dist").glob("*.whl"))
         run(*pip, "install", "--no-deps", wheel)
-        check((site / "massedit" / "kernels" / "covariance.py").is_file(), "install holds massedit/kernels/covariance.py")
+        check((site / "massedit" / "kernels" / "covariance.py").is_file(),
+              "install holds massedit/kernels/covariance.py")
         check(digests(site) == before, "installing massedit-engine left every kernels file byte-identical")
         run(py, "-c", get_kernel, cwd=ROOT)
         check(True, "from the repository root, `import kernels` finds Hugging Face's, with get_kernel")

@@ -73,14 +73,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-def _first_line(err: BaseException) -> str:
+def _first_line(err: object) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _one_line_warning(command: str):
+    """Warnings as one line each, like errors: no source file and line of the library."""
+
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"massedit {command}: warning: {_first_line(message) if isinstance(message, Warning) else message}",
-              file=sys.stderr)
+        print(f"massedit {command}: warning: {_first_line(message)}", file=sys.stderr)
 
     return show
 
@@ -109,7 +110,8 @@ def _safetensors_message(err: Exception, args) -> str:
             with safe_open(str(path), framework="pt"):
                 pass
         except (SafetensorError, OSError):
-            return f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(err)}); restore or re-create it"
+            return (f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(err)}); "
+                    "restore or re-create it")
     return f"a .safetensors file is truncated or corrupt ({_first_line(err)})"
 
 

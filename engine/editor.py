@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Iterable
@@ -34,6 +35,8 @@ METHODS = ("memit", "memit-serial", "rome")
 # A request whose final z loss is this many times the early-stop loss (and at least 1) was not
 # learned: its target's probability stayed far from 1, so the edit will likely not take.
 NOT_CONVERGED_FACTOR = 20.0
+# Tokens kept free beyond the longest context template when checking request lengths.
+TEMPLATE_SLACK = 4
 
 
 def not_converged_above(early_stop_loss: float) -> float:
@@ -151,7 +154,8 @@ class MassEditor:
             reserve = max(len(self.tok(t.replace("{}", ""))["input_ids"]) for group in self._templates for t in group)
         else:
             reserve = max(length for length, _ in self.hp.context_template_plan())
-        return self.layout.context_length - reserve
+        # A composed text can tokenize a little longer than its parts, and generated templates end in ". ".
+        return self.layout.context_length - reserve - TEMPLATE_SLACK
 
     def edit(self, requests, method: str = "memit", batch_size: Optional[int] = None, apply: bool = True) -> EditResult:
         """Edit `requests` (EditRequest objects or dicts) into the model.
@@ -166,7 +170,8 @@ class MassEditor:
     def _edit(self, requests, method: str, batch_size: Optional[int], apply: bool) -> EditResult:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer (requests per z-optimization chunk) or None "
                              f"for the default, got {batch_size!r}")
         rome = method == "rome"
