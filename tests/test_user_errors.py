@@ -283,6 +283,24 @@ def test_api_over_long_request_is_refused_before_statistics(editor_parts, tmp_pa
     assert not (tmp_path / "stats").exists()
 
 
+def test_longest_accepted_request_runs(editor_parts, tmp_path):
+    """The length limit is not too loose: the longest request it lets through goes through the z phase."""
+    editor = _editor(editor_parts, tmp_path)
+
+    def request(k):
+        return {"subject": "Michael Jordan", "prompt": "the city " * k + "and {}", "target_new": "golf tennis"}
+
+    accepted = []
+    for k in range(1, 100):
+        try:
+            accepted = editor.validate([request(k)])
+        except RequestError:
+            break
+    assert accepted and k < 99
+    with pytest.warns(UserWarning, match="did not converge"):
+        assert editor.edit(accepted, apply=False).n_edits == 1
+
+
 def test_not_converged_requests_are_reported(editor_parts, tmp_path):
     """Two steps cannot teach a random model anything: every request ends far above the early stop."""
     with pytest.warns(UserWarning, match="2 of 2 request.s. did not converge"):
