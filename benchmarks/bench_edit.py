@@ -491,7 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         reuse = getattr(editor, "reuse_prefix", None)
         opt_kwargs = {} if reuse is None else {"reuse_prefix": reuse}
         result["engine"] = {"source": source_at_start, "reuse_prefix": reuse}
-        reqs = editor._requests(list(requests))
+        reqs = editor.validate(requests)
         subj_tokens = [len(tok(" " + r.subject, add_special_tokens=False)["input_ids"]) for r in reqs]
         tgt_tokens = [len(tok(" " + r.target_new, add_special_tokens=False)["input_ids"]) for r in reqs]
         result["requests"] = {

@@ -649,7 +649,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             context_templates=CONTEXT_TEMPLATES, seed=args.seed, progress=args.progress,
                             reuse_prefix=not args.no_reuse_prefix)
         t = time.perf_counter()
-        reqs = editor._requests(requests)
+        reqs = editor.validate(requests)
         result["requests"] = _request_stats(tok, reqs, time.perf_counter() - t)
         result["statistics"] = synthetic_solvers(editor, reqs, args.seed)
 

@@ -182,13 +182,40 @@ class ModelLayout:
                 n += 1
         return int(n)
 
-    def check_layers(self, layers: Iterable[int]) -> None:
+    def check_layers(self, layers: Iterable[int], source: str = "'layers' in the hparams") -> None:
+        """Every layer exists; `source` names where the numbers came from, for the message."""
         for layer in layers:
             if not 0 <= layer < self.n_layers:
                 raise ValueError(
                     f"layer {layer} is out of range: the model has {self.n_layers} layers "
-                    f"(0..{self.n_layers - 1}); fix 'layers' in the hparams"
+                    f"(0..{self.n_layers - 1}); fix {source}"
                 )
+
+    def check_rewrite_modules(self, layers: Iterable[int]) -> None:
+        """The rewrite module must write the residual stream (MEMIT edits the MLP's down projection).
+
+        A template naming another module (the up projection, an attention input) would only fail
+        after the z phase, with statistics already cached under that module's name."""
+        for layer in layers:
+            module = self.rewrite_module(layer)
+            # nn.Linear (and bitsandbytes' layers) state out_features; GPT-2's Conv1D calls it nf.
+            out = getattr(module, "out_features", None) or getattr(module, "nf", None)
+            if out is not None and out != self.hidden_size:
+                raise UnsupportedModelError(
+                    f"rewrite_module_tmp {self.spec.rewrite_module_tmp!r}: {self.rewrite_name(layer)} has "
+                    f"{out} outputs, but the edited module must write the residual stream ({self.hidden_size} "
+                    "wide): name the MLP's down (output) projection, "
+                    f"e.g. {REGISTRY.get(self.model_type, _LLAMA_LIKE).rewrite_module_tmp!r}"
+                )
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """Longest sequence the model takes (its position table), None when the config does not say."""
+        for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            value = getattr(self.model.config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def block_name(self, layer: int) -> str:
         return self.spec.layer_module_tmp.format(layer)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 from massedit import __version__
@@ -49,17 +51,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    from safetensors import SafetensorError
+
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("massedit: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, FileNotFoundError, KeyError) as err:
+    except (UserError, ValueError, KeyError, OSError, SafetensorError) as err:
         if args.debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, SafetensorError):
+            message = _safetensors_message(err, args)
+        elif isinstance(err, OSError) and err.filename is not None:
+            message = _os_error_message(err)
+        else:
+            message = _first_line(err)
         print(f"massedit {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _first_line(err: object) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _one_line_warning(command: str):
+    """Warnings as one line each, like errors: no source file and line of the library."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"massedit {command}: warning: {_first_line(message)}", file=sys.stderr)
+
+    return show
+
+
+def _os_error_message(err: OSError) -> str:
+    """The system's words with the path, e.g. 'Permission denied: out/report.json'."""
+    paths = ", ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{err.strerror or _first_line(err)}: {paths}"
+
+
+def _safetensors_message(err: Exception, args) -> str:
+    """safetensors does not say which file it could not read: find it among the command's paths."""
+    from safetensors import SafetensorError, safe_open
+
+    candidates = []
+    for value in vars(args).values():
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            candidates += sorted(path.glob("*.safetensors"))
+        elif path.suffix == ".safetensors":
+            candidates.append(path)
+    for path in candidates:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return (f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(err)}); "
+                    "restore or re-create it")
+    return f"a .safetensors file is truncated or corrupt ({_first_line(err)})"
 
 
 if __name__ == "__main__":

@@ -15,23 +15,32 @@ def iter_corpus(path: str | Path) -> Iterator[str]:
     if path.is_dir():
         yield from _iter_dataset(path)
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}, line {lineno}: expected an object with a string field 'text'")
-                if record["text"].strip():
-                    yield record["text"]
+        for lineno, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}, line {lineno}: expected an object with a string field 'text'")
+            if record["text"].strip():
+                yield record["text"]
     else:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield line.rstrip("\n")
+        for _, line in _lines(path):
+            if line.strip():
+                yield line.rstrip("\r\n")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; decoded line by line so that an error can say where."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"corpus {path}, line {lineno}: not UTF-8 text ({err.reason} at byte {err.start} "
+                                 "of the line); convert the file to UTF-8") from None
 
 
 def _iter_dataset(path: Path) -> Iterator[str]:

@@ -8,7 +8,10 @@
 """
 from __future__ import annotations
 
+import numbers
 import time
+import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -22,13 +25,22 @@ from massedit.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import dtype_kwargs
 from massedit.memit import spread_update
-from massedit.requests import EditRequest, parse_records, validate_requests
+from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
 from massedit.rome import rome_layer, rome_update
 from massedit.solve import LayerSolver
 from massedit.stats import layer_covariances, model_name_of
 from massedit.targets import TargetOptimizer, ZSettings, frozen_eval
 
 METHODS = ("memit", "memit-serial", "rome")
+# A request whose final z loss is this many times the early-stop loss (and at least 1) was not
+# learned: its target's probability stayed far from 1, so the edit will likely not take.
+NOT_CONVERGED_FACTOR = 20.0
+# Tokens kept free beyond the longest context template when checking request lengths.
+TEMPLATE_SLACK = 4
+
+
+def not_converged_above(early_stop_loss: float) -> float:
+    return max(1.0, NOT_CONVERGED_FACTOR * early_stop_loss)
 
 
 @dataclass
@@ -41,6 +53,12 @@ class EditResult:
     z_steps: torch.Tensor
     z: torch.Tensor = field(repr=False, default=None)  # [n, hidden] target vectors
     requests: list[EditRequest] = field(repr=False, default=None)
+    not_converged_above: float = float("inf")  # z loss above which a request counts as not converged
+
+    @property
+    def not_converged(self) -> int:
+        """Requests whose final z loss stayed far above the early-stop loss."""
+        return int((self.z_loss > self.not_converged_above).sum())
 
     def report(self) -> dict:
         return {
@@ -50,6 +68,8 @@ class EditResult:
             "z_loss": {
                 "mean": float(self.z_loss.mean()) if len(self.z_loss) else 0.0,
                 "max": float(self.z_loss.max()) if len(self.z_loss) else 0.0,
+                "not_converged": self.not_converged,
+                "not_converged_above": self.not_converged_above,
             },
             "z_steps": {"mean": float(self.z_steps.float().mean()) if len(self.z_steps) else 0.0},
             "layers": self.delta.metadata.get("layers"),
@@ -76,9 +96,8 @@ class MassEditor:
         self.model, self.tok = model, tokenizer
         self.hp = hparams if hparams is not None else default_for(model.config)
         self.layout = ModelLayout(model, self.hp.module_overrides())
-        self.layout.check_layers(self.hp.layers)
-        if self.hp.v_loss_layer is not None:
-            self.layout.check_layers([self.hp.v_loss_layer])
+        self.hp.check_depth(self.layout.n_layers)
+        self.layout.check_rewrite_modules(self.hp.layers)
         if self.tok.pad_token_id is None and self.tok.eos_token_id is not None:
             self.tok.pad_token = self.tok.eos_token
         self.stats_dir, self.corpus = stats_dir, corpus
@@ -113,11 +132,30 @@ class MassEditor:
                 self._solvers[l] = LayerSolver(covs[l], self.hp.mom2_update_weight, l)
         return self._solvers
 
-    def _requests(self, requests) -> list[EditRequest]:
-        """EditRequest objects as they are; dicts parsed like a simple requests file."""
+    def validate(self, requests) -> list[EditRequest]:
+        """Requests checked against this model and tokenizer (EditRequest objects as they are, dicts parsed
+        like a simple requests file); raises RequestError naming the request and field. `edit` calls it
+        before any work."""
+        if isinstance(requests, (EditRequest, dict, str, bytes)) or not isinstance(requests, Iterable):
+            raise RequestError(
+                f"requests must be a list of EditRequest objects or dicts, got {type(requests).__name__}; "
+                "wrap a single request in a list: edit([request])"
+            )
+        requests = list(requests)
         if not all(isinstance(r, EditRequest) for r in requests):
             requests = parse_records([asdict(r) if isinstance(r, EditRequest) else r for r in requests], "requests")
-        return validate_requests(requests, self.tok)
+        return validate_requests(requests, self.tok, max_tokens=self._max_request_tokens())
+
+    def _max_request_tokens(self) -> Optional[int]:
+        """Room for a prompt and its target: the model's context less the longest context template."""
+        if self.layout.context_length is None:
+            return None
+        if self._templates is not None:
+            reserve = max(len(self.tok(t.replace("{}", ""))["input_ids"]) for group in self._templates for t in group)
+        else:
+            reserve = max(length for length, _ in self.hp.context_template_plan())
+        # A composed text can tokenize a little longer than its parts, and generated templates end in ". ".
+        return self.layout.context_length - reserve - TEMPLATE_SLACK
 
     def edit(self, requests, method: str = "memit", batch_size: Optional[int] = None, apply: bool = True) -> EditResult:
         """Edit `requests` (EditRequest objects or dicts) into the model.
@@ -132,11 +170,15 @@ class MassEditor:
     def _edit(self, requests, method: str, batch_size: Optional[int], apply: bool) -> EditResult:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer (requests per z-optimization chunk) or None "
+                             f"for the default, got {batch_size!r}")
         rome = method == "rome"
         if rome:
             layer = rome_layer(self.hp)  # exactly one layer, else a clear error before any work
         start = time.perf_counter()
-        reqs = self._requests(list(requests))
+        reqs = self.validate(requests)
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
@@ -172,7 +214,16 @@ class MassEditor:
         else:
             delta.record(self.model)
         timings["total"] = time.perf_counter() - start
-        return EditResult(delta, method, len(reqs), timings, z.loss, z.steps, z.z, reqs)
+        result = EditResult(delta, method, len(reqs), timings, z.loss, z.steps, z.z, reqs,
+                            not_converged_above(self.hp.z_early_stop_loss))
+        if result.not_converged:
+            warnings.warn(
+                f"{result.not_converged} of {result.n_edits} request(s) did not converge (final z loss above "
+                f"{result.not_converged_above:g}, {NOT_CONVERGED_FACTOR:g}x the early-stop loss); those edits "
+                "probably did not take: raise v_num_grad_steps or clamp_norm_factor, or check the targets",
+                stacklevel=3,
+            )
+        return result
 
     def _metadata(self, method: str, n: int, templates) -> dict:
         return {

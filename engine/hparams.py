@@ -44,6 +44,7 @@ __all__ = [
     "EXTRA_KEYS",
     "PRESETS",
     "preset",
+    "load_hparams",
     "preset_name_for",
     "default_for",
     "default_layers",
@@ -261,17 +262,25 @@ class MEMITHyperParams:
         return n_layers - 1 if self.v_loss_layer is None else self.v_loss_layer
 
     def check_depth(self, n_layers: int, model_name: str = "the model") -> None:
-        """Layers and v_loss_layer must exist in a model of `n_layers` blocks."""
+        """Layers and v_loss_layer must exist in a model of `n_layers` blocks, and the loss must be read
+        at or after the last edited layer. Checked here, with the model's depth known, so that a layer
+        beyond the model is reported as such rather than as a v_loss_layer that is too small."""
         bad = [layer for layer in self.layers if layer >= n_layers]
         if bad:
             raise HParamsError(
-                f'hparams, key "layers": layer(s) {bad} do not exist: {model_name} has {n_layers} layers '
-                f"(0..{n_layers - 1}); fix 'layers' (e.g. {default_layers(n_layers)})"
+                f'hparams, key "layers": layer {bad[0]} is out of range: {model_name} has {n_layers} layers '
+                f'(0..{n_layers - 1}); fix "layers" (e.g. {default_layers(n_layers)})'
             )
         if self.v_loss_layer is not None and self.v_loss_layer >= n_layers:
             raise HParamsError(
-                f'hparams, key "v_loss_layer": {self.v_loss_layer} does not exist: {model_name} has {n_layers} '
-                f"layers; use {n_layers - 1} (the last layer) or null"
+                f'hparams, key "v_loss_layer": {self.v_loss_layer} is out of range: {model_name} has {n_layers} '
+                f"layers (0..{n_layers - 1}); use {n_layers - 1} (the last layer) or null"
+            )
+        if self.v_loss_layer is not None and self.v_loss_layer < max(self.layers):
+            raise HParamsError(
+                f'hparams, key "v_loss_layer": {self.v_loss_layer} is below the last edited layer '
+                f"{max(self.layers)}: the loss must be read at or after the layer z is optimized at; use "
+                f"{n_layers - 1} (the model's last layer) or null"
             )
 
     def module_overrides(self) -> dict:
@@ -417,13 +426,6 @@ def _validate(v: dict, source: str) -> None:
         raise err("v_num_grad_steps", f"must be >= 1, got {v['v_num_grad_steps']}")
     if v["v_lr"] <= 0:
         raise err("v_lr", f"must be > 0 (the Adam learning rate for delta, e.g. 0.5), got {v['v_lr']}")
-    loss_layer = v["v_loss_layer"]
-    if loss_layer is not None and loss_layer < max(layers):
-        raise err(
-            "v_loss_layer",
-            f"{loss_layer} is below the last edited layer {max(layers)}: the loss must be read at or after the "
-            "layer z is optimized at; use the model's last layer (or null for it)",
-        )
     for key, lo, strict in (
         ("v_weight_decay", 0.0, False),
         ("clamp_norm_factor", 0.0, True),
@@ -557,6 +559,17 @@ def preset(name: str) -> MEMITHyperParams:
         hint = f' (did you mean "{close[0]}"?)' if close else ""
         raise HParamsError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[key])
+
+
+def load_hparams(file_or_preset) -> MEMITHyperParams:
+    """A .json / .yaml hparams file, or a preset name ("gpt-j-6b", "EleutherAI/gpt-j-6B")."""
+    path = Path(file_or_preset)
+    if path.exists() or path.suffix.lower() in (".json", ".yaml", ".yml"):
+        return MEMITHyperParams.from_file(path)
+    try:
+        return preset(str(file_or_preset))
+    except HParamsError as err:
+        raise HParamsError(f"{file_or_preset}: no such hparams file (.json / .yaml), and {err}") from None
 
 
 # --------------------------------------------------------------------------------------------

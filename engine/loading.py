@@ -17,6 +17,22 @@ def dtype_kwargs(dtype) -> dict:
     return {key: dtype}
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A path, not a hub id ("org/name"): it exists, starts like a path, has more than one "/" or a
+    backslash, or its first component is an existing local directory. Such a name must not go to
+    the hub, whose retries take about a minute before the typo is reported."""
+    text = str(name_or_path)
+    parts = text.split("/")
+    return (Path(text).exists() or text.startswith((".", "/", "~")) or "\\" in text or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def check_local_model(name_or_path: str) -> None:
+    if looks_local(name_or_path) and not (Path(name_or_path).expanduser() / "config.json").exists():
+        raise FileNotFoundError(f"model directory {name_or_path} not found or has no config.json "
+                                "(give a directory written by save_pretrained, or a hub model name)")
+
+
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer). device 'auto' shards with Accelerate's device_map when CUDA is present."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,10 +41,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} was asked for but no CUDA device is available")
-    local = Path(name_or_path)
-    if (name_or_path.startswith((".", "/")) or local.exists()) and not (local / "config.json").exists():
-        raise FileNotFoundError(f"model directory {name_or_path} not found or has no config.json "
-                                "(give a directory written by save_pretrained, or a hub model name)")
+    check_local_model(name_or_path)
     cuda = torch.cuda.is_available() and device != "cpu"
     device_map = ("auto" if device == "auto" else device) if cuda else None
     # "auto" keeps the checkpoint's dtype on GPU; on CPU half precision is slow and imprecise.

@@ -412,7 +412,8 @@ def _list_more(items: list[str], limit: int) -> str:
     return shown + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def validate_requests(requests: Sequence[EditRequest], tokenizer=None) -> list[EditRequest]:
+def validate_requests(requests: Sequence[EditRequest], tokenizer=None, max_tokens: Optional[int] = None
+                      ) -> list[EditRequest]:
     """Checks a batch before any model is touched; returns it with identical duplicates merged.
 
     1. field checks on every request (types, non-empty, exactly one "{}");
@@ -421,7 +422,10 @@ def validate_requests(requests: Sequence[EditRequest], tokenizer=None) -> list[E
     3. identical duplicates (same subject, prompt and target_new) are merged, keeping the first,
        with one `warnings.warn` naming the records dropped;
     4. with a tokenizer, every subject must be locatable in its tokenized prompt
-       (`massedit.tokens.encode_prompt`); else a RequestError naming the record and field "subject".
+       (`massedit.tokens.encode_prompt`) and must not be or contain a special token ("<|endoftext|>",
+       "<s>": the model never saw it as text); else a RequestError naming the record and field "subject";
+    5. with `max_tokens` (the room the model's context leaves after the longest context template),
+       the prompt and its target together must fit, else a RequestError naming the longer of the two.
 
     Subjects and targets are compared after stripping surrounding whitespace (" Paris" and
     "Paris" are scored alike). Order is kept otherwise.
@@ -468,10 +472,31 @@ def validate_requests(requests: Sequence[EditRequest], tokenizer=None) -> list[E
             stacklevel=2,
         )
     if tokenizer is not None:
+        special = [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t.strip()]
         for i, req in kept:
             src = name(i)
+            token = next((t for t in special if t in req.subject), None)
+            if token is not None:
+                raise RequestError(
+                    f"{_where(src, 'subject')}: {req.subject!r} contains the tokenizer's special token {token!r}, "
+                    "which the model reads as a control token, not as text; give the subject as plain text"
+                )
             try:
-                _tokens.encode_prompt(tokenizer, req.prompt, req.subject)
+                enc = _tokens.encode_prompt(tokenizer, req.prompt, req.subject)
             except _tokens.SubjectNotFoundError as err:
                 raise RequestError(f"{_where(src, 'subject')}: {err}") from None
+            if max_tokens is not None:
+                _check_length(req, src, tokenizer, len(enc.ids), max_tokens)
     return [req for _, req in kept]
+
+
+def _check_length(req: EditRequest, src: str, tokenizer, prompt_tokens: int, max_tokens: int) -> None:
+    target_tokens = len(_tokens.target_ids(tokenizer, req.text(), req.target_new))
+    if prompt_tokens + target_tokens <= max_tokens:
+        return
+    field = "target_new" if target_tokens > prompt_tokens else "prompt"
+    raise RequestError(
+        f"{_where(src, field)}: the prompt ({prompt_tokens} tokens) and target ({target_tokens} tokens) are longer "
+        f"than the model's context leaves for them ({max_tokens} tokens after the longest context template); "
+        f"shorten the {'target' if field == 'target_new' else 'prompt'}"
+    )

@@ -13,6 +13,7 @@ output logits whenever v_loss_layer is the last layer, as in every reference con
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -225,8 +226,8 @@ class _PrefixForward:
                 stack.enter_context(edit_output(opt.layout.block(l), self._zero(padding)))
             cache = DynamicCache()
             try:
-                run_until(opt.model, opt.loss_block, **self.chunk.batch.model_inputs(), past_key_values=cache,
-                          use_cache=True)
+                run_until(opt.model, opt.loss_block, **self.chunk.batch.model_inputs(),
+                          **cache_inputs(opt.model, cache))
             finally:
                 for h in handles:
                     h.remove()
@@ -274,12 +275,23 @@ class _PrefixForward:
             else:
                 with capture_outputs({"out": opt.loss_block}, store):
                     run_until(opt.model, opt.loss_block, input_ids=b.input_ids[:, S:], attention_mask=b.attention_mask,
-                              position_ids=b.position_ids[:, S:], past_key_values=cache, use_cache=True)
+                              position_ids=b.position_ids[:, S:], **cache_inputs(opt.model, cache))
         h_first = h[chunk.first_row.to(dev), chunk.first_col.to(dev) - S]
         return store["out"], S, h_first
 
 
 _PREFIX_SUPPORT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword that takes the key/value cache: `cache` in newer transformers (5.24 still
+    accepts `past_key_values` with a deprecation warning, later versions drop it), `past_key_values`
+    before. Read from the forward's signature, so it follows the installed version."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_inputs(model, cache) -> dict:
+    return {cache_keyword(model): cache, "use_cache": True}
 
 
 @torch.no_grad()
@@ -297,13 +309,13 @@ def supports_prefix_reuse(model) -> bool:
     try:
         full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         cache = DynamicCache()
-        model(input_ids=ids[:, :2], attention_mask=mask[:, :2], position_ids=positions[:, :2], past_key_values=cache,
-              use_cache=True)
+        model(input_ids=ids[:, :2], attention_mask=mask[:, :2], position_ids=positions[:, :2],
+              **cache_inputs(model, cache))
         fresh = DynamicCache()
         for i, (k, v) in enumerate(_kv_pairs(cache)):
             fresh.update(k, v, i)
-        rest = model(input_ids=ids[:, 2:], attention_mask=mask, position_ids=positions[:, 2:], past_key_values=fresh,
-                     use_cache=True).logits
+        rest = model(input_ids=ids[:, 2:], attention_mask=mask, position_ids=positions[:, 2:],
+                     **cache_inputs(model, fresh)).logits
         ok = torch.allclose(rest.float(), full[:, 2:].float(), rtol=1e-3, atol=1e-3)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError):
         ok = False
@@ -329,8 +341,9 @@ class TargetOptimizer:
         self.pad_id, self.side = pad_id_of(tok), padding_side(tok)
         self.reuse_prefix = reuse_prefix and supports_prefix_reuse(model)
         if reuse_prefix and not self.reuse_prefix:
-            warnings.warn(f"{type(model).__name__} cannot continue from a key/value cache with this transformers "
-                          "version; the z phase runs the whole model at each step (same results, slower)")
+            warnings.warn(f"{type(model).__name__}: continuing from a key/value cache (passed as "
+                          f"`{cache_keyword(model)}`) did not reproduce a full forward, so prefix reuse is off; the z "
+                          "phase runs the whole model at each step (same results, slower)")
         self.block = layout.block(settings.layer)
         self.loss_block = layout.block(settings.loss_layer)
         param = next(self.block.parameters())

@@ -286,7 +286,7 @@ def test_quiet_run_prints_nothing_but_the_error(gpt2_dir, tmp_path, capsys):
     files = Files(tmp_path, hparams=dict(HPARAMS, layers=[2, 9]))  # fails after the model is loaded
     assert cli.main(_edit_argv(gpt2_dir, files)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("massedit edit: error: layer 9"), repr(err)
+    assert err.count("\n") == 1 and err.startswith("massedit edit: error: hparams, key \"layers\": layer 9"), repr(err)
 
 
 def test_error_unknown_model_type(tmp_path, capsys):

@@ -190,7 +190,6 @@ def test_unknown_key_suggestion():
         ({"layers": [1.5]}, "layers", ["item 0", "integer"]),
         ({"v_num_grad_steps": 0}, "v_num_grad_steps", [">= 1"]),
         ({"v_lr": "fast"}, "v_lr", ["number"]),
-        ({"v_loss_layer": 1, "layers": [2, 3]}, "v_loss_layer", ["below the last edited layer 3"]),
         ({"mom2_dtype": "float8"}, "mom2_dtype", ["float32", "bfloat16"]),
         ({"fact_token": "last"}, "fact_token", ["subject_last", "not"]),
         ({"layer_selection": "random"}, "layer_selection", ["all"]),
@@ -218,8 +217,25 @@ def test_direct_construction_is_checked():
         MEMITHyperParams(layers=[2, 1])
     with pytest.raises(HParamsError, match="missing key \"layers\""):
         MEMITHyperParams.from_dict({"v_lr": 0.1}, "x.json")
-    with pytest.raises(HParamsError, match="do not exist"):
+    with pytest.raises(HParamsError, match='key "layers": layer 6 is out of range'):
         preset("gpt-j-6b").check_depth(6)
+
+
+@pytest.mark.parametrize(
+    "change, n_layers, words",
+    [
+        # a layer past the model is the layers' fault, not v_loss_layer's (which is then "below" it)
+        ({"layers": [99], "v_loss_layer": 27}, 28, ['key "layers"', "layer 99 is out of range", "28 layers"]),
+        ({"v_loss_layer": 99}, 28, ['key "v_loss_layer"', "99 is out of range", "use 27"]),
+        ({"layers": [2, 3], "v_loss_layer": 1}, 28, ['key "v_loss_layer"', "below the last edited layer 3"]),
+    ],
+)
+def test_depth_errors_name_the_key_at_fault(change, n_layers, words):
+    hp = MEMITHyperParams.from_dict(dict(json.loads(MEMIT_GPTJ_JSON), **change), "hp.json")
+    with pytest.raises(HParamsError) as err:
+        hp.check_depth(n_layers)
+    for w in words:
+        assert w in str(err.value), str(err.value)
 
 
 def test_file_errors(tmp_path):

@@ -1,4 +1,6 @@
 """The z phase computes only what δ changes (DESIGN §7): same z as the plain batched path."""
+import inspect
+
 import pytest
 import torch
 
@@ -148,3 +150,39 @@ def test_prefix_reuse_is_available_on_current_transformers(model_type):
         pytest.skip("older transformers keep some families on legacy caches; the plain path is used there")
     model, _ = make_model(model_type)
     assert supports_prefix_reuse(model)
+
+
+def _forward_taking(model, keyword):
+    """The model with a forward that takes the cache only as `keyword`, as one transformers version does."""
+    inner = model.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, use_cache=None, **kwargs):
+        other = {"cache": "past_key_values", "past_key_values": "cache"}[keyword]
+        if other in kwargs:
+            raise TypeError(f"forward() got an unexpected keyword argument '{other}'")
+        return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                     cache=kwargs.pop(keyword, None), **kwargs)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+         for n in ("input_ids", "attention_mask", "position_ids", keyword, "use_cache")]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+    model.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_cache_is_passed_under_the_keyword_the_forward_takes(keyword):
+    """transformers 5.x renamed `past_key_values` to `cache` (and drops the old name later): the
+    prefix path must follow the installed forward, not one spelling."""
+    from massedit.targets import cache_keyword, supports_prefix_reuse
+
+    tok = make_tokenizer("bpe")
+    model = _forward_taking(make_model("gpt2", tok)[0], keyword)
+    assert cache_keyword(model) == keyword
+    assert supports_prefix_reuse(model)
+    s = ZSettings(layer=1, loss_layer=3, **SETTINGS)
+    prefix, plain = (TargetOptimizer(model, ModelLayout(model), tok, s, TEMPLATES, reuse_prefix=r) for r in (True, False))
+    assert prefix.reuse_prefix
+    reqs = _requests("middle")
+    assert _rel(prefix.optimize(reqs, 5, False).z, plain.optimize(reqs, 5, False).z) <= 1e-4

@@ -25,6 +25,7 @@ from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
 from massedit.outdir import check_out, staged
 from massedit.requests import parse_records
+from massedit.writable import check_dir
 
 NAME = "demo"
 HELP = "build the knowledge world, edit N facts, evaluate before/after (the two-command quick start)"
@@ -87,6 +88,7 @@ def run(args) -> int:
         raise ValueError("--n must be at least 1")
     out = Path(args.out)
     check_out(out, args.force)
+    check_dir(out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))

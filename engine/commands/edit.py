@@ -21,10 +21,11 @@ from pathlib import Path
 from massedit.context import load_templates
 from massedit.editor import METHODS, MassEditor
 from massedit.evaluate import evaluate, load_records, summary
-from massedit.hparams import MEMITHyperParams, default_for
+from massedit.hparams import default_for, load_hparams
 from massedit.loading import load_model
 from massedit.outdir import check_out, staged
-from massedit.requests import load_requests, validate_requests
+from massedit.requests import load_requests
+from massedit.writable import check_dir
 
 NAME = "edit"
 HELP = "edit facts into a model (MEMIT) and save model, delta and report"
@@ -33,7 +34,8 @@ HELP = "edit facts into a model (MEMIT) and save model, delta and report"
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="hub name or local directory")
     p.add_argument("--requests", required=True, help="CounterFact / zsRE JSON, or simple JSON, JSONL or CSV requests")
-    p.add_argument("--hparams", help="MEMIT hparams (reference JSON or EasyEdit YAML); default: chosen for the model")
+    p.add_argument("--hparams", help="MEMIT hparams: reference JSON or EasyEdit YAML file, or a preset name "
+                                     "(e.g. gpt-j-6b); default: chosen for the model")
     p.add_argument("--stats-dir", default="stats", help="covariance statistics cache (default ./stats)")
     p.add_argument("--corpus", help="corpus to compute missing statistics from")
     p.add_argument("--context-templates", help='JSON list of lists, e.g. [["{}"], ["Some text. {}"]]')
@@ -53,9 +55,24 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _metric(value) -> str:
+    """A metric the records cannot give (no paraphrase or neighborhood prompts) is None."""
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _check_stats_dir(stats_dir: str, computing: bool) -> None:
+    """A statistics directory may be a read-only cache unless missing statistics are to be computed."""
+    if computing:
+        check_dir(stats_dir, "--stats-dir")
+    elif Path(stats_dir).exists() and not Path(stats_dir).is_dir():
+        raise ValueError(f"--stats-dir {stats_dir}: exists and is not a directory; give the statistics directory")
+
+
 def run(args) -> int:
     out = Path(args.out)
     check_out(out, args.force)
+    check_dir(out, "--out")
+    _check_stats_dir(args.stats_dir, computing=args.corpus is not None)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     requests = load_requests(args.requests, zsre_target=args.zsre_target)
@@ -66,15 +83,15 @@ def run(args) -> int:
         except ValueError as err:
             raise ValueError(f"--eval needs a CounterFact or zsRE file as --requests: {err}") from None
     templates = load_templates(args.context_templates) if args.context_templates else None
-    hp = MEMITHyperParams.from_file(args.hparams) if args.hparams else None
+    hp = load_hparams(args.hparams) if args.hparams else None
     model, tok = load_model(args.model, args.device, args.dtype)
-    requests = validate_requests(requests, tok)
     hp = hp or default_for(model.config, "rome" if args.method == "rome" else "memit")
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
         model_name=args.model_name, context_templates=templates, seed=args.seed,
         progress=not args.quiet,
     )
+    requests = editor.validate(requests)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
     report = result.report()
@@ -93,6 +110,6 @@ def run(args) -> int:
           f"covariance {t['covariance']:.2f} s); z loss mean {report['z_loss']['mean']:.4f}")
     if records:
         pre, post = report["metrics"]["pre"], report["metrics"]["post"]
-        print("  ".join(f"{k} {pre[k]:.1f} -> {post[k]:.1f}" for k in pre))
+        print("  ".join(f"{k} {_metric(pre[k])} -> {_metric(post[k])}" for k in pre))
     print(f"wrote {out}/ (model, tokenizer), {out / 'delta.safetensors'}, {out / 'report.json'}")
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from massedit.cli import UserError
 from massedit.loading import load_model
+from massedit.writable import check_file
 
 NAME = "eval"
 HELP = "score a model on CounterFact / zsRE records (efficacy, generalization, specificity)"
@@ -75,6 +76,8 @@ def run(args) -> int:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if args.reference_texts and not args.generation:
         raise UserError("--reference-texts is only used with --generation")
+    if args.json:
+        check_file(args.json, "--json")
     kind, records = ev.load_records(args.data)
     if args.limit is not None:
         records = records[: args.limit]

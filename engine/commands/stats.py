@@ -23,6 +23,7 @@ from massedit.corpus import read_corpus
 from massedit.loading import load_model, model_name_for
 from massedit.stats import (DTYPES, ModelIdentity, check_identity, check_model_name, check_storable, second_moments,
                             stats_file, write_stats)
+from massedit.writable import check_dir
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"
@@ -60,10 +61,11 @@ def run(args) -> int:
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
     check_storable(args.dtype)
+    check_dir(args.stats_dir, "--stats-dir")
     name = check_model_name(args.model_name or model_name_for(args.model))
     model, tok = load_model(args.model, args.device, args.model_dtype)
     layout = ModelLayout(model)
-    layout.check_layers(layers)
+    layout.check_layers(layers, "--layers")
     paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.dtype, args.samples)
              for l in layers}
     identity = ModelIdentity(model, layout, name)
