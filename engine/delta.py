@@ -37,6 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from massedit import quantized
+
 FORMAT_VERSION = 1
 HEADER_KEY = "massedit.delta"
 
@@ -47,7 +49,7 @@ _CHUNK_BYTES = 64 << 20
 # load dtype); underscore-prefixed keys are transformers' private bookkeeping.
 _VOLATILE_CONFIG_KEYS = frozenset({
     "transformers_version", "torch_dtype", "dtype", "architectures",
-    "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "quantization_config",
 })
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -248,13 +250,16 @@ class EditDelta:
                     f"({self.metadata.get('model_name', 'unnamed model')}), this model's is {actual}; "
                     "pass force=True to apply it anyway"
                 )
-        params = self._params(model)
         for wd in self.weights:
             for factor in (wd.u, wd.v):
                 if not factor.is_floating_point() or not torch.isfinite(factor).all():
                     raise DeltaError(f"{wd.name}: the delta's factors contain NaN/inf (or are not floats)")
+        names = [wd.name for wd in self.weights]
+        # Quantized (bitsandbytes) modules take an edit through dense stand-ins (massedit.quantized).
+        quantized.make_editable(model, names)
         done: list[tuple[WeightDelta, nn.Parameter, _Applied]] = []
         try:
+            params = self._params(model)
             for wd, p in zip(self.weights, params):
                 w = p.detach()
                 before = _sha256(w)
@@ -265,6 +270,7 @@ class EditDelta:
         except BaseException:
             for wd, p, record in reversed(done):
                 _write(p, _restored(p.detach(), wd, record.fix_index, record.fix_value))
+            quantized.restore_unchanged(model, names)
             raise
         self._applied = [record for _, _, record in done]
 
@@ -281,6 +287,7 @@ class EditDelta:
             for wd, p in zip(self.weights, params):
                 _write(p, _restored(p.detach(), wd))
             self._applied = None
+            quantized.restore_unchanged(model, [wd.name for wd in self.weights])
             return
         for wd, p, record in zip(self.weights, params, self._applied):
             if p.dtype != record.dtype:
@@ -308,6 +315,7 @@ class EditDelta:
         for p, old in zip(params, originals):
             _write(p, old)
         self._applied = None
+        quantized.restore_unchanged(model, [wd.name for wd in self.weights])
 
     def save(self, path) -> None:
         """Write the delta (and its apply record, if applied) to one safetensors file."""

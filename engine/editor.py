@@ -22,6 +22,7 @@ from massedit.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import dtype_kwargs
 from massedit.memit import spread_update
+from massedit.quantized import check_model
 from massedit.requests import EditRequest, parse_records, validate_requests
 from massedit.rome import rome_layer, rome_update
 from massedit.solve import LayerSolver
@@ -77,6 +78,8 @@ class MassEditor:
         self.hp = hparams if hparams is not None else default_for(model.config)
         self.layout = ModelLayout(model, self.hp.module_overrides())
         self.layout.check_layers(self.hp.layers)
+        # A quantization massedit cannot write into is refused here, before statistics or z.
+        check_model(model, [self.layout.rewrite_name(l) for l in self.hp.layers])
         if self.hp.v_loss_layer is not None:
             self.layout.check_layers([self.hp.v_loss_layer])
         if self.tok.pad_token_id is None and self.tok.eos_token_id is not None:
