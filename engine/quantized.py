@@ -23,7 +23,6 @@ from __future__ import annotations
 import sys
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -190,14 +189,11 @@ def _stand_in(quantized: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-@dataclass
-class _SetAside:
-    original: nn.Module
-    skip_before: Optional[list]
-
-
 # stand-in → the quantized module it replaced; weak, so a discarded model takes both with it.
-_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, _SetAside]" = weakref.WeakKeyDictionary()
+_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+# model whose quantization_config.llm_int8_skip_modules was unset → the defaults written in its
+# place, so that the last restore can unset it again.
+_UNSET_SKIP: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def _module_name(weight_name: str) -> str:
@@ -249,11 +245,12 @@ def _swap_in_stand_in(model: nn.Module, name: str, dtype: torch.dtype) -> None:
     stand_in = _stand_in(original, dtype)
     qc, skip = _skip_modules(model)
     if qc is not None:
-        # transformers skips lm_head (and tied modules) when the list is unset; keep those.
-        quantizer = getattr(model, "hf_quantizer", None)
-        effective = skip if skip is not None else list(getattr(quantizer, "modules_to_not_convert", None) or [])
-        _set_skip_modules(qc, effective + [name])
-    _ORIGINALS[stand_in] = _SetAside(original, skip)
+        if skip is None:
+            # transformers skips lm_head (and tied modules) when the list is unset; keep those.
+            skip = list(getattr(getattr(model, "hf_quantizer", None), "modules_to_not_convert", None) or [])
+            _UNSET_SKIP[model] = list(skip)
+        _set_skip_modules(qc, skip + [name])
+    _ORIGINALS[stand_in] = original
     model.set_submodule(name, stand_in)
 
 
@@ -268,18 +265,20 @@ def restore_unchanged(model: nn.Module, weight_names: Iterable[str]) -> list[str
             stand_in = model.get_submodule(name)
         except AttributeError:
             continue
-        aside = _ORIGINALS.get(stand_in)
-        if aside is None:
+        original = _ORIGINALS.get(stand_in)
+        if original is None:
             continue
-        expected = _stand_in_weight(aside.original, stand_in.weight.dtype).to(stand_in.weight.device)
+        expected = _stand_in_weight(original, stand_in.weight.dtype).to(stand_in.weight.device)
         if not torch.equal(_bits(expected), _bits(stand_in.weight)):
             continue
         qc, skip = _skip_modules(model)
         if qc is not None and skip is not None:
-            before = aside.skip_before
-            effective_before = before if before is not None else [m for m in skip if m != name]
-            _set_skip_modules(qc, before if skip == effective_before + [name] else [m for m in skip if m != name])
-        model.set_submodule(name, aside.original)
+            skip = [m for m in skip if m != name]
+            unset = _UNSET_SKIP.get(model) == skip
+            _set_skip_modules(qc, None if unset else skip)
+            if unset:
+                del _UNSET_SKIP[model]
+        model.set_submodule(name, original)
         del _ORIGINALS[stand_in]
         restored.append(name)
     return restored
