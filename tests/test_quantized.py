@@ -156,6 +156,22 @@ def test_saved_delta_applies_to_a_fresh_quantized_model_and_dense_deltas_transfe
     assert torch.allclose(_p_new(fresh, tok), dense_p, atol=0.05)
 
 
+def test_rome_on_a_quantized_base_reads_the_dequantized_weight(worlds, tmp_path):
+    path, tok, sentences, _ = worlds["gpt2"]
+    model = _load(path, "8bit")
+    _p_new(model, tok)
+    stored = _stored(model)
+    hp = default_for(model.config).replace(layers=[2], v_loss_layer=5, v_num_grad_steps=25, clamp_norm_factor=4.0,
+                                           mom2_update_weight=200.0, mom2_n_samples=len(sentences))
+    editor = MassEditor(model, tok, hp, stats_dir=tmp_path, corpus=sentences, model_name="world",
+                        context_templates=[["{}"], ["I know that {}"]], progress=False)
+    requests = [{"subject": FACTS[i][0], "prompt": FACTS[i][1] + " {}", "target_new": o} for i, o in EDITED.items()]
+    result = editor.edit(requests, method="rome")
+    assert (_p_new(model, tok) > 0.5).all()
+    result.delta.revert(model)
+    _assert_same(model, stored)
+
+
 class _PackedLinear(torch.nn.Module):
     """What GPTQ/AWQ-style kernels look like from outside: packed int32 storage, no float weight."""
 
