@@ -145,7 +145,8 @@ def _table(runs: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         rq = r.get("requantized")
-        errs = " ; ".join("/".join(str(row[f"rel_error_x{s:g}"]) for s in SCALES) for row in rq["layers"]) if rq else "-"
+        errs = "-" if not rq else " ; ".join(
+            "/".join(str(row[f"rel_error_x{s:g}"]) for s in SCALES) for row in rq["layers"])
         lines.append(
             f"| {r['base']} | {r['pre'].get('ES')} | {r['post'].get('ES')} | {r['post'].get('PS')} | "
             f"{r['post'].get('NS')} | {r['edited_bytes_as_loaded'] / 1e6:.3f} | {r['edited_bytes_edited'] / 1e6:.3f} | "
