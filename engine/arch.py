@@ -30,7 +30,6 @@ class ArchSpec:
     lm_head_module: str
     attn_module_tmp: str  # self-attention of a block
     attn_out_module_tmp: str  # attention output projection (MEMAT)
-    conv1d: bool = False  # weight stored as [in, out] (GPT-2 Conv1D)
     # Modules applied between the final norm and the LM head when present (OPT's project_out).
     extra_head_modules: tuple[str, ...] = ()
     n_layers_attr: str = "num_hidden_layers"
@@ -53,7 +52,6 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="transformer.h.{}.attn",
         attn_out_module_tmp="transformer.h.{}.attn.c_proj",
-        conv1d=True,
     ),
     "gptj": ArchSpec(
         layer_module_tmp="transformer.h.{}",
@@ -142,10 +140,26 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         ) from err
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d_class(cls: type) -> bool:
     # transformers' Conv1D keeps weight as [in, out]; detected by class name so that no
     # transformers-internal import path is assumed.
-    return type(module).__name__ == "Conv1D"
+    return any(c.__name__ == "Conv1D" for c in cls.__mro__)
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the module's editable weight is stored [in, out] (Conv1D) rather than [out, in].
+
+    Asked of the module, not the model family: bitsandbytes replaces GPT-2's Conv1D by a Linear.
+    A quantized module that replaced a Conv1D (transformers records the class as `source_cls`) is
+    edited through a dense Conv1D stand-in (massedit.quantized), so it counts as one."""
+    return is_conv1d_class(type(module)) or is_conv1d_class(getattr(module, "source_cls", nn.Module))
+
+
+def in_features(module: nn.Module) -> int:
+    """Input width of a Linear-like module (bitsandbytes' included) or a Conv1D."""
+    if is_conv1d_class(type(module)):
+        return int(module.weight.shape[0])
+    return int(module.in_features)
 
 
 class ModelLayout:
@@ -230,15 +244,15 @@ class ModelLayout:
         return get_module(self.model, self.rewrite_name(layer))
 
     def rewrite_is_conv1d(self, layer: int) -> bool:
-        return self.spec.conv1d or _is_conv1d(self.rewrite_module(layer))
+        return stores_transposed(self.rewrite_module(layer))
 
     def rewrite_weight_name(self, layer: int) -> str:
         return f"{self.rewrite_name(layer)}.weight"
 
     def key_dim(self, layer: int) -> int:
-        """Width of the key (the rewrite module's input), d_ff."""
-        w = self.rewrite_module(layer).weight
-        return w.shape[0] if self.rewrite_is_conv1d(layer) else w.shape[1]
+        """Width of the key (the rewrite module's input), d_ff; packed quantized weights have
+        other shapes, so the module is asked."""
+        return in_features(self.rewrite_module(layer))
 
     @property
     def hidden_size(self) -> int:

@@ -45,6 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from massedit import quantized
+
 FORMAT_VERSION = 2
 # Version 1 named the apply record "applied"; its files stay readable.
 _RECORD_KEYS = {1: "applied", 2: "record"}
@@ -57,7 +59,7 @@ _CHUNK_BYTES = 64 << 20
 # load dtype); underscore-prefixed keys are transformers' private bookkeeping.
 _VOLATILE_CONFIG_KEYS = frozenset({
     "transformers_version", "torch_dtype", "dtype", "architectures",
-    "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "quantization_config",
 })
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -224,6 +226,9 @@ class EditDelta:
         """Whether every weight of `model` this delta changes holds its edited values."""
         if self._record is None:
             return False
+        named = dict(model.named_parameters())
+        if any(not named[wd.name].is_floating_point() for wd in self.weights if wd.name in named):
+            return False  # a quantized weight holds no edit: edits live in dense stand-ins
         params = self._params(model)
         return all(p.dtype == r.dtype and _sha256(p.detach()) == r.sha256_after for p, r in zip(params, self._record))
 
@@ -278,12 +283,17 @@ class EditDelta:
     def record(self, model: nn.Module, force: bool = False) -> None:
         """Compute what apply would record for `model` (digests of the base and the edited weights,
         fix-ups) without changing it, so that a saved unapplied delta knows its base too."""
-        params = self._checked_params(model, force)
-        digests = self._refuse_if_applied(params)
-        records = []
-        for wd, p, before in zip(self.weights, params, digests):
-            new, index, value = _edited(p.detach(), wd)
-            records.append(_Applied(p.dtype, before, _sha256(new), index, value, p.device.type))
+        names = [wd.name for wd in self.weights]
+        quantized.make_editable(model, names)
+        try:
+            params = self._checked_params(model, force)
+            digests = self._refuse_if_applied(params)
+            records = []
+            for wd, p, before in zip(self.weights, params, digests):
+                new, index, value = _edited(p.detach(), wd)
+                records.append(_Applied(p.dtype, before, _sha256(new), index, value, p.device.type))
+        finally:
+            quantized.restore_unchanged(model, names)
         self._record = records
 
     def apply(self, model: nn.Module, force: bool = False) -> None:
@@ -291,10 +301,13 @@ class EditDelta:
         written are restored exactly. Refused when the weights already hold the edit. The model's
         config hash must match metadata["config_hash"] when the delta has one; force=True skips
         that check."""
-        params = self._checked_params(model, force)
-        digests = self._refuse_if_applied(params)
+        names = [wd.name for wd in self.weights]
+        # Quantized (bitsandbytes) modules take an edit through dense stand-ins (massedit.quantized).
+        quantized.make_editable(model, names)
         done: list[tuple[WeightDelta, nn.Parameter, _Applied]] = []
         try:
+            params = self._checked_params(model, force)
+            digests = self._refuse_if_applied(params)
             for wd, p, before in zip(self.weights, params, digests):
                 w = p.detach()
                 new, index, value = _edited(w, wd)
@@ -304,6 +317,7 @@ class EditDelta:
         except BaseException:
             for wd, p, record in reversed(done):
                 _write(p, _restored(p.detach(), wd, record.fix_index, record.fix_value))
+            quantized.restore_unchanged(model, names)
             raise
         self._record = [record for _, _, record in done]
 
@@ -325,6 +339,7 @@ class EditDelta:
         if not exact:
             for wd, p in zip(self.weights, params):
                 _write(p, _restored(p.detach(), wd))
+            quantized.restore_unchanged(model, [wd.name for wd in self.weights])
             return
         for wd, p, digest, record in zip(self.weights, params, digests, self._record):
             if p.dtype != record.dtype:
@@ -351,6 +366,7 @@ class EditDelta:
             originals.append(old)
         for p, old in zip(params, originals):
             _write(p, old)
+        quantized.restore_unchanged(model, [wd.name for wd in self.weights])
 
     def save(self, path) -> None:
         """Write the delta (and its apply record, if it has one) to one safetensors file."""

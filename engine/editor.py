@@ -25,6 +25,7 @@ from massedit.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import dtype_kwargs
 from massedit.memit import spread_update
+from massedit.quantized import check_model
 from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
 from massedit.rome import rome_layer, rome_update
 from massedit.solve import LayerSolver
@@ -98,6 +99,8 @@ class MassEditor:
         self.layout = ModelLayout(model, self.hp.module_overrides())
         self.hp.check_depth(self.layout.n_layers)
         self.layout.check_rewrite_modules(self.hp.layers)
+        # A quantization massedit cannot write into is refused here, before statistics or z.
+        check_model(model, [self.layout.rewrite_name(l) for l in self.hp.layers])
         if self.tok.pad_token_id is None and self.tok.eos_token_id is not None:
             self.tok.pad_token = self.tok.eos_token
         self.stats_dir, self.corpus = stats_dir, corpus

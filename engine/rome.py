@@ -51,6 +51,7 @@ from massedit.delta import EditDelta, WeightDelta
 from massedit.hooks import capture_outputs, edit_output, run_until
 from massedit.hparams import HParamsError
 from massedit.keys import collect_at_subject, subject_keys
+from massedit.quantized import dequantized
 from massedit.requests import EditRequest
 from massedit.solve import LayerSolver
 from massedit.targets import ZResult, ZSettings, build_prompts, frozen_eval
@@ -149,10 +150,10 @@ def optimize_target(model, layout: ModelLayout, tok, request: EditRequest, templ
 
 
 def _weight_and_bias(layout: ModelLayout, layer: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The rewrite weight as [d_model, d_ff] (Conv1D transposed back) and its bias, float64."""
+    """The rewrite weight as [d_model, d_ff] (Conv1D transposed back, bnb storage dequantized) and
+    its bias, float64."""
     module = layout.rewrite_module(layer)
-    w = module.weight.detach().double()
-    w = w.T if layout.rewrite_is_conv1d(layer) else w
+    w = dequantized(module).detach().double()
     bias = getattr(module, "bias", None)
     return w, (bias.detach().double() if bias is not None else None)
 

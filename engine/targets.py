@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from massedit.arch import ModelLayout
 from massedit.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
+from massedit.quantized import cpu_repacking_off
 from massedit.requests import EditRequest
 from massedit.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
 
@@ -98,7 +99,8 @@ def frozen_eval(model) -> Iterator[None]:
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        yield
+        with cpu_repacking_off(model):
+            yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
