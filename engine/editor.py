@@ -24,7 +24,7 @@ from massedit.loading import dtype_kwargs
 from massedit.memit import spread_update
 from massedit.requests import EditRequest, parse_records, validate_requests
 from massedit.rome import rome_layer, rome_update
-from massedit.solve import LayerSolver
+from massedit.solve import SOLVE_DTYPES, LayerSolver
 from massedit.stats import layer_covariances, model_name_of
 from massedit.targets import TargetOptimizer, ZSettings, frozen_eval
 
@@ -56,8 +56,27 @@ class EditResult:
         }
 
 
+def _solve_options(dtype: str, device: str) -> tuple[str, Union[str, torch.device]]:
+    """Checked `solve_dtype` and `solve_device` ("layer", or a torch device such as "cpu" or "cuda:1")."""
+    if dtype not in SOLVE_DTYPES:
+        raise ValueError(f"solve_dtype must be one of {', '.join(SOLVE_DTYPES)}, got {dtype!r}")
+    if device == "layer":
+        return dtype, device
+    try:
+        return dtype, torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"solve_device must be 'layer' (each edited layer's device) or a device such as 'cpu' or "
+                         f"'cuda:1', got {device!r}") from None
+
+
 class MassEditor:
-    """Edits a causal LM with MEMIT. Statistics and Cholesky factors are cached per editor."""
+    """Edits a causal LM with MEMIT. Statistics and Cholesky factors are cached per editor.
+
+    `solve_dtype` ("float64" | "float32") is the precision of each layer's factor of λC and of the
+    solves; `solve_device` is where the factors are kept: "cpu" (host memory; the solves still run
+    on each layer's device, the factor streamed there in panels), "layer" (each layer's own device:
+    fastest, d_ff² × 8 bytes per edited layer there), or a device such as "cuda:1".
+    """
 
     def __init__(
         self,
@@ -72,6 +91,8 @@ class MassEditor:
         seed: int = 0,
         progress: bool = True,
         reuse_prefix: bool = True,
+        solve_dtype: str = "float64",
+        solve_device: str = "cpu",
     ):
         self.model, self.tok = model, tokenizer
         self.hp = hparams if hparams is not None else default_for(model.config)
@@ -86,6 +107,7 @@ class MassEditor:
         self.seed, self.progress, self.reuse_prefix = seed, progress, reuse_prefix
         self._templates = validate_templates(context_templates) if context_templates is not None else None
         self._solvers: dict[int, LayerSolver] = {}
+        self.solve_dtype, self.solve_device = _solve_options(solve_dtype, solve_device)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, hparams=None, *, device_map=None, torch_dtype="auto", **kwargs):
@@ -103,14 +125,23 @@ class MassEditor:
         return self._templates
 
     def solvers(self) -> dict[int, LayerSolver]:
-        """Covariances (cached on disk) and their factors (cached here), from the unedited model."""
+        """Factors of λC per edited layer (cached here), from covariances of the unedited model (cached on disk).
+
+        Each layer's statistics are dropped as soon as its factor is built, so at most one layer's
+        C exists beside the factors; the factors are kept where `solve_device` says."""
         missing = [l for l in self.hp.layers if l not in self._solvers]
         if missing:
             with frozen_eval(self.model):
-                covs = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
+                sums = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
                                          self.corpus, self.progress)
             for l in missing:
-                self._solvers[l] = LayerSolver(covs[l], self.hp.mom2_update_weight, l)
+                mom2, count = sums.pop(l)
+                compute = self.layout.device_of(l)
+                keep = compute if self.solve_device == "layer" else self.solve_device
+                self._solvers[l] = LayerSolver(mom2, self.hp.mom2_update_weight, l, count=count,
+                                               dtype=SOLVE_DTYPES[self.solve_dtype], device=keep,
+                                               compute_device=compute)
+                del mom2
         return self._solvers
 
     def _requests(self, requests) -> list[EditRequest]:

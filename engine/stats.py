@@ -206,8 +206,10 @@ def layer_covariances(
     model_name: str,
     corpus=None,
     progress: bool = True,
-) -> dict[int, torch.Tensor]:
-    """C^l (float64, on each layer's device) for every edited layer: cached files, else computed from `corpus`."""
+) -> dict[int, tuple[torch.Tensor, int]]:
+    """(Σ k kᵀ on the CPU in the statistics' dtype, token count) for every edited layer, so C^l = sum / count:
+    cached files, else computed from `corpus`. The sums, not C, are handed over so that the solver builds
+    each layer's factor in its own precision on its own device, one layer at a time."""
     dtype_name = hp.mom2_dtype
     if dtype_name not in DTYPES:
         raise StatsError(f"mom2_dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
@@ -233,4 +235,4 @@ def layer_covariances(
         for l, (mom2, count) in computed.items():
             write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts))
             sums[l] = (mom2, count)
-    return {l: (sums[l][0].to(layout.device_of(l), torch.float64) / sums[l][1]) for l in hp.layers}
+    return {l: (sums[l][0].cpu(), sums[l][1]) for l in hp.layers}
