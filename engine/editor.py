@@ -136,13 +136,16 @@ class MassEditor:
                                          self.corpus, self.progress)
             for l in missing:
                 mom2, count = sums.pop(l)
-                compute = self.layout.device_of(l)
-                keep = compute if self.solve_device == "layer" else self.solve_device
-                self._solvers[l] = LayerSolver(mom2, self.hp.mom2_update_weight, l, count=count,
-                                               dtype=SOLVE_DTYPES[self.solve_dtype], device=keep,
-                                               compute_device=compute)
+                self._solvers[l] = self._make_solver(l, mom2, count)
                 del mom2
         return self._solvers
+
+    def _make_solver(self, layer: int, cov: torch.Tensor, count: int = 1) -> LayerSolver:
+        """The solver of `layer` for C = cov / count, placed and typed as this editor's solve options say."""
+        compute = self.layout.device_of(layer)
+        keep = compute if self.solve_device == "layer" else self.solve_device
+        return LayerSolver(cov, self.hp.mom2_update_weight, layer, count=count, dtype=SOLVE_DTYPES[self.solve_dtype],
+                           device=keep, compute_device=compute)
 
     def _requests(self, requests) -> list[EditRequest]:
         """EditRequest objects as they are; dicts parsed like a simple requests file."""
