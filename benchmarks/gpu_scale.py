@@ -3,6 +3,7 @@
     python -m benchmarks.gpu_scale --arch gptj-6b|llama-8b|gpt2-xl [--edits N] [--serial-sample K]
                                    [--dtype bfloat16|float16|float32] [--batch-size B] [--smoke]
                                    [--solve-device cpu|layer|DEVICE] [--solve-dtype float64|float32]
+                                   [--z-steps K] [--device-map balanced]
                                    [--no-reuse-prefix] [--progress] [--out FILE]
 
 What it builds:
@@ -271,6 +272,17 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype, seed: int):
     return model
 
 
+def spread_over_gpus(model, dtype: torch.dtype):
+    """The model dispatched over every visible GPU (CPU in smoke runs) by Accelerate, balanced by memory."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    return dispatch_model(model, device_map)
+
+
 def block_params(layout, layers) -> int:
     return sum(p.numel() for l in layers for p in layout.block(l).parameters())
 
@@ -536,14 +548,18 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--solve-device", default="cpu",
                    help="where the editor keeps each layer's factor of λC: cpu (default) | layer | a device")
     p.add_argument("--solve-dtype", default="float64", choices=("float64", "float32"))
+    p.add_argument("--z-steps", type=int, default=None,
+                   help="z iterations (default: the preset's); per-iteration throughput does not depend on it")
+    p.add_argument("--device-map", choices=("balanced",), default=None,
+                   help="spread the model over all GPUs with Accelerate (balanced memory) instead of one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/gpu_scale-<arch>-<time>.json)")
     args = p.parse_args(argv)
     if args.edits is None:
         args.edits = SMOKE_EDITS if args.smoke else DEFAULT_EDITS
-    if args.edits < 1 or args.serial_sample < 1:
-        p.error("--edits and --serial-sample must be at least 1")
+    if args.edits < 1 or args.serial_sample < 1 or (args.z_steps is not None and args.z_steps < 1):
+        p.error("--edits, --serial-sample and --z-steps must be at least 1")
     args.serial_sample = min(args.serial_sample, args.edits)
     if args.dtype is None:
         args.dtype = "float32" if args.smoke else "bfloat16"
@@ -604,6 +620,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     _sync(device)
     t = time.perf_counter()
     model = build_model(cfg, device, dtype, args.seed)
+    if args.device_map:
+        model = spread_over_gpus(model, dtype)
     _sync(device)
     build_s = time.perf_counter() - t
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -611,6 +629,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     hp = preset(PRESET_OF[args.arch])
     if args.smoke:  # 2 layers: edit layer 0, score at layer 1, so one block runs per z step
         hp = hp.replace(layers=[0], v_loss_layer=1, v_num_grad_steps=SMOKE_STEPS)
+    elif args.z_steps is not None:
+        hp = hp.replace(v_num_grad_steps=args.z_steps)
     layout = ModelLayout(model, hp.module_overrides())
     n_params = sum(p.numel() for p in model.parameters())
     z_layer = max(hp.layers)
@@ -633,6 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "key_dim": layout.key_dim(hp.layers[0]),
         "vocab_size": cfg.vocab_size,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "device_map": sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()}) or None,
         "build_s": build_s,
         "config": {k: v for k, v in cfg.to_dict().items() if _jsonable(v) and not k.startswith("_")
                    and k not in ("transformers_version", "id2label", "label2id")},
