@@ -127,8 +127,8 @@ class MassEditor:
     def solvers(self) -> dict[int, LayerSolver]:
         """Factors of λC per edited layer (cached here), from covariances of the unedited model (cached on disk).
 
-        Each layer's statistics are dropped as soon as its factor is built, so at most one layer's
-        C exists beside the factors; the factors are kept where `solve_device` says."""
+        The statistics sums come to the host; each is dropped once its layer's factor is built, in
+        one d×d buffer on the layer's device, and the factor is kept where `solve_device` says."""
         missing = [l for l in self.hp.layers if l not in self._solvers]
         if missing:
             with frozen_eval(self.model):

@@ -135,7 +135,7 @@ class LayerSolver:
         return self._backward(mid).double()
 
     def _gram_factor(self, gram: torch.Tensor) -> torch.Tensor:
-        gram = 0.5 * (gram + gram.T)
+        # Cholesky reads only the lower triangle, so rounding asymmetry needs no symmetrization.
         if not _cholesky_inplace(gram):
             raise ValueError(f"the keys given to the solve for {self.name} are not finite; check the model's "
                              "activations (NaN or inf) before editing")
