@@ -361,8 +361,9 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     return {
         "kind": "synthetic (statistics cached: no corpus pass, no file read)",
         "construction": "per edited layer C = s·(½·I + ½·W Wᵀ/m), W ~ N(0,1) of d_ff × min(256, d_ff), float64 on "
-                        "the layer's device, factored there and kept where the editor's solve_device says; s = mean squared key entry of this model (a forward over "
-                        "benchmark prompts, all real tokens), so λC and K Kᵀ have realistic relative sizes. "
+                        "the layer's device, factored there and kept where the editor's solve_device says; s = mean "
+                        "squared key entry of this model (a forward over benchmark prompts, all real tokens), so λC "
+                        "and K Kᵀ have realistic relative sizes. "
                         "Solve cost does not depend on the values.",
         "key_dim": layout.key_dim(hp.layers[0]),
         "key_scale": {str(l): s for l, s in scales.items()},
