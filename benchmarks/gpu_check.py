@@ -20,7 +20,8 @@ hang in one is recorded and the next still runs; the JSON is rewritten after eve
 `--z-steps` (default 10, the preset has 25) sets the z iterations of the edit sections: a random
 model never stops early, every iteration costs the same, so tokens/s and MFU do not depend on it,
 and 10 keeps the 4,000-request edit inside the budget; the whole-edit times are for that many.
-`--budget` (default 480 s) is split between the sections in fixed shares.
+`--budget` (default 480 s) is split between the sections by weight (`SECTIONS`); time a section
+does not use, or a skipped section's share, goes to the sections after it.
 
 `--smoke` runs every section on the CPU at tiny sizes (the Triton kernel in its interpreter,
 TRITON_INTERPRET=1; gpu_scale's smoke configuration; the two-gpu section with a CPU-only map), in
@@ -50,9 +51,10 @@ import torch  # noqa: E402
 from benchmarks import gpu_scale  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# Section name → share of --budget (sums to 1).
-SECTIONS = {"covariance": 0.12, "statistics": 0.12, "edit-1000": 0.18, "edit-4000": 0.33, "serial-64": 0.15,
-            "two-gpu": 0.10}
+# Section name → weight in the split of the budget: each section gets the time still left in
+# proportion to its weight among the sections still to run (so unused time flows on).
+SECTIONS = {"covariance": 0.08, "statistics": 0.08, "edit-1000": 0.2, "edit-4000": 0.42, "serial-64": 0.14,
+            "two-gpu": 0.08}
 EDITS = {"edit-1000": 1000, "edit-4000": 4000, "serial-64": 64, "two-gpu": 64}
 SMOKE_EDITS = {"edit-1000": 4, "edit-4000": 8, "serial-64": 4, "two-gpu": 4}
 SMOKE_SECTION_S = 90
@@ -156,6 +158,12 @@ def _skip_reason(name: str, smoke: bool) -> Optional[str]:
     return None
 
 
+def time_box(name: str, to_run: Sequence[str], left: float) -> float:
+    """Seconds for `name`: the time left, in proportion to its weight among the sections still to run."""
+    ahead = sum(SECTIONS[n] for n in to_run[list(to_run).index(name):])
+    return max(1.0, left * SECTIONS[name] / ahead)
+
+
 def _child(name: str, args, timeout: float, workdir: Path) -> dict:
     out = workdir / f"{name}.json"
     cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--section", name, "--section-out", str(out),
@@ -252,11 +260,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               "machine": gpu_scale.machine_info(device), "sections": {}}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
-        for name, share in SECTIONS.items():
-            reason = _skip_reason(name, args.smoke)
-            timeout = SMOKE_SECTION_S if args.smoke else share * args.budget
-            result["sections"][name] = ({"status": "skipped", "reason": reason} if reason
-                                        else _child(name, args, timeout, Path(workdir)))
+        to_run = [n for n in SECTIONS if not _skip_reason(n, args.smoke)]
+        for name in SECTIONS:
+            if name not in to_run:
+                result["sections"][name] = {"status": "skipped", "reason": _skip_reason(name, args.smoke)}
+            else:
+                left = args.budget - (time.perf_counter() - start)
+                timeout = SMOKE_SECTION_S if args.smoke else time_box(name, to_run, left)
+                result["sections"][name] = _child(name, args, timeout, Path(workdir))
             result["wall_s"] = time.perf_counter() - start
             _write(result, out)
             print(f"  {name}: {result['sections'][name]['status']}", flush=True)

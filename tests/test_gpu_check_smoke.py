@@ -67,6 +67,16 @@ def test_one_failure_does_not_stop_the_others(tmp_path, monkeypatch):
     assert data["sections"]["edit-4000"]["status"] == "timeout"
 
 
+def test_time_left_flows_to_the_sections_after():
+    everything = list(gpu_check.SECTIONS)
+    assert gpu_check.time_box("covariance", everything, 480) == pytest.approx(480 * 0.08)
+    # two-gpu skipped: its weight goes to those still to run
+    rest = ["edit-4000", "serial-64"]
+    assert gpu_check.time_box("edit-4000", rest, 300) == pytest.approx(300 * 0.42 / 0.56)
+    assert gpu_check.time_box("serial-64", ["serial-64"], 90) == pytest.approx(90)
+    assert gpu_check.time_box("serial-64", ["serial-64"], -5) == 1.0  # overran: still a short try
+
+
 def test_full_check_needs_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as err:
