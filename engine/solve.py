@@ -115,7 +115,9 @@ class LayerSolver:
     def _keys(self, keys: torch.Tensor) -> torch.Tensor:
         if keys.ndim != 2 or keys.shape[0] != self.dim:
             raise ValueError(f"keys are {tuple(keys.shape)} but the covariance is {self.dim} wide")
-        return keys.to(self.compute_device, self.dtype, copy=True)
+        # A fresh row-major copy: the solves overwrite it panel by panel, and the callers' keys are
+        # often a transposed view.
+        return torch.empty(keys.shape, dtype=self.dtype, device=self.compute_device).copy_(keys)
 
     def cov_solve(self, keys: torch.Tensor) -> torch.Tensor:
         """(λC)⁻¹ K for K = keys [d, n], in float64 on the compute device."""
