@@ -6,7 +6,9 @@ one d×d buffer; C itself is not kept. With M = L⁻¹K,
     (λC + K Kᵀ)⁻¹ K = L⁻ᵀ M (I + MᵀM)⁻¹ = L⁻ᵀ (I + M Mᵀ)⁻¹ M,
 
 the first form (Woodbury: an n×n system) for n < d, the second for n ≥ d. Both Gram matrices have
-every eigenvalue ≥ 1, so they factor without a ridge whatever the keys.
+every eigenvalue ≥ 1, so they factor without a ridge whatever the keys. For n ≥ d this costs about
+1.5× the flops of factoring λC + KKᵀ directly (measured on CPU, d = 3072, n = 4096: 24 s against
+15 s), the price of never rebuilding λC; MEMIT's batches are almost always narrower than d_ff.
 
 Where the factor is kept is a choice (`device`): a 70B model's five edited layers hold
 5 × 6.6 GB of float64 factors that the GPUs of the early layers cannot spare, so the editor keeps
