@@ -86,10 +86,17 @@ def _tflops(t: int, d: int, seconds: float) -> float:
 
 
 def bench_cuda(quick: bool, with_triton: bool) -> list[dict]:
-    device = torch.device("cuda")
     dims = [4096] if quick else [4096, 16384]
     rows_per_block = [2048] if quick else [2048, 8192]
     warmup, reps = (2, 5) if quick else (3, 20)
+    return bench_pairs(torch.device("cuda"), dims, rows_per_block, warmup, reps, with_triton)
+
+
+def bench_pairs(device: torch.device, dims, rows_per_block, warmup: int, reps: int, with_triton: bool) -> list[dict]:
+    """torch (and Triton) on bf16 keys into an fp32 accumulator, for every (d, t, masked); on CPU
+    the Triton column runs in its interpreter (TRITON_INTERPRET=1): a check that the path runs,
+    not a speed."""
+    timer = _time_cuda if device.type == "cuda" else _time_cpu
     results = []
     for d in dims:
         acc_torch = torch.zeros(d, d, dtype=torch.float32, device=device)
@@ -98,7 +105,7 @@ def bench_cuda(quick: bool, with_triton: bool) -> list[dict]:
             x = torch.randn(t, d, device=device).to(torch.bfloat16)
             for masked in (False, True):
                 mask = _make_mask(t, device, masked)
-                s_torch = _time_cuda(lambda: accumulate_xtx_torch(acc_torch, x, mask), warmup, reps)
+                s_torch = timer(lambda: accumulate_xtx_torch(acc_torch, x, mask), warmup, reps)
                 row = {"d": d, "t": t, "dtype": "bfloat16", "acc_dtype": "float32", "masked": masked,
                        "torch_ms": s_torch * 1e3, "torch_tflops": _tflops(t, d, s_torch)}
                 if with_triton:
@@ -107,13 +114,14 @@ def bench_cuda(quick: bool, with_triton: bool) -> list[dict]:
                     accumulate_xtx_torch(acc_torch, x, mask)
                     accumulate_xtx_triton(acc_triton, x, mask)
                     max_abs_err = (symmetrize(acc_triton) - acc_torch).abs().max().item()
-                    s_triton = _time_cuda(lambda: accumulate_xtx_triton(acc_triton, x, mask), warmup, reps)
+                    s_triton = timer(lambda: accumulate_xtx_triton(acc_triton, x, mask), warmup, reps)
                     row.update({"triton_ms": s_triton * 1e3, "triton_tflops": _tflops(t, d, s_triton),
                                 "speedup": s_torch / s_triton, "max_abs_err": max_abs_err})
                 results.append(row)
             del x
         del acc_torch, acc_triton
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 

@@ -2,6 +2,8 @@
 
     python -m benchmarks.gpu_scale --arch gptj-6b|llama-8b|gpt2-xl [--edits N] [--serial-sample K]
                                    [--dtype bfloat16|float16|float32] [--batch-size B] [--smoke]
+                                   [--solve-device cpu|layer|DEVICE] [--solve-dtype float64|float32]
+                                   [--z-steps K] [--device-map balanced]
                                    [--no-reuse-prefix] [--progress] [--out FILE]
 
 What it builds:
@@ -270,6 +272,17 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype, seed: int):
     return model
 
 
+def spread_over_gpus(model, dtype: torch.dtype):
+    """The model dispatched over every visible GPU (CPU in smoke runs) by Accelerate, balanced by memory."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    return dispatch_model(model, device_map)
+
+
 def block_params(layout, layers) -> int:
     return sum(p.numel() for l in layers for p in layout.block(l).parameters())
 
@@ -314,7 +327,8 @@ def synthetic_covariance(d: int, scale: float, device: torch.device, generator: 
 
 
 def synthetic_solvers(editor, requests, seed: int) -> dict:
-    """Installs one LayerSolver per edited layer on a synthetic covariance, and factors λC.
+    """Installs one LayerSolver per edited layer on a synthetic covariance (factoring λC), placed
+    as the editor's solve options say.
 
     Why inject the solvers rather than write statistics files: MassEditor.solvers() loads only
     the layers missing from `editor._solvers`, so filling that cache is exactly the state of an
@@ -324,8 +338,6 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     covariance phase is not what this benchmark is about. The factor of λC, which the editor
     keeps across edits, is computed here (timed separately, `statistics.factor_s`).
     """
-    from massedit.solve import LayerSolver
-
     hp, layout = editor.hp, editor.layout
     t = time.perf_counter()
     scales = key_scales(editor.model, layout, editor.tok, requests, editor.context_templates(), hp.layers)
@@ -338,18 +350,20 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
         cov = synthetic_covariance(layout.key_dim(l), scales[l], device, gen)
         _sync(device)
         build_s += time.perf_counter() - t
-        solver = LayerSolver(cov, hp.mom2_update_weight, l)
         t = time.perf_counter()
-        factor = solver.factor
+        solver = editor._make_solver(l, cov)
+        del cov
         _sync(device)
         factor_s += time.perf_counter() - t
         editor._solvers[l] = solver
-        nbytes += cov.numel() * cov.element_size() + factor.numel() * factor.element_size()
+        if solver.factor.device == device:
+            nbytes += solver.factor.numel() * solver.factor.element_size()
     return {
         "kind": "synthetic (statistics cached: no corpus pass, no file read)",
         "construction": "per edited layer C = s·(½·I + ½·W Wᵀ/m), W ~ N(0,1) of d_ff × min(256, d_ff), float64 on "
-                        "the layer's device; s = mean squared key entry of this model (a forward over "
-                        "benchmark prompts, all real tokens), so λC and K Kᵀ have realistic relative sizes. "
+                        "the layer's device, factored there and kept where the editor's solve_device says; s = mean "
+                        "squared key entry of this model (a forward over benchmark prompts, all real tokens), so λC "
+                        "and K Kᵀ have realistic relative sizes. "
                         "Solve cost does not depend on the values.",
         "key_dim": layout.key_dim(hp.layers[0]),
         "key_scale": {str(l): s for l, s in scales.items()},
@@ -358,6 +372,8 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
         "build_s": build_s,
         "factor_s": factor_s,
         "device_bytes": nbytes,
+        "solve_dtype": editor.solve_dtype,
+        "solve_device": str(editor.solve_device),
         "note": "built and factored before timing; the timed edit's covariance phase only finds them cached",
     }
 
@@ -530,14 +546,21 @@ def _parse(argv) -> argparse.Namespace:
                    help="ask MassEditor for the plain z path (whole prompts every step)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, tiny configuration of the arch, 4 edits, 2 z iterations")
+    p.add_argument("--solve-device", default="cpu",
+                   help="where the editor keeps each layer's factor of λC: cpu (default) | layer | a device")
+    p.add_argument("--solve-dtype", default="float64", choices=("float64", "float32"))
+    p.add_argument("--z-steps", type=int, default=None,
+                   help="z iterations (default: the preset's); per-iteration throughput does not depend on it")
+    p.add_argument("--device-map", choices=("balanced",), default=None,
+                   help="spread the model over all GPUs with Accelerate (balanced memory) instead of one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/gpu_scale-<arch>-<time>.json)")
     args = p.parse_args(argv)
     if args.edits is None:
         args.edits = SMOKE_EDITS if args.smoke else DEFAULT_EDITS
-    if args.edits < 1 or args.serial_sample < 1:
-        p.error("--edits and --serial-sample must be at least 1")
+    if args.edits < 1 or args.serial_sample < 1 or (args.z_steps is not None and args.z_steps < 1):
+        p.error("--edits, --serial-sample and --z-steps must be at least 1")
     args.serial_sample = min(args.serial_sample, args.edits)
     if args.dtype is None:
         args.dtype = "float32" if args.smoke else "bfloat16"
@@ -598,6 +621,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     _sync(device)
     t = time.perf_counter()
     model = build_model(cfg, device, dtype, args.seed)
+    if args.device_map:
+        model = spread_over_gpus(model, dtype)
     _sync(device)
     build_s = time.perf_counter() - t
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -605,6 +630,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     hp = preset(PRESET_OF[args.arch])
     if args.smoke:  # 2 layers: edit layer 0, score at layer 1, so one block runs per z step
         hp = hp.replace(layers=[0], v_loss_layer=1, v_num_grad_steps=SMOKE_STEPS)
+    elif args.z_steps is not None:
+        hp = hp.replace(v_num_grad_steps=args.z_steps)
     layout = ModelLayout(model, hp.module_overrides())
     n_params = sum(p.numel() for p in model.parameters())
     z_layer = max(hp.layers)
@@ -627,6 +654,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "key_dim": layout.key_dim(hp.layers[0]),
         "vocab_size": cfg.vocab_size,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "device_map": sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()}) or None,
         "build_s": build_s,
         "config": {k: v for k, v in cfg.to_dict().items() if _jsonable(v) and not k.startswith("_")
                    and k not in ("transformers_version", "id2label", "label2id")},
@@ -647,7 +675,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         # solver would fail with the editor's "no covariance statistics" error instead of a pass.
         editor = MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=None, model_name=f"gpu_scale-{args.arch}",
                             context_templates=CONTEXT_TEMPLATES, seed=args.seed, progress=args.progress,
-                            reuse_prefix=not args.no_reuse_prefix)
+                            reuse_prefix=not args.no_reuse_prefix, solve_dtype=args.solve_dtype,
+                            solve_device=args.solve_device)
         t = time.perf_counter()
         reqs = editor.validate(requests)
         result["requests"] = _request_stats(tok, reqs, time.perf_counter() - t)
@@ -830,7 +859,7 @@ def _print_table(r: dict) -> None:
         print(f"  WARNING: {z['warning']}")
     mem = r["memory"]
     print(f"peak GPU memory: batched {_gib(mem['batched_peak_bytes'])}, serial {_gib(mem['serial_peak_bytes'])} "
-          f"(weights {_gib(mem['weights_bytes'])}, statistics + factors {_gib(mem['statistics_bytes'])})")
+          f"(weights {_gib(mem['weights_bytes'])}, λC factors kept on the GPU {_gib(mem['statistics_bytes'])})")
     print(f"serial = memit-serial on K={s['k']} requests; 'serial N' is EXTRAPOLATED linearly (x N/K), not measured")
 
 

@@ -28,7 +28,7 @@ from massedit.memit import spread_update
 from massedit.quantized import check_model
 from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
 from massedit.rome import rome_layer, rome_update
-from massedit.solve import LayerSolver
+from massedit.solve import SOLVE_DTYPES, LayerSolver
 from massedit.stats import layer_covariances, model_name_of
 from massedit.targets import TargetOptimizer, ZSettings, frozen_eval
 
@@ -77,8 +77,27 @@ class EditResult:
         }
 
 
+def _solve_options(dtype: str, device: str) -> tuple[str, Union[str, torch.device]]:
+    """Checked `solve_dtype` and `solve_device` ("layer", or a torch device such as "cpu" or "cuda:1")."""
+    if dtype not in SOLVE_DTYPES:
+        raise ValueError(f"solve_dtype must be one of {', '.join(SOLVE_DTYPES)}, got {dtype!r}")
+    if device == "layer":
+        return dtype, device
+    try:
+        return dtype, torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"solve_device must be 'layer' (each edited layer's device) or a device such as 'cpu' or "
+                         f"'cuda:1', got {device!r}") from None
+
+
 class MassEditor:
-    """Edits a causal LM with MEMIT. Statistics and Cholesky factors are cached per editor."""
+    """Edits a causal LM with MEMIT. Statistics and Cholesky factors are cached per editor.
+
+    `solve_dtype` ("float64" | "float32") is the precision of each layer's factor of λC and of the
+    solves; `solve_device` is where the factors are kept: "cpu" (host memory; the solves still run
+    on each layer's device, the factor streamed there in panels), "layer" (each layer's own device:
+    fastest, d_ff² × 8 bytes per edited layer there), or a device such as "cuda:1".
+    """
 
     def __init__(
         self,
@@ -93,6 +112,8 @@ class MassEditor:
         seed: int = 0,
         progress: bool = True,
         reuse_prefix: bool = True,
+        solve_dtype: str = "float64",
+        solve_device: str = "cpu",
     ):
         self.model, self.tok = model, tokenizer
         self.hp = hparams if hparams is not None else default_for(model.config)
@@ -109,6 +130,7 @@ class MassEditor:
         self.seed, self.progress, self.reuse_prefix = seed, progress, reuse_prefix
         self._templates = validate_templates(context_templates) if context_templates is not None else None
         self._solvers: dict[int, LayerSolver] = {}
+        self.solve_dtype, self.solve_device = _solve_options(solve_dtype, solve_device)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, hparams=None, *, device_map=None, torch_dtype="auto", **kwargs):
@@ -125,15 +147,27 @@ class MassEditor:
         return self._templates
 
     def solvers(self) -> dict[int, LayerSolver]:
-        """Covariances (cached on disk) and their factors (cached here), from the unedited model."""
+        """Factors of λC per edited layer (cached here), from covariances of the unedited model (cached on disk).
+
+        The statistics sums come to the host; each is dropped once its layer's factor is built, in
+        one d×d buffer on the layer's device, and the factor is kept where `solve_device` says."""
         missing = [l for l in self.hp.layers if l not in self._solvers]
         if missing:
             with frozen_eval(self.model):
-                covs = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
+                sums = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
                                          self.corpus, self.progress, self._explicit_name)
             for l in missing:
-                self._solvers[l] = LayerSolver(covs[l], self.hp.mom2_update_weight, l)
+                mom2, count = sums.pop(l)
+                self._solvers[l] = self._make_solver(l, mom2, count)
+                del mom2
         return self._solvers
+
+    def _make_solver(self, layer: int, cov: torch.Tensor, count: int = 1) -> LayerSolver:
+        """The solver of `layer` for C = cov / count, placed and typed as this editor's solve options say."""
+        compute = self.layout.device_of(layer)
+        keep = compute if self.solve_device == "layer" else self.solve_device
+        return LayerSolver(cov, self.hp.mom2_update_weight, layer, count=count, dtype=SOLVE_DTYPES[self.solve_dtype],
+                           device=keep, compute_device=compute)
 
     def validate(self, requests) -> list[EditRequest]:
         """Requests checked against this model and tokenizer (EditRequest objects as they are, dicts parsed

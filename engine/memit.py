@@ -45,10 +45,13 @@ def spread_update(
             t1 = time.perf_counter()
             residual = (z.to(h.device) - h) / (len(layers) - j)
             solved = solvers[layer].solve(keys.T)
+            # Each layer's ΔW factors (8n(h + d) bytes: 9 GB for GPT-J's six layers at n = 10,000) are
+            # kept beside the solver's factor, host memory by default; applying copies one layer's in.
+            keep = solvers[layer].factor.device
             wd = WeightDelta(
                 name=layout.rewrite_weight_name(layer),
-                u=residual.T.to(solved.device, torch.float64).contiguous(),
-                v=solved.contiguous(),
+                u=residual.T.to(keep, torch.float64).contiguous(),
+                v=solved.to(keep).contiguous(),
                 transposed=layout.rewrite_is_conv1d(layer),
             )
             step = EditDelta([wd], {})

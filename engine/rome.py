@@ -170,7 +170,7 @@ def rank_one(layout: ModelLayout, layer: int, target: torch.Tensor, key_mean: to
     k_c = key_constraint.to(dev, torch.float64)
     if solver is not None:
         # C⁻¹k̄ = λ (λC)⁻¹k̄; λ cancels in the normalization, so the cached factor of λC serves.
-        left = torch.cholesky_solve(k_bar[:, None], solver.factor.to(dev)).squeeze(1)
+        left = solver.cov_solve(k_bar[:, None]).squeeze(1).to(dev)
     else:
         left = k_bar
     left = left / left.norm()

@@ -385,8 +385,10 @@ def layer_covariances(
     corpus=None,
     progress: bool = True,
     explicit_name: bool = False,
-) -> dict[int, torch.Tensor]:
-    """C^l (float64, on each layer's device) for every edited layer: cached files, else computed from `corpus`.
+) -> dict[int, tuple[torch.Tensor, int]]:
+    """(Σ k kᵀ on the CPU in the statistics' dtype, token count) for every edited layer, so C^l = sum / count:
+    cached files, else computed from `corpus`. The sums, not C, are handed over so that the solver builds
+    each layer's factor in its own precision on its own device, one layer at a time.
 
     Cached files must carry this model's identity; unmarked ones (reference layout) are used only
     with `explicit_name` (the caller named the model)."""
@@ -421,4 +423,4 @@ def layer_covariances(
         for l, (mom2, count) in computed.items():
             write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts), identity.of_layer(l))
             sums[l] = (mom2, count)
-    return {l: (sums[l][0].to(layout.device_of(l), torch.float64) / sums[l][1]) for l in hp.layers}
+    return {l: (sums[l][0].cpu(), sums[l][1]) for l in hp.layers}

@@ -7,6 +7,7 @@ from massedit.delta import EditDelta
 from massedit.editor import METHODS, MassEditor
 from massedit.hparams import HParamsError, MEMITHyperParams
 from massedit.requests import EditRequest
+from massedit.stats import layer_covariances
 from massedit.tokens import compose, encode_prompt, fill, target_ids
 from tiny import _corpus, make_model
 
@@ -101,7 +102,9 @@ def test_update_matches_direct_formula(tmp_path, model_type):
 
     res = ed.edit([REQ_A], method="rome")
     v_star = res.z[0].double()
-    cov = ed.solvers()[LAYER].cov  # C = E[k kᵀ] (float64), the covariance MEMIT uses too
+    # C = E[k kᵀ] from the cached statistics, the covariance MEMIT uses too
+    mom2, count = layer_covariances(model, ed.layout, tok, ed.hp, ed.stats_dir, ed.model_name)[LAYER]
+    cov = mom2.double() / count
 
     # Δ = (v* − (W k0 + b)) (C⁻¹k̄)ᵀ / ((C⁻¹k̄)ᵀ k0): the reference's compute_u / compute_v.
     c_inv_k = torch.linalg.solve(cov, k_bar)
