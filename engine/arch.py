@@ -30,6 +30,9 @@ class ArchSpec:
     lm_head_module: str
     attn_module_tmp: str  # self-attention of a block
     attn_out_module_tmp: str  # attention output projection (MEMAT)
+    # The MLP whose output causal tracing restores (the rewrite module's parent, or the rewrite
+    # module itself where a block has no MLP submodule, as in OPT).
+    mlp_module_tmp: str = ""
     conv1d: bool = False  # weight stored as [in, out] (GPT-2 Conv1D)
     # Modules applied between the final norm and the LM head when present (OPT's project_out).
     extra_head_modules: tuple[str, ...] = ()
@@ -43,6 +46,7 @@ _LLAMA_LIKE = ArchSpec(
     lm_head_module="lm_head",
     attn_module_tmp="model.layers.{}.self_attn",
     attn_out_module_tmp="model.layers.{}.self_attn.o_proj",
+    mlp_module_tmp="model.layers.{}.mlp",
 )
 
 REGISTRY: dict[str, ArchSpec] = {
@@ -53,6 +57,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="transformer.h.{}.attn",
         attn_out_module_tmp="transformer.h.{}.attn.c_proj",
+        mlp_module_tmp="transformer.h.{}.mlp",
         conv1d=True,
     ),
     "gptj": ArchSpec(
@@ -62,6 +67,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="transformer.h.{}.attn",
         attn_out_module_tmp="transformer.h.{}.attn.out_proj",
+        mlp_module_tmp="transformer.h.{}.mlp",
     ),
     "gpt_neox": ArchSpec(
         layer_module_tmp="gpt_neox.layers.{}",
@@ -70,6 +76,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="embed_out",
         attn_module_tmp="gpt_neox.layers.{}.attention",
         attn_out_module_tmp="gpt_neox.layers.{}.attention.dense",
+        mlp_module_tmp="gpt_neox.layers.{}.mlp",
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -82,6 +89,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="model.layers.{}.self_attn",
         attn_out_module_tmp="model.layers.{}.self_attn.o_proj",
+        mlp_module_tmp="model.layers.{}.mlp",
     ),
     "falcon": ArchSpec(
         layer_module_tmp="transformer.h.{}",
@@ -90,6 +98,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="transformer.h.{}.self_attention",
         attn_out_module_tmp="transformer.h.{}.self_attention.dense",
+        mlp_module_tmp="transformer.h.{}.mlp",
     ),
     "opt": ArchSpec(
         layer_module_tmp="model.decoder.layers.{}",
@@ -98,6 +107,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="model.decoder.layers.{}.self_attn",
         attn_out_module_tmp="model.decoder.layers.{}.self_attn.out_proj",
+        mlp_module_tmp="model.decoder.layers.{}.fc2",
         extra_head_modules=("model.decoder.project_out",),
     ),
 }
