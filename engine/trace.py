@@ -23,7 +23,7 @@ from torch import nn
 
 from massedit import tokens as T
 from massedit.arch import ModelLayout, UnsupportedModelError, get_module
-from massedit.hooks import capture_outputs, edit_output, run_until
+from massedit.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
 from massedit.requests import EditRequest
 
 KINDS = ("hidden", "mlp", "attn")
@@ -122,7 +122,7 @@ class Tracer:
         if not template:
             raise UnsupportedModelError(
                 f"the architecture registry has no {kind} module path for model_type "
-                f"{self.layout.model_type!r}; trace only --kinds hidden, or add it to massedit.arch.REGISTRY"
+                f"{self.layout.model_type!r}; add it to massedit.arch.REGISTRY, or trace kinds=('hidden',) only"
             )
         return get_module(self.model, template.format(layer))
 
@@ -151,9 +151,36 @@ class Tracer:
         The forward stops after the last block and the LM head runs at the last position only."""
         store: dict = {}
         with capture_outputs({"last": self.last_block}, store):
-            run_until(self.model, self.last_block, input_ids=self.input_ids(prompt, rows))
+            run_until(self.model, self.last_block, input_ids=self.input_ids(prompt, rows), use_cache=False)
         logits = self.layout.logits(store["last"][:, -1]).float()
         return torch.softmax(logits, dim=-1)[:, prompt.answer_id].cpu()
+
+    def corrupted_run(self, prompt: TracePrompt, noise: torch.Tensor) -> tuple[list, float]:
+        """The corrupted run's block outputs, as the blocks returned them, and its mean P(answer)."""
+        outputs: list = [None] * self.n_layers
+
+        def keep(layer):
+            return lambda _module, _args, output: outputs.__setitem__(layer, output)
+
+        blocks = [self.layout.block(l) for l in range(self.n_layers)]
+        with hooks(lambda: [b.register_forward_hook(keep(l)) for l, b in enumerate(blocks)]), \
+                self.corrupted(prompt, noise):
+            p = self.answer_probs(prompt, noise.shape[0])
+        return outputs, float(p.double().mean())
+
+    @contextlib.contextmanager
+    def replaying(self, corrupted_outputs: list, first: int, sample_of_row: torch.Tensor):
+        """Blocks 0 … first − 1 replaced by the corrupted run's block first − 1 output, row r taking
+        noise sample sample_of_row[r]'s (a replayed block ignores its input, so only the last one's
+        output matters)."""
+        if first == 0:
+            yield
+            return
+        raw = corrupted_outputs[first - 1]
+        hidden = hidden_of(raw)
+        output = with_hidden(raw, hidden[sample_of_row.to(hidden.device)])
+        with replayed(self.layout, {layer: output for layer in range(first)}):
+            yield
 
     @contextlib.contextmanager
     def corrupted(self, prompt: TracePrompt, noise: torch.Tensor):
@@ -211,48 +238,65 @@ def _result(tracer: Tracer, tok, prompt: TracePrompt, p_clean: float, p_corrupte
 @torch.no_grad()
 def trace_fact(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Tensor, kinds: Sequence[str] = KINDS,
                window: int = 1, batch_tokens: int = 16384) -> FactTrace:
-    """Every restoration × noise sample of `prompt` as rows of a few batched forwards."""
+    """Every restoration × noise sample of `prompt` as rows of a few batched forwards.
+
+    Two shortcuts save work and keep the result exact: restorations at tokens before the subject
+    are not run (the noise cannot reach them under causal attention, so clean and corrupted states
+    are equal there and the effect is 0), and rows are ordered by the first layer they restore so
+    that a forward whose rows all start at layer l0 replays the corrupted run's block l0 − 1 output
+    instead of computing blocks 0 … l0 − 1."""
     _check_kinds(kinds)
     samples, n_tokens = noise.shape[0], len(prompt.ids)
     clean, p_clean = tracer.clean_states(prompt, kinds)
+    corrupted_outputs, p_corrupted = tracer.corrupted_run(prompt, noise)
     cells = _restorations(kinds, tracer.n_layers, n_tokens, window)
-    # Job 0 restores nothing: the corrupted baseline.
-    jobs = [[]] + [[(key, token) for key in modules] for _, _, token, modules in cells]
+    todo = sorted((i for i, cell in enumerate(cells) if cell[2] >= prompt.subject[0]), key=lambda i: cells[i][3][0][1])
     rows_per_forward = max(1, batch_tokens // n_tokens)
-    n_rows = len(jobs) * samples
-    probs = torch.empty(n_rows, dtype=torch.float64)
+    n_rows = len(todo) * samples
+    row_probs = torch.empty(n_rows, dtype=torch.float64)
     for start in range(0, n_rows, rows_per_forward):
         stop = min(n_rows, start + rows_per_forward)
         plan: dict = {}
         for r in range(start, stop):
-            for key, token in jobs[r // samples]:
-                plan.setdefault(key, ([], []))
-                plan[key][0].append(r - start)
-                plan[key][1].append(token)
+            _, _, token, modules = cells[todo[r // samples]]
+            for key in modules:
+                rows, toks = plan.setdefault(key, ([], []))
+                rows.append(r - start)
+                toks.append(token)
         plan = {key: (torch.tensor(rows), torch.tensor(toks)) for key, (rows, toks) in plan.items()}
         sample_of_row = torch.arange(start, stop) % samples
-        with tracer.corrupted(prompt, noise[sample_of_row]), tracer.restored(clean, plan):
-            probs[start:stop] = tracer.answer_probs(prompt, stop - start).double()
-    means = probs.view(len(jobs), samples).mean(dim=1)
-    return _result(tracer, tok, prompt, p_clean, float(means[0]), cells, means[1:].tolist(), kinds)
+        first = min(layer for _, layer in plan)
+        with tracer.corrupted(prompt, noise[sample_of_row]), tracer.restored(clean, plan), \
+                tracer.replaying(corrupted_outputs, first, sample_of_row):
+            row_probs[start:stop] = tracer.answer_probs(prompt, stop - start).double()
+    probs = torch.full((len(cells),), p_corrupted, dtype=torch.float64)
+    probs[torch.tensor(todo, dtype=torch.long)] = row_probs.view(len(todo), samples).mean(dim=1)
+    return _result(tracer, tok, prompt, p_clean, p_corrupted, cells, probs.tolist(), kinds)
 
 
 @torch.no_grad()
-def trace_fact_serial(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Tensor,
-                      kinds: Sequence[str] = KINDS, window: int = 1) -> FactTrace:
-    """The reference: one forward per restoration, its batch the noise samples."""
+def trace_fact_serial(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Tensor, kinds: Sequence[str] = KINDS,
+                      window: int = 1, samples_per_forward: Optional[int] = None) -> FactTrace:
+    """The reference: one forward per restoration, its batch the noise samples as in ROME's code
+    (or `samples_per_forward` of them per forward); every cell is computed, nothing replayed."""
     _check_kinds(kinds)
     samples = noise.shape[0]
+    step = samples_per_forward or samples
     clean, p_clean = tracer.clean_states(prompt, kinds)
-    with tracer.corrupted(prompt, noise):
-        p_corrupted = float(tracer.answer_probs(prompt, samples).double().mean())
+
+    def mean_prob(modules: list, token: int) -> float:
+        total = 0.0
+        for s in range(0, samples, step):
+            part = noise[s:s + step]
+            rows = torch.arange(part.shape[0])
+            plan = {key: (rows, torch.full_like(rows, token)) for key in modules}
+            with tracer.corrupted(prompt, part), tracer.restored(clean, plan):
+                total += float(tracer.answer_probs(prompt, part.shape[0]).double().sum())
+        return total / samples
+
+    p_corrupted = mean_prob([], 0)
     cells = _restorations(kinds, tracer.n_layers, len(prompt.ids), window)
-    all_rows = torch.arange(samples)
-    probs = []
-    for _, _, token, modules in cells:
-        plan = {key: (all_rows, torch.full((samples,), token)) for key in modules}
-        with tracer.corrupted(prompt, noise), tracer.restored(clean, plan):
-            probs.append(float(tracer.answer_probs(prompt, samples).double().mean()))
+    probs = [mean_prob(modules, token) for _, _, token, modules in cells]
     return _result(tracer, tok, prompt, p_clean, p_corrupted, cells, probs, kinds)
 
 

@@ -11,7 +11,7 @@ from massedit.hparams import MEMITHyperParams
 from massedit.requests import EditRequest
 from massedit.trace import (GROUPS, KINDS, Tracer, default_window, make_noise, prepare, suggest_layers, trace,
                             trace_fact, trace_fact_serial, window_layers)
-from tiny import make_model
+from tiny import MODEL_TYPES, make_model
 
 PLANTED = 1  # the layer whose MLP holds the facts
 SUBJECTS = tuple("Michael " + w for w in ("Jordan", "Danielle", "Darrieux", "city", "mother", "basketball"))
@@ -91,7 +91,7 @@ def test_batched_trace_equals_one_restoration_per_forward_on_the_planted_model(p
     assert batched.effects["mlp"].abs().max() > 0.01  # a trace with something in it
 
 
-@pytest.mark.parametrize("model_type", ["llama", "opt", "falcon"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_batched_trace_equals_serial_on_other_architectures(model_type):
     model, tok = make_model(model_type)
     _agree(model, tok, EditRequest("Michael Jordan", "{} plays the sport of", "chess", "basketball"), 2, 64)
@@ -148,3 +148,12 @@ def test_cli_rejects_facts_without_a_true_object_before_loading_the_model(tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "target_true" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_smoke(tmp_path):
+    from benchmarks.bench_trace import main as bench
+
+    report = bench(["--smoke", "--out", str(tmp_path / "bench.json")])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["max_abs_difference"] <= 1e-5 and saved["speedup_vs_one_restoration_per_forward"] > 0
+    assert saved["restorations"] == report["restorations"] > 0 and "load_average_at_end" in saved["machine"]

@@ -96,7 +96,7 @@ def _heatmaps(result: TraceResult, out: Path) -> list[Path]:
         effect = result.averaged(kind).numpy()
         fig, ax = plt.subplots(figsize=(1.6 + 0.45 * effect.shape[1], 2.6))
         image = ax.imshow(effect, cmap=_COLORS[kind], aspect="auto", vmin=min(0.0, float(effect[effect == effect].min())))
-        ax.set_yticks(range(len(GROUPS)), [g + ("*" if g.endswith("subject token") else "") for g in GROUPS])
+        ax.set_yticks(range(len(GROUPS)), GROUPS)
         ax.set_xticks(range(effect.shape[1]))
         ax.set_xlabel("layer" + (f" (window of {result.window})" if kind != "hidden" else ""))
         ax.set_title(f"Restoring the {_TITLES[kind]}, {len(result.traces)} facts", fontsize=10)
