@@ -30,6 +30,9 @@ KINDS = ("hidden", "mlp", "attn")
 # Token groups of the averaged heat maps (ROME's Figure 1); tokens before the subject are left
 # out, as there.
 GROUPS = ("first subject tokens", "last subject token", "further tokens", "last token")
+# Tokens per batched forward. On a CPU 256 to 1024 ran fastest (larger batches leave the caches;
+# 16384 took 1.5x the time on a 6-layer, 128-wide GPT-2); a GPU wants more.
+BATCH_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ def _result(tracer: Tracer, tok, prompt: TracePrompt, p_clean: float, p_corrupte
 
 @torch.no_grad()
 def trace_fact(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Tensor, kinds: Sequence[str] = KINDS,
-               window: int = 1, batch_tokens: int = 16384) -> FactTrace:
+               window: int = 1, batch_tokens: int = BATCH_TOKENS) -> FactTrace:
     """Every restoration × noise sample of `prompt` as rows of a few batched forwards.
 
     Two shortcuts save work and keep the result exact: restorations at tokens before the subject
@@ -353,7 +356,7 @@ class TraceResult:
 
 
 def trace(model: nn.Module, tok, requests: Sequence[EditRequest], samples: int = 10, window: Optional[int] = None,
-          noise_scale: float = 3.0, seed: int = 0, kinds: Sequence[str] = KINDS, batch_tokens: int = 16384,
+          noise_scale: float = 3.0, seed: int = 0, kinds: Sequence[str] = KINDS, batch_tokens: int = BATCH_TOKENS,
           progress: bool = False) -> TraceResult:
     """Causal traces of `requests` (each needs target_true). Fact i's noise is seeded with seed + i;
     `window` defaults to `default_window(n_layers)`."""

@@ -24,7 +24,7 @@ from massedit.arch import ModelLayout
 from massedit.hparams import default_for, world_preset
 from massedit.loading import load_model
 from massedit.requests import load_requests
-from massedit.trace import GROUPS, KINDS, TraceResult, check_requests, trace
+from massedit.trace import BATCH_TOKENS, GROUPS, KINDS, TraceResult, check_requests, trace
 
 NAME = "trace"
 HELP = "causal tracing: token × layer effects of hidden, MLP and attention states; suggests layers"
@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (fact i uses seed + i)")
     p.add_argument("--base", default="default", choices=("default", "world"),
                    help="hparams the suggestion goes into: default_for (default) or world_preset (world models)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward (memory budget, default 16384)")
+    p.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                   help=f"tokens per batched forward (default {BATCH_TOKENS}; more is faster on a GPU, costs memory)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an earlier trace's files in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
