@@ -95,12 +95,12 @@ def _heatmaps(result: TraceResult, out: Path) -> list[Path]:
     paths = []
     for kind in KINDS:
         effect = result.averaged(kind).numpy()
-        fig, ax = plt.subplots(figsize=(1.6 + 0.45 * effect.shape[1], 2.6))
+        fig, ax = plt.subplots(figsize=(max(5.0, 2.4 + 0.3 * effect.shape[1]), 2.8))
         image = ax.imshow(effect, cmap=_COLORS[kind], aspect="auto", vmin=min(0.0, float(effect[effect == effect].min())))
         ax.set_yticks(range(len(GROUPS)), GROUPS)
         ax.set_xticks(range(effect.shape[1]))
         ax.set_xlabel("layer" + (f" (window of {result.window})" if kind != "hidden" else ""))
-        ax.set_title(f"Restoring the {_TITLES[kind]}, {len(result.traces)} facts", fontsize=10)
+        ax.set_title(f"Restoring the {_TITLES[kind]}\n(average over {len(result.traces)} facts)", fontsize=9)
         fig.colorbar(image, ax=ax, label="P(o) restored − corrupted")
         fig.tight_layout()
         path = out / f"trace_{kind}.png"
