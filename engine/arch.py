@@ -30,6 +30,9 @@ class ArchSpec:
     lm_head_module: str
     attn_module_tmp: str  # self-attention of a block
     attn_out_module_tmp: str  # attention output projection (MEMAT)
+    # The MLP whose output causal tracing restores (the rewrite module's parent, or the rewrite
+    # module itself where a block has no MLP submodule, as in OPT).
+    mlp_module_tmp: str = ""
     # Modules applied between the final norm and the LM head when present (OPT's project_out).
     extra_head_modules: tuple[str, ...] = ()
     n_layers_attr: str = "num_hidden_layers"
@@ -42,6 +45,7 @@ _LLAMA_LIKE = ArchSpec(
     lm_head_module="lm_head",
     attn_module_tmp="model.layers.{}.self_attn",
     attn_out_module_tmp="model.layers.{}.self_attn.o_proj",
+    mlp_module_tmp="model.layers.{}.mlp",
 )
 
 REGISTRY: dict[str, ArchSpec] = {
@@ -52,6 +56,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="transformer.h.{}.attn",
         attn_out_module_tmp="transformer.h.{}.attn.c_proj",
+        mlp_module_tmp="transformer.h.{}.mlp",
     ),
     "gptj": ArchSpec(
         layer_module_tmp="transformer.h.{}",
@@ -60,6 +65,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="transformer.h.{}.attn",
         attn_out_module_tmp="transformer.h.{}.attn.out_proj",
+        mlp_module_tmp="transformer.h.{}.mlp",
     ),
     "gpt_neox": ArchSpec(
         layer_module_tmp="gpt_neox.layers.{}",
@@ -68,6 +74,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="embed_out",
         attn_module_tmp="gpt_neox.layers.{}.attention",
         attn_out_module_tmp="gpt_neox.layers.{}.attention.dense",
+        mlp_module_tmp="gpt_neox.layers.{}.mlp",
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -80,6 +87,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="model.layers.{}.self_attn",
         attn_out_module_tmp="model.layers.{}.self_attn.o_proj",
+        mlp_module_tmp="model.layers.{}.mlp",
     ),
     "falcon": ArchSpec(
         layer_module_tmp="transformer.h.{}",
@@ -88,6 +96,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="transformer.h.{}.self_attention",
         attn_out_module_tmp="transformer.h.{}.self_attention.dense",
+        mlp_module_tmp="transformer.h.{}.mlp",
     ),
     "opt": ArchSpec(
         layer_module_tmp="model.decoder.layers.{}",
@@ -96,6 +105,7 @@ REGISTRY: dict[str, ArchSpec] = {
         lm_head_module="lm_head",
         attn_module_tmp="model.decoder.layers.{}.self_attn",
         attn_out_module_tmp="model.decoder.layers.{}.self_attn.out_proj",
+        mlp_module_tmp="model.decoder.layers.{}.fc2",
         extra_head_modules=("model.decoder.project_out",),
     ),
 }

@@ -1,0 +1,114 @@
+"""Causal tracing: every restoration of a prompt batched into few forwards vs one per forward.
+
+    python -m benchmarks.bench_trace [--facts 10] [--samples 10] [--threads 1] [--smoke]
+
+Model: an untrained GPT-2 of the default knowledge world's size (6 layers, 128 wide, d_ff 512,
+the world's tokenizer), on the world generator's CounterFact prompts; random weights are fine for
+timing, the work per forward does not depend on them. Two references: one restoration per forward
+with the noise samples as its batch, as ROME's code does, and one restoration of one noise sample
+per forward. Each fact runs all three in turn so that machine load hits them alike; their effects
+are checked to agree to 1e-5.
+Writes benchmarks/results/bench_trace-<timestamp>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.suites.common import RESULTS_DIR, machine_info, stamp, write_json
+from massedit.requests import parse_records
+from massedit.trace import BATCH_TOKENS, KINDS, Tracer, default_window, make_noise, prepare, trace_fact, trace_fact_serial
+
+
+def _setup(smoke: bool):
+    from massedit.world.generate import counterfact_records, generate_world
+    from massedit.world.train import make_model, preset, train_tokenizer
+
+    world = generate_world(20 if smoke else 200, seed=0)
+    cfg = preset("gpt2", quick=smoke)
+    tok = train_tokenizer(world, "gpt2", cfg.vocab_size, n_texts=1500 if smoke else 4000)
+    model = make_model("gpt2", tok, cfg, seed=0).eval()
+    records = counterfact_records(world)
+    return model, tok, parse_records(records, "world generator", fmt="counterfact"), cfg
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=6)
+    ap.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
+    ap.add_argument("--window", type=int, help="MLP / attention window (default: massedit.trace.default_window)")
+    ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="2-layer 64-wide model, 2 facts, 2 samples: seconds")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/bench_trace-<timestamp>.json)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    facts, samples = (2, 2) if args.smoke else (args.facts, args.samples)
+    model, tok, requests, cfg = _setup(args.smoke)
+    tracer = Tracer(model)
+    window = args.window or default_window(tracer.n_layers)
+    prompts = [prepare(tok, r) for r in requests[:facts]]
+    sigma = 3 * tracer.embedding_std(prompts)
+    machine = machine_info()
+
+    modes = {
+        "batched": lambda p, noise: trace_fact(tracer, tok, p, noise, KINDS, window, args.batch_tokens),
+        "one restoration / forward": lambda p, noise: trace_fact_serial(tracer, tok, p, noise, KINDS, window),
+        "one sample / forward": lambda p, noise: trace_fact_serial(tracer, tok, p, noise, KINDS, window, 1),
+    }
+    # One untimed fact of each, so that none pays the first-call costs.
+    warm = make_noise(samples, prompts[0].subject[1] - prompts[0].subject[0], cfg.d_model, sigma, seed=-1)
+    for run in modes.values():
+        run(prompts[0], warm)
+
+    seconds = dict.fromkeys(modes, 0.0)
+    cpu_seconds = dict.fromkeys(modes, 0.0)  # on a shared machine, less disturbed by load than wall time
+    max_diff = 0.0
+    for i, prompt in enumerate(prompts):
+        noise = make_noise(samples, prompt.subject[1] - prompt.subject[0], cfg.d_model, sigma, seed=i)
+        results = {}
+        for name, run in modes.items():
+            t, c = time.perf_counter(), time.process_time()
+            results[name] = run(prompt, noise)
+            seconds[name] += time.perf_counter() - t
+            cpu_seconds[name] += time.process_time() - c
+        max_diff = max([max_diff] + [float((r.effects[k] - results["batched"].effects[k]).abs().max())
+                                     for r in results.values() for k in KINDS])
+    if max_diff > 1e-5:
+        raise AssertionError(f"batched and one-per-forward traces differ by {max_diff:.2e} (> 1e-5)")
+
+    tokens = sum(len(p.ids) for p in prompts)
+    restorations = len(KINDS) * tracer.n_layers * tokens
+    report = {
+        "benchmark": "bench_trace", "smoke": args.smoke,
+        "model": {"kind": "gpt2, random weights (world size)", "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+                  "d_ff": cfg.d_ff, "vocab_size": len(tok)},
+        "facts": len(prompts), "mean_prompt_tokens": round(tokens / len(prompts), 2), "samples": samples,
+        "window": window, "kinds": list(KINDS), "batch_tokens": args.batch_tokens, "restorations": restorations,
+        "seconds": {name: round(v, 3) for name, v in seconds.items()},
+        "cpu_seconds": {name: round(v, 3) for name, v in cpu_seconds.items()},
+        "speedup": {f"{name} / batched": {"wall": round(seconds[name] / seconds["batched"], 2),
+                                          "cpu": round(cpu_seconds[name] / cpu_seconds["batched"], 2)}
+                    for name in modes if name != "batched"},
+        "max_abs_difference": max_diff,
+        "machine": {**machine, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+    }
+    print(f"{'mode':<26}{'wall s':>9}{'ratio':>8}{'CPU s':>9}{'ratio':>8}")
+    for name in modes:
+        print(f"{name:<26}{seconds[name]:>9.2f}{seconds[name] / seconds['batched']:>7.1f}x"
+              f"{cpu_seconds[name]:>9.2f}{cpu_seconds[name] / cpu_seconds['batched']:>7.1f}x")
+    print(f"{len(prompts)} facts, {restorations} restorations x {samples} noise "
+          f"samples, window {window}, {cfg.n_layer} layers x {cfg.d_model}; max |difference| {max_diff:.1e}; "
+          f"load average {machine.get('load_average_at_start')} -> {report['machine']['load_average_at_end']}")
+    out = Path(args.out) if args.out else RESULTS_DIR / f"bench_trace-{stamp()}.json"
+    write_json(out, report)
+    report["json"] = str(out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Causal tracing: where the model recalls its facts, and which layers to edit (DESIGN §12).
+
+Example:
+  massedit trace --model ./world/model --data ./world/counterfact.json --n 50 --out trace
+
+Writes OUT/trace.json (settings, per-fact and averaged effects, the suggested layers),
+OUT/trace_hidden.png, OUT/trace_mlp.png and OUT/trace_attn.png (token × layer heat maps averaged
+over the facts, when matplotlib is installed) and OUT/hparams.json: the model's default hparams
+(`--base default`: massedit.default_for; `--base world`: massedit.world_preset) with `layers`
+set to the suggestion, for `massedit edit --hparams OUT/hparams.json`.
+
+The suggestion is the window of `--span` consecutive layers (default: as many as the base
+hparams edit) with the largest summed MLP effect at the subject's last token; its last layer is
+at most N − 2 so that blocks remain after it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from massedit.arch import ModelLayout
+from massedit.hparams import default_for, world_preset
+from massedit.loading import load_model
+from massedit.requests import load_requests
+from massedit.trace import BATCH_TOKENS, GROUPS, KINDS, TraceResult, check_requests, trace
+
+NAME = "trace"
+HELP = "causal tracing: token × layer effects of hidden, MLP and attention states; suggests layers"
+
+_FILES = ("trace.json", "hparams.json") + tuple(f"trace_{k}.png" for k in KINDS)
+_TITLES = {"hidden": "block output (residual stream)", "mlp": "MLP output", "attn": "attention output"}
+_COLORS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="hub name or local directory")
+    p.add_argument("--data", required=True,
+                   help="CounterFact JSON, or simple JSON / JSONL / CSV requests with target_true (the true object)")
+    p.add_argument("--n", type=int, help="trace the first N facts (default: all)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples per fact (default 10)")
+    p.add_argument("--window", type=int,
+                   help="consecutive MLP / attention layers restored together (default: 10 on 28+ layers, "
+                        "scaled down with depth)")
+    p.add_argument("--span", type=int, help="number of layers to suggest (default: as many as the base hparams edit)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the subjects' embedding std (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (fact i uses seed + i)")
+    p.add_argument("--base", default="default", choices=("default", "world"),
+                   help="hparams the suggestion goes into: default_for (default) or world_preset (world models)")
+    p.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                   help=f"tokens per batched forward (default {BATCH_TOKENS}; more is faster on a GPU, costs memory)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier trace's files in --out")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--model-dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _check_args(args) -> None:
+    for name in ("n", "samples", "window", "span", "batch_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not args.noise > 0:
+        raise ValueError(f"--noise must be positive, got {args.noise}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    taken = [f for f in _FILES if (out / f).exists()]
+    if taken and not args.force:
+        raise ValueError(f"--out {out} already holds {', '.join(taken)}; choose another directory or pass --force")
+
+
+def _finite(values) -> list:
+    return [None if math.isnan(v) else v for v in values]
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole file or nothing: written beside, then renamed over."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _heatmaps(result: TraceResult, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for kind in KINDS:
+        effect = result.averaged(kind).numpy()
+        fig, ax = plt.subplots(figsize=(max(5.0, 2.4 + 0.3 * effect.shape[1]), 2.8))
+        image = ax.imshow(effect, cmap=_COLORS[kind], aspect="auto", vmin=min(0.0, float(effect[effect == effect].min())))
+        ax.set_yticks(range(len(GROUPS)), GROUPS)
+        ax.set_xticks(range(effect.shape[1]))
+        ax.set_xlabel("layer" + (f" (window of {result.window})" if kind != "hidden" else ""))
+        ax.set_title(f"Restoring the {_TITLES[kind]}\n(average over {len(result.traces)} facts)", fontsize=9)
+        fig.colorbar(image, ax=ax, label="P(o) restored − corrupted")
+        fig.tight_layout()
+        path = out / f"trace_{kind}.png"
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def run(args) -> int:
+    _check_args(args)
+    requests = load_requests(args.data)[: args.n]
+    check_requests(requests)
+    model, tok = load_model(args.model, args.device, args.model_dtype)
+    hp = (world_preset if args.base == "world" else default_for)(model.config)
+    n_layers = ModelLayout(model).n_layers
+    span = args.span or len(hp.layers)
+    if span > n_layers:
+        raise ValueError(f"--span {span} exceeds the model's {n_layers} layers")
+    result = trace(model, tok, requests, samples=args.samples, window=args.window, noise_scale=args.noise,
+                   seed=args.seed, batch_tokens=args.batch_tokens, progress=not args.quiet)
+    layers = result.suggested_layers(span)
+    mlp_last_subject = result.averaged("mlp")[GROUPS.index("last subject token")].tolist()
+    hp = hp.replace(layers=layers)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "settings": {"model": args.model, "data": args.data, "facts": len(result.traces), "samples": result.samples,
+                     "window": result.window, "noise_scale": args.noise, "sigma": result.sigma, "seed": result.seed,
+                     "span": span, "base": args.base},
+        "suggested_layers": layers,
+        "rule": f"the {span} consecutive layers (last at most N - 2) with the largest summed MLP effect at the "
+                "subject's last token",
+        "mlp_effect_at_last_subject_token": mlp_last_subject,
+        "p_clean": sum(t.p_clean for t in result.traces) / len(result.traces),
+        "p_corrupted": sum(t.p_corrupted for t in result.traces) / len(result.traces),
+        "averaged": {k: {g: _finite(row) for g, row in zip(GROUPS, result.averaged(k).tolist())} for k in KINDS},
+    }
+    _write(out / "hparams.json", json.dumps(hp.to_dict(), indent=4) + "\n")
+    plots = _heatmaps(result, out)
+    summary["files"] = [str(out / "trace.json"), str(out / "hparams.json")] + [str(p) for p in plots]
+    _write(out / "trace.json", json.dumps({**summary, "facts": [t.to_dict() for t in result.traces]}, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{len(result.traces)} facts, {result.samples} noise samples, window {result.window}: "
+          f"P(true) clean {summary['p_clean']:.3f}, corrupted {summary['p_corrupted']:.3f}")
+    print("MLP effect at the subject's last token, by layer:")
+    print("  " + "  ".join(f"{l}: {v:.3f}" for l, v in enumerate(mlp_last_subject)))
+    print(f"suggested layers: {layers} ({summary['rule']}; --span changes the count)")
+    print(f"wrote {', '.join(summary['files'])}")
+    print(f"edit with them: massedit edit --hparams {out / 'hparams.json'} ...")
+    if not plots:
+        print("heat maps skipped: matplotlib is not installed (pip install matplotlib)")
+    return 0

@@ -1,0 +1,159 @@
+"""Causal tracing (massedit.trace, `massedit trace`): a fact planted in one layer's MLP is found
+there; the batched trace equals one restoration per forward; the CLI writes its files."""
+import json
+
+import pytest
+import torch
+
+from massedit import tokens as T
+from massedit.cli import main
+from massedit.hparams import MEMITHyperParams
+from massedit.requests import EditRequest
+from massedit.trace import (GROUPS, KINDS, Tracer, default_window, make_noise, prepare, suggest_layers, trace,
+                            trace_fact, trace_fact_serial, window_layers)
+from tiny import MODEL_TYPES, make_model
+
+PLANTED = 1  # the layer whose MLP holds the facts
+SUBJECTS = tuple("Michael " + w for w in ("Jordan", "Danielle", "Darrieux", "city", "mother", "basketball"))
+OBJECTS = ("French", "German", "Italian", "Spanish", "English", "Japanese")
+PROMPTS = ("{} speaks", "The mother tongue of {} is")
+
+
+def _facts() -> list[EditRequest]:
+    return [EditRequest(s, p, "Tokyo", o) for s, o in zip(SUBJECTS, OBJECTS) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A 4-layer GPT-2 that can only recall its facts with layer PLANTED's MLP at the subject.
+
+    The other MLPs output zero, and so do the attentions up to PLANTED: at that layer each position
+    still holds only its own token, so the subject's last token (the one piece that tells the
+    subjects apart) is the only place where the MLP can look the object up; later attentions carry
+    it to the last token."""
+    model, tok = make_model("gpt2", seed=0)
+    for layer, block in enumerate(model.transformer.h):
+        silenced = ([block.attn.c_proj] if layer <= PLANTED else []) + ([block.mlp.c_proj] if layer != PLANTED else [])
+        for module in silenced:
+            for p in module.parameters():
+                p.data.zero_()
+                p.requires_grad = False
+    rows = []
+    for req in _facts():
+        text = req.text()
+        rows.append((tok(text)["input_ids"], T.target_ids(tok, text, req.target_true)[0]))
+    width = max(len(ids) for ids, _ in rows)
+    # Right padding needs no mask: causal attention never lets a real token see the padding after it.
+    ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    last = torch.tensor([len(ids) - 1 for ids, _ in rows])
+    answers = torch.tensor([a for _, a in rows])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(200):
+        logits = model(ids).logits[torch.arange(len(rows)), last]
+        loss = torch.nn.functional.cross_entropy(logits, answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def test_mlp_effect_at_the_subjects_last_token_peaks_at_the_planted_layer(planted):
+    model, tok = planted
+    result = trace(model, tok, _facts(), samples=5, window=1)
+    assert min(t.p_clean for t in result.traces) > 0.9
+    mlp = result.averaged("mlp")[GROUPS.index("last subject token")]
+    assert int(mlp.argmax()) == PLANTED
+    assert mlp[PLANTED] > 0.1 and mlp[PLANTED] > 10 * mlp.abs()[torch.arange(4) != PLANTED].max()
+    assert result.suggested_layers(1) == [PLANTED]
+    for t in result.traces:
+        # Restoring the whole last residual at the last token restores the clean output.
+        assert t.effects["hidden"][-1, -1] == pytest.approx(t.p_clean - t.p_corrupted, abs=1e-6)
+        assert t.effects["hidden"].shape == (len(t.prompt.ids), 4) and "".join(t.tokens) == t.prompt.text
+
+
+def _agree(model, tok, req, window, batch_tokens):
+    tracer = Tracer(model)
+    prompt = prepare(tok, req)
+    sigma = 3 * tracer.embedding_std([prompt])
+    noise = make_noise(3, prompt.subject[1] - prompt.subject[0], tracer.embed.weight.shape[-1], sigma, seed=1)
+    batched = trace_fact(tracer, tok, prompt, noise, KINDS, window, batch_tokens)
+    serial = trace_fact_serial(tracer, tok, prompt, noise, KINDS, window)
+    assert batched.p_corrupted == pytest.approx(serial.p_corrupted, abs=1e-5)
+    for kind in KINDS:
+        assert torch.allclose(batched.effects[kind], serial.effects[kind], atol=1e-5, rtol=0), kind
+    return batched
+
+
+def test_batched_trace_equals_one_restoration_per_forward_on_the_planted_model(planted):
+    model, tok = planted
+    batched = _agree(model, tok, _facts()[1], window=3, batch_tokens=50)
+    assert batched.effects["mlp"].abs().max() > 0.01  # a trace with something in it
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_batched_trace_equals_serial_on_other_architectures(model_type):
+    model, tok = make_model(model_type)
+    _agree(model, tok, EditRequest("Michael Jordan", "{} plays the sport of", "chess", "basketball"), 2, 64)
+
+
+def test_windows_clamp_at_the_ends_like_rome():
+    assert list(window_layers(0, 10, 28)) == list(range(0, 5))
+    assert list(window_layers(12, 10, 28)) == list(range(7, 17))
+    assert list(window_layers(27, 10, 28)) == list(range(22, 28))
+    assert list(window_layers(3, 1, 6)) == [3]
+    assert [default_window(n) for n in (4, 6, 12, 28, 48)] == [1, 2, 4, 10, 10]
+
+
+def test_suggested_layers_maximize_the_summed_effect_and_leave_room_after_them():
+    assert suggest_layers([0.0, 0.1, 0.5, 0.4, 0.0, 0.0], 2, 6) == [2, 3]
+    assert suggest_layers([0.0, 0.0, 0.0, 0.0, 0.2, 1.0], 1, 6) == [4]
+    assert suggest_layers([0.3, 0.0, 0.0, 0.0], 3, 4) == [0, 1, 2]
+
+
+def test_cli_writes_the_trace_heat_maps_and_a_usable_hparams_file(planted, tmp_path, capsys):
+    model, tok = planted
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    records = [{"case_id": i, "requested_rewrite": {"prompt": r.prompt, "subject": r.subject,
+                                                    "target_new": {"str": r.target_new},
+                                                    "target_true": {"str": r.target_true}}}
+               for i, r in enumerate(_facts())]
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "trace"
+    argv = ["trace", "--model", str(tmp_path / "model"), "--data", str(data), "--n", "6", "--samples", "3",
+            "--window", "1", "--span", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"suggested layers: [{PLANTED}]" in stdout
+    report = json.loads((out / "trace.json").read_text())
+    assert report["suggested_layers"] == [PLANTED] and report["settings"]["facts"] == 6
+    assert len(report["facts"]) == 6 and set(report["facts"][0]["effects"]) == set(KINDS)
+    assert set(report["averaged"]["mlp"]) == set(GROUPS)
+    for kind in KINDS:
+        assert (out / f"trace_{kind}.png").stat().st_size > 1000
+    hp = MEMITHyperParams.from_file(out / "hparams.json")
+    assert hp.layers == [PLANTED] and hp.v_loss_layer == 3
+
+    # A second run into the same directory would overwrite: refused without --force.
+    assert main(argv) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_cli_rejects_facts_without_a_true_object_before_loading_the_model(tmp_path, capsys):
+    data = tmp_path / "facts.jsonl"
+    data.write_text(json.dumps({"subject": "Michael Jordan", "prompt": "{} plays", "target_new": "chess"}) + "\n")
+    code = main(["trace", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "target_true" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_smoke(tmp_path):
+    from benchmarks.bench_trace import main as bench
+
+    report = bench(["--smoke", "--out", str(tmp_path / "bench.json")])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["max_abs_difference"] <= 1e-5 and saved["speedup"]["one restoration / forward / batched"]["cpu"] > 0
+    assert saved["restorations"] == report["restorations"] > 0 and "load_average_at_end" in saved["machine"]
