@@ -273,7 +273,8 @@ class EditDelta:
         """The weights' current digests; an error if any already holds this delta's edit."""
         digests = [_sha256(p.detach()) for p in params]
         for wd, p, digest, r in zip(self.weights, params, digests, self._record or []):
-            if p.dtype == r.dtype and digest == r.sha256_after:
+            # A weight the delta leaves unchanged (Δ rounds away) holds its edit whether applied or not.
+            if p.dtype == r.dtype and digest == r.sha256_after != r.sha256_before:
                 raise DeltaError(
                     f"this delta is already applied to this model ({wd.name} holds its edited values); "
                     "revert it before applying it again"
@@ -331,7 +332,8 @@ class EditDelta:
             )
         params = self._params(model)
         digests = [_sha256(p.detach()) for p in params]
-        if all(p.dtype == r.dtype and d == r.sha256_before for p, d, r in zip(params, digests, self._record)):
+        changing = [(p, d, r) for p, d, r in zip(params, digests, self._record) if r.sha256_before != r.sha256_after]
+        if changing and all(p.dtype == r.dtype and d == r.sha256_before for p, d, r in changing):
             raise DeltaError(
                 "this delta is not applied to this model: its weights equal the base weights "
                 "(already reverted, or never applied); nothing to revert"

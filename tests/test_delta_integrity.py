@@ -182,3 +182,18 @@ def test_version_1_files_still_load(saved, tmp_path):
     tensors, header = _edit(saved, lambda t, h: h.update(format_version=1, applied=h.pop("record")))
     loaded = EditDelta.load(_write(tmp_path, tensors, header))
     assert loaded.n_fixups == sum(t.numel() for k, t in tensors.items() if k.endswith(".index"))
+
+
+def test_delta_that_changes_nothing_applies_and_reverts():
+    """A Δ that rounds away entirely (z already reached: zero residual) leaves the weights as they
+    were; applying it, even after record(), and reverting it are no-ops, not errors."""
+    model, _ = make_model("gpt2")
+    base = _snapshot(model)
+    delta = _delta(model)
+    for wd in delta.weights:
+        wd.u.zero_()
+    delta.record(model)
+    delta.apply(model)
+    assert _same(model, base) and delta.is_applied(model)
+    delta.revert(model)
+    assert _same(model, base)
