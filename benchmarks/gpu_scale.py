@@ -324,6 +324,7 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     covariance phase is not what this benchmark is about. The factor of λC, which the editor
     keeps across edits, is computed here (timed separately, `statistics.factor_s`).
     """
+    from massedit.devices import execution_device
     from massedit.solve import LayerSolver
 
     hp, layout = editor.hp, editor.layout
@@ -332,7 +333,7 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     scale_s = time.perf_counter() - t
     nbytes, factor_s, build_s = 0, 0.0, 0.0
     for l in hp.layers:
-        device = layout.device_of(l)
+        device = execution_device(layout.rewrite_module(l))
         gen = torch.Generator(device=device).manual_seed(seed + l)
         t = time.perf_counter()
         cov = synthetic_covariance(layout.key_dim(l), scales[l], device, gen)

@@ -37,6 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from massedit.devices import read_parameter, write_parameter
+
 FORMAT_VERSION = 1
 HEADER_KEY = "massedit.delta"
 
@@ -144,11 +146,6 @@ def _sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _write(param: nn.Parameter, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        param.copy_(value)
-
-
 def _strip_volatile(obj):
     if isinstance(obj, dict):
         return {
@@ -248,25 +245,26 @@ class EditDelta:
                     f"({self.metadata.get('model_name', 'unnamed model')}), this model's is {actual}; "
                     "pass force=True to apply it anyway"
                 )
-        params = self._params(model)
+        self._params(model)
         for wd in self.weights:
             for factor in (wd.u, wd.v):
                 if not factor.is_floating_point() or not torch.isfinite(factor).all():
                     raise DeltaError(f"{wd.name}: the delta's factors contain NaN/inf (or are not floats)")
-        done: list[tuple[WeightDelta, nn.Parameter, _Applied]] = []
+        done: list[tuple[WeightDelta, _Applied]] = []
         try:
-            for wd, p in zip(self.weights, params):
-                w = p.detach()
+            for wd in self.weights:
+                w = read_parameter(model, wd.name)
                 before = _sha256(w)
                 new, index, value = _edited(w, wd)
                 record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type)
-                _write(p, new)
-                done.append((wd, p, record))
+                write_parameter(model, wd.name, new)
+                done.append((wd, record))
         except BaseException:
-            for wd, p, record in reversed(done):
-                _write(p, _restored(p.detach(), wd, record.fix_index, record.fix_value))
+            for wd, record in reversed(done):
+                write_parameter(model, wd.name,
+                                _restored(read_parameter(model, wd.name), wd, record.fix_index, record.fix_value))
             raise
-        self._applied = [record for _, _, record in done]
+        self._applied = [record for _, record in done]
 
     def revert(self, model: nn.Module, exact: bool = True) -> None:
         """Restore the weights from before apply, bit for bit; nothing is written unless every
@@ -278,8 +276,8 @@ class EditDelta:
             )
         params = self._params(model)
         if not exact:
-            for wd, p in zip(self.weights, params):
-                _write(p, _restored(p.detach(), wd))
+            for wd in self.weights:
+                write_parameter(model, wd.name, _restored(read_parameter(model, wd.name), wd))
             self._applied = None
             return
         for wd, p, record in zip(self.weights, params, self._applied):
@@ -288,25 +286,26 @@ class EditDelta:
                     f"{wd.name}: the delta was applied to a {record.dtype} weight, this one is "
                     f"{p.dtype}; exact revert needs the same dtype (or use revert(model, exact=False))"
                 )
-            if _sha256(p) != record.sha256_after:
+            if _sha256(read_parameter(model, wd.name)) != record.sha256_after:
                 raise DeltaError(
                     f"{wd.name} has changed since this delta was applied (training steps, another "
                     "edit?): an exact revert is impossible; revert(model, exact=False) subtracts "
                     "Δ approximately. No weight was changed."
                 )
         originals = []
-        for wd, p, record in zip(self.weights, params, self._applied):
-            old = _restored(p.detach(), wd, record.fix_index, record.fix_value)
+        for wd, record in zip(self.weights, self._applied):
+            stored = read_parameter(model, wd.name)
+            old = _restored(stored, wd, record.fix_index, record.fix_value)
             if _sha256(old) != record.sha256_before:
                 raise DeltaError(
                     f"{wd.name}: recomputing Δ did not reproduce the original weight; the delta "
                     f"was applied on {record.device!r}, and exact revert needs the same device type "
-                    f"and torch build (this weight is on {p.device.type!r}). No weight was changed; "
+                    f"and torch build (this weight is on {stored.device.type!r}). No weight was changed; "
                     "revert(model, exact=False) subtracts Δ approximately."
                 )
             originals.append(old)
-        for p, old in zip(params, originals):
-            _write(p, old)
+        for wd, old in zip(self.weights, originals):
+            write_parameter(model, wd.name, old)
         self._applied = None
 
     def save(self, path) -> None:

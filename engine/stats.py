@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
+from massedit.devices import execution_device, input_device
 from massedit.hooks import capture_inputs, run_until
 from massedit.tokens import pad, pad_id_of
 from massedit.kernels.covariance import accumulate_xtx, symmetrize
@@ -170,11 +171,12 @@ def second_moments(
     encoded = [tok(t, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"] for t in texts]
     encoded = [ids for ids in encoded if ids]
     modules = {str(l): layout.rewrite_module(l) for l in layers}
-    acc = {l: torch.zeros(layout.key_dim(l), layout.key_dim(l), dtype=dtype, device=layout.device_of(l)) for l in layers}
+    acc = {l: torch.zeros(layout.key_dim(l), layout.key_dim(l), dtype=dtype,
+                          device=execution_device(layout.rewrite_module(l))) for l in layers}
     batches = _batches([len(ids) for ids in encoded], batch_tokens)
     fingerprint = _fingerprint(encoded, layers, dtype, batch_tokens) if checkpoint else ""
     count, done = _load_checkpoint(checkpoint, acc, fingerprint)
-    device = next(model.parameters()).device
+    device = input_device(model)
     stop = layout.block(max(layers))
     for b, rows in enumerate(tqdm(batches, desc="statistics", disable=not progress, unit="batch", initial=done)):
         if b < done:
@@ -233,4 +235,5 @@ def layer_covariances(
         for l, (mom2, count) in computed.items():
             write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts))
             sums[l] = (mom2, count)
-    return {l: (sums[l][0].to(layout.device_of(l), torch.float64) / sums[l][1]) for l in hp.layers}
+    return {l: (sums[l][0].to(execution_device(layout.rewrite_module(l)), torch.float64) / sums[l][1])
+            for l in hp.layers}

@@ -1,0 +1,172 @@
+"""Editing models that Accelerate places and offloads: the same ΔW, statistics and metrics as the
+plain model, edits written through to offloaded weights (CPU weights maps and disk offload
+files), revert bit for bit, and save_pretrained carrying the edit.
+
+On a CPU-only machine a device_map's "cpu" entries are not offloaded (only "disk" is); the CPU
+offload that a GPU machine applies to them is exercised with accelerate.cpu_offload."""
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import cpu_offload
+from transformers import AutoModelForCausalLM
+
+from massedit.arch import ModelLayout
+from massedit.devices import execution_device, input_device, offloaded_state_dict, read_parameter
+from massedit.evaluate import evaluate, summary
+from massedit.loading import dtype_kwargs
+from massedit.stats import second_moments
+from test_evaluate import cf_record
+from test_pipeline import EDITED, FACTS, WORLD_REQUESTS, train_world, world_editor
+from tiny import make_model
+
+LAYERS = (1, 2, 3)  # world_editor's
+# CounterFact-style records of the edited facts, to compare metrics between placements.
+RECORDS = [cf_record(i, FACTS[i][0], FACTS[i][1] + " {}", new, FACTS[i][2], [f"I know that {FACTS[i][1]} {FACTS[i][0]}"],
+                     [f"{FACTS[j][1]} {FACTS[j][0]}" for j in range(len(FACTS)) if j not in EDITED][:3])
+           for i, new in EDITED.items()]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def saved(request, tmp_path_factory):
+    """(checkpoint directory, tokenizer, corpus) of a small model trained on a toy world of facts."""
+    model, tok, sentences = train_world(arch=request.param)
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tok, sentences
+
+
+def _placement(model, rule) -> dict[str, str]:
+    """A device_map over the model's top-level pieces (embeddings, each block, final norm, head):
+    rule(name, block index or None) → "cpu" | "disk"."""
+    layout = ModelLayout(model)
+    blocks = {layout.block_name(l): l for l in range(layout.n_layers)}
+    base, _, _ = layout.block_name(0).rpartition(".")  # e.g. transformer.h
+    owner, _, _ = base.rpartition(".")
+    names = [f"{owner}.{n}" for n, _ in model.get_submodule(owner).named_children() if f"{owner}.{n}" != base]
+    names += list(blocks) + [n for n, _ in model.named_children() if n != owner]
+    return {n: rule(n, blocks.get(n)) for n in names}
+
+
+def _embeddings(model) -> set[str]:
+    """The input embeddings (GPT-2: token and position) and the output head, which GPT-2 ties to them
+    (tied weights must share a placement)."""
+    emb = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return {n for n, m in model.named_modules() if any(m is e for e in emb) or n.endswith(".wpe")}
+
+
+PLACEMENTS = {
+    "edited-blocks-on-disk": lambda model: _placement(model, lambda n, l: "disk" if l in LAYERS else "cpu"),
+    "embeddings-on-disk": lambda model: _placement(model, lambda n, l: "disk" if n in _embeddings(model) else "cpu"),
+    "alternate-blocks": lambda model: _placement(model, lambda n, l: ("disk" if l % 2 else "cpu") if l is not None
+                                                 else "cpu"),
+    "cpu-offload": None,
+}
+
+
+def _load(path, placement: str, offload_folder):
+    """The checkpoint loaded plain, with a device_map, or CPU-offloaded by accelerate.cpu_offload."""
+    plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **dtype_kwargs(torch.float32))
+    if placement == "plain":
+        return plain.eval()
+    if placement == "cpu-offload":
+        return cpu_offload(plain, execution_device=torch.device("cpu")).eval()
+    device_map = PLACEMENTS[placement](plain)
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", device_map=device_map,
+                                                offload_folder=offload_folder, **dtype_kwargs(torch.float32)).eval()
+
+
+def _stored(model) -> dict[str, torch.Tensor]:
+    """Every parameter's stored value (weights map / offload file for offloaded ones), copied."""
+    return {n: read_parameter(model, n).clone() for n, _ in model.named_parameters()}
+
+
+@torch.no_grad()
+def _target_logprob(model, tok, request) -> float:
+    ids = tok(request["prompt"].format(request["subject"]))["input_ids"]
+    target = tok(request["target_new"], add_special_tokens=False)["input_ids"]
+    full = torch.tensor([ids + target], device=input_device(model))
+    logp = model(input_ids=full).logits[0, len(ids) - 1 : -1].float().log_softmax(-1).cpu()
+    return float(logp[torch.arange(len(target)), torch.tensor(target)].sum())
+
+
+def _offloaded(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.device.type == "meta"]
+
+
+@pytest.mark.filterwarnings("ignore:.*ridge:UserWarning")  # 36 short sentences: C has a null space
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_offloaded_model_edits_like_the_plain_model(saved, placement, tmp_path):
+    path, tok, sentences = saved
+    plain = _load(path, "plain", None)
+    model = _load(path, placement, tmp_path / "offload")
+    layout = ModelLayout(model)
+    edited = {layout.rewrite_weight_name(l) for l in LAYERS}
+    offloaded = _offloaded(model)
+    assert offloaded, "the placement offloads nothing"
+    if placement == "edited-blocks-on-disk":
+        assert edited <= set(offloaded)
+
+    # Statistics on the offloaded model equal the plain model's.
+    sums = second_moments(model, layout, tok, sentences, list(LAYERS), torch.float64, progress=False)
+    ref_sums = second_moments(plain, ModelLayout(plain), tok, sentences, list(LAYERS), torch.float64, progress=False)
+    for l in LAYERS:
+        assert sums[l][1] == ref_sums[l][1]
+        assert torch.allclose(sums[l][0].cpu(), ref_sums[l][0], rtol=1e-6, atol=1e-9), l
+
+    before_probs = [_target_logprob(model, tok, r) for r in WORLD_REQUESTS]
+    before = _stored(model)
+    ref = world_editor(plain, tok, sentences, tmp_path / "stats-plain").edit(WORLD_REQUESTS)
+    result = world_editor(model, tok, sentences, tmp_path / "stats").edit(WORLD_REQUESTS)
+    for got, want in zip(result.delta.weights, ref.delta.weights):
+        assert got.name == want.name
+        dw, dw_ref = got.dense(), want.dense()
+        assert float((dw - dw_ref).norm() / dw_ref.norm()) <= 1e-5, got.name
+
+    # The edit is in the stored weights and in the forward pass, as on the plain model.
+    after = _stored(model)
+    assert {n for n in before if not torch.equal(before[n], after[n])} == edited
+    after_probs = [_target_logprob(model, tok, r) for r in WORLD_REQUESTS]
+    assert all(a > b + 1.0 for a, b in zip(after_probs, before_probs)), (before_probs, after_probs)
+    assert after_probs == pytest.approx([_target_logprob(plain, tok, r) for r in WORLD_REQUESTS], abs=1e-3)
+    metrics = summary(evaluate(model, tok, RECORDS))
+    assert metrics["ES"] == 100.0
+    assert metrics == pytest.approx(summary(evaluate(plain, tok, RECORDS)), abs=1e-3)
+
+    # save_pretrained of the edited model carries the edit; a model offloaded by hand passes its state dict.
+    out = tmp_path / "saved"
+    model.save_pretrained(out, state_dict=offloaded_state_dict(model) if placement == "cpu-offload" else None)
+    reloaded = _load(out, "plain", None)
+    for n in edited:
+        assert torch.equal(read_parameter(reloaded, n), after[n]), n
+    assert [_target_logprob(reloaded, tok, r) for r in WORLD_REQUESTS] == pytest.approx(after_probs, abs=1e-4)
+
+    result.delta.revert(model)
+    reverted = _stored(model)
+    for n, value in before.items():
+        assert torch.equal(reverted[n], value), n
+    assert [_target_logprob(model, tok, r) for r in WORLD_REQUESTS] == pytest.approx(before_probs, abs=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*ridge:UserWarning")
+def test_disk_offload_never_writes_the_checkpoint(saved, tmp_path):
+    """Accelerate reads disk-offloaded weights straight from the checkpoint's safetensors file; the
+    edit goes to a file in the offload folder instead, and the checkpoint's bytes stay as they were."""
+    path, tok, sentences = saved
+    files = {p: p.read_bytes() for p in path.glob("*.safetensors")}
+    model = _load(path, "edited-blocks-on-disk", tmp_path / "offload")
+    result = world_editor(model, tok, sentences, tmp_path / "stats").edit(WORLD_REQUESTS[:1])
+    assert all(p.read_bytes() == data for p, data in files.items())
+    assert sorted(f.name for f in (tmp_path / "offload").glob("*.dat")) == sorted(
+        f"{wd.name}.dat" for wd in result.delta.weights)
+
+
+def test_execution_device_is_the_hooks_not_the_parameters(saved, tmp_path):
+    path, tok, _ = saved
+    model = _load(path, "embeddings-on-disk", tmp_path / "offload")
+    emb = model.get_input_embeddings()
+    assert emb.weight.device.type == "meta"
+    assert execution_device(emb) == input_device(model) == torch.device("cpu")
+    plain, _ = make_model("gpt2")
+    assert execution_device(plain.get_submodule("transformer.h.1")) == torch.device("cpu")
