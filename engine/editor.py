@@ -20,7 +20,7 @@ from massedit.arch import ModelLayout
 from massedit.context import ContextTemplates, generate_templates, validate_templates
 from massedit.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
-from massedit.loading import dtype_kwargs
+from massedit.loading import LoadOptions, load_model, model_name_for
 from massedit.memit import spread_update
 from massedit.requests import EditRequest, parse_records, validate_requests
 from massedit.rome import rome_layer, rome_update
@@ -88,13 +88,18 @@ class MassEditor:
         self._solvers: dict[int, LayerSolver] = {}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, hparams=None, *, device_map=None, torch_dtype="auto", **kwargs):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **dtype_kwargs(torch_dtype))
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        kwargs.setdefault("model_name", Path(str(name_or_path).rstrip("/")).name)
-        return cls(model, tok, hparams, **kwargs)
+    def from_pretrained(cls, name_or_path: str, hparams: Optional[MEMITHyperParams] = None, *,
+                        device_map: Union[str, dict, None] = None, max_memory: Union[str, dict, None] = None,
+                        offload_folder: Union[str, Path, None] = None, quantization=None, torch_dtype="auto",
+                        **editor_kwargs) -> "MassEditor":
+        """Load a model (see massedit.loading.LoadOptions for the options; all are checked before
+        any weight is read) and an editor for it; editor_kwargs go to MassEditor."""
+        options = LoadOptions(device_map=device_map, max_memory=max_memory, quantization=quantization,
+                              offload_folder=None if offload_folder is None else str(offload_folder),
+                              torch_dtype=torch_dtype)
+        model, tok = load_model(str(name_or_path), options)
+        editor_kwargs.setdefault("model_name", model_name_for(str(name_or_path)))
+        return cls(model, tok, hparams, **editor_kwargs)
 
     def context_templates(self) -> ContextTemplates:
         if self._templates is None:

@@ -15,7 +15,7 @@ import torch
 
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
-from massedit.loading import load_model, model_name_for
+from massedit.loading import add_deprecated_alias, add_model_arguments, load_model, model_name_for, options_from_args
 from massedit.stats import DTYPES, second_moments, stats_file, write_stats
 
 NAME = "stats"
@@ -37,26 +37,26 @@ def add_arguments(p) -> None:
     p.add_argument("--corpus", required=True, help=".txt (one document per line), .jsonl ('text'), or a saved dataset dir")
     p.add_argument("--layers", required=True, help="comma-separated layer indices, e.g. 3,4,5")
     p.add_argument("--samples", type=int, default=100000, help="number of corpus documents (default 100000)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="statistics dtype (default float32)")
+    p.add_argument("--stats-dtype", default="float32", choices=sorted(DTYPES), help="statistics dtype (default float32)")
+    add_deprecated_alias(p, "--dtype", "--stats-dtype", "stats_dtype", sorted(DTYPES))
     p.add_argument("--stats-dir", required=True, help="directory of the statistics cache")
     p.add_argument("--dataset", default="wikipedia", help="dataset name in the file path (hparams' mom2_dataset)")
     p.add_argument("--model-name", help="name in the file path (default: model directory's basename)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--model-dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     p.add_argument("--force", action="store_true", help="recompute even if the files exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    add_model_arguments(p)
 
 
 def run(args) -> int:
     layers = parse_layers(args.layers)
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
-    model, tok = load_model(args.model, args.device, args.model_dtype)
+    model, tok = load_model(args.model, options_from_args(args))
     layout = ModelLayout(model)
     layout.check_layers(layers)
     name = args.model_name or model_name_for(args.model)
-    paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.dtype, args.samples)
+    paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.stats_dtype, args.samples)
              for l in layers}
     todo = [l for l in layers if args.force or not paths[l].exists()]
     t0 = time.perf_counter()
@@ -64,11 +64,11 @@ def run(args) -> int:
     if todo:
         texts = read_corpus(args.corpus, args.samples)
         n_docs = len(texts)
-        acc = torch.float64 if args.dtype == "float64" else torch.float32
-        checkpoint = paths[todo[0]].with_name(f"pass_{'-'.join(map(str, todo))}_{args.dtype}.partial.npz")
+        acc = torch.float64 if args.stats_dtype == "float64" else torch.float32
+        checkpoint = paths[todo[0]].with_name(f"pass_{'-'.join(map(str, todo))}_{args.stats_dtype}.partial.npz")
         moments = second_moments(model, layout, tok, texts, todo, acc, progress=not args.quiet, checkpoint=checkpoint)
         for l, (mom2, count) in moments.items():
-            write_stats(paths[l], mom2.to(DTYPES[args.dtype]), count, n_docs)
+            write_stats(paths[l], mom2.to(DTYPES[args.stats_dtype]), count, n_docs)
             tokens = count
     summary = {"files": {str(l): str(p) for l, p in paths.items()}, "computed_layers": todo, "documents": n_docs,
                "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}
