@@ -159,3 +159,28 @@ def test_max_memory_spec():
     assert parse_max_memory("0=20GiB, cpu=64GiB") == {0: "20GiB", "cpu": "64GiB"}
     with pytest.raises(ValueError, match="is empty"):
         parse_max_memory(" , ")
+
+
+def test_readme_loading_snippet_runs(tmp_path, monkeypatch):
+    import re
+
+    from massedit.world.build import build_world
+
+    world = tmp_path / "world"
+    build_world(world, quick=True, threads=1)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = next(s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "offload_folder" in s)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    hparams = 'world_preset(AutoConfig.from_pretrained(f"{path}/model"))'
+    assert hparams in snippet
+    code = snippet.replace('"worlds/gpt2-default"', repr(str(world))).replace(
+        hparams, f"{hparams}.replace(v_num_grad_steps=5, mom2_n_samples=50)")  # smoke sizes
+    exec(compile(code, "README.md", "exec"), namespace)
+    editor, result = namespace["editor"], namespace["result"]
+    assert any(p.device.type == "meta" for p in editor.model.parameters()), "nothing was offloaded"
+    assert list((tmp_path / "offload").iterdir())
+    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(world / "model")
+    changed = {n for n, p in saved.named_parameters() if not torch.equal(p, plain.get_parameter(n))}
+    assert changed == {wd.name for wd in result.delta.weights}
