@@ -3,12 +3,16 @@ plain model, edits written through to offloaded weights (CPU weights maps and di
 files), revert bit for bit, and save_pretrained carrying the edit.
 
 On a CPU-only machine a device_map's "cpu" entries are not offloaded (only "disk" is); the CPU
-offload that a GPU machine applies to them is exercised with accelerate.cpu_offload."""
+offload that a GPU machine applies to them is exercised with accelerate.cpu_offload (a plain dict
+weights map) and dispatch_model given the offloaded blocks' state dict (an OffloadedWeightsLoader
+holding CPU tensors, as transformers builds for "cpu" entries on a GPU machine)."""
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
-from accelerate import cpu_offload
+from accelerate import cpu_offload, dispatch_model
 from transformers import AutoModelForCausalLM
 
 from massedit.arch import ModelLayout
@@ -49,32 +53,40 @@ def _placement(model, rule) -> dict[str, str]:
     return {n: rule(n, blocks.get(n)) for n in names}
 
 
-def _embeddings(model) -> set[str]:
-    """The input embeddings (GPT-2: token and position) and the output head, which GPT-2 ties to them
-    (tied weights must share a placement)."""
-    emb = [model.get_input_embeddings(), model.get_output_embeddings()]
-    return {n for n, m in model.named_modules() if any(m is e for e in emb) or n.endswith(".wpe")}
+# The input embeddings (GPT-2: token and position) and the output head, which GPT-2 ties to them
+# (tied weights must share a placement).
+_EMBEDDINGS = {"transformer.wte", "transformer.wpe", "model.embed_tokens", "lm_head"}
+
+
+def _from_pretrained(rule):
+    def load(path, plain, offload_folder):
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", device_map=_placement(plain, rule),
+                                                    offload_folder=offload_folder, **dtype_kwargs(torch.float32))
+    return load
+
+
+def _cpu_weights_map(path, plain, offload_folder):
+    """The edited blocks offloaded to CPU tensors in an OffloadedWeightsLoader's state dict: what a
+    device_map's "cpu" entries become on a GPU machine (dispatch_model with a GPU main device)."""
+    device_map = _placement(plain, lambda n, l: "disk" if l in LAYERS else "cpu")
+    blocks = [n for n, d in device_map.items() if d == "disk"]
+    state = {k: v.clone() for k, v in plain.state_dict().items() if any(k.startswith(f"{b}.") for b in blocks)}
+    return dispatch_model(plain, device_map, main_device="cpu", state_dict=state, offload_dir=offload_folder)
 
 
 PLACEMENTS = {
-    "edited-blocks-on-disk": lambda model: _placement(model, lambda n, l: "disk" if l in LAYERS else "cpu"),
-    "embeddings-on-disk": lambda model: _placement(model, lambda n, l: "disk" if n in _embeddings(model) else "cpu"),
-    "alternate-blocks": lambda model: _placement(model, lambda n, l: ("disk" if l % 2 else "cpu") if l is not None
-                                                 else "cpu"),
-    "cpu-offload": None,
+    "edited-blocks-on-disk": _from_pretrained(lambda n, l: "disk" if l in LAYERS else "cpu"),
+    "embeddings-on-disk": _from_pretrained(lambda n, l: "disk" if n in _EMBEDDINGS else "cpu"),
+    "alternate-blocks": _from_pretrained(lambda n, l: ("disk" if l % 2 else "cpu") if l is not None else "cpu"),
+    "cpu-offload": lambda path, plain, offload_folder: cpu_offload(plain, execution_device=torch.device("cpu")),
+    "cpu-weights-map": _cpu_weights_map,
 }
 
 
 def _load(path, placement: str, offload_folder):
-    """The checkpoint loaded plain, with a device_map, or CPU-offloaded by accelerate.cpu_offload."""
+    """The checkpoint loaded plain, or placed and offloaded as PLACEMENTS[placement] says."""
     plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **dtype_kwargs(torch.float32))
-    if placement == "plain":
-        return plain.eval()
-    if placement == "cpu-offload":
-        return cpu_offload(plain, execution_device=torch.device("cpu")).eval()
-    device_map = PLACEMENTS[placement](plain)
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", device_map=device_map,
-                                                offload_folder=offload_folder, **dtype_kwargs(torch.float32)).eval()
+    return (plain if placement == "plain" else PLACEMENTS[placement](path, plain, offload_folder)).eval()
 
 
 def _stored(model) -> dict[str, torch.Tensor]:
@@ -116,7 +128,7 @@ def test_offloaded_model_edits_like_the_plain_model(saved, placement, tmp_path):
         assert torch.allclose(sums[l][0].cpu(), ref_sums[l][0], rtol=1e-6, atol=1e-9), l
 
     before_probs = [_target_logprob(model, tok, r) for r in WORLD_REQUESTS]
-    before = _stored(model)
+    before, started = _stored(model), time.time()
     ref = world_editor(plain, tok, sentences, tmp_path / "stats-plain").edit(WORLD_REQUESTS)
     result = world_editor(model, tok, sentences, tmp_path / "stats").edit(WORLD_REQUESTS)
     for got, want in zip(result.delta.weights, ref.delta.weights):
@@ -137,6 +149,8 @@ def test_offloaded_model_edits_like_the_plain_model(saved, placement, tmp_path):
     # save_pretrained of the edited model carries the edit; a model offloaded by hand passes its state dict.
     out = tmp_path / "saved"
     model.save_pretrained(out, state_dict=offloaded_state_dict(model) if placement == "cpu-offload" else None)
+    if placement == "cpu-weights-map":  # the edit went into the weights map, not the offload files
+        assert not any(f.stat().st_mtime > started for f in (tmp_path / "offload").glob("*.dat"))
     reloaded = _load(out, "plain", None)
     for n in edited:
         assert torch.equal(read_parameter(reloaded, n), after[n]), n
