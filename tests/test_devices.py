@@ -16,6 +16,7 @@ from accelerate import cpu_offload, dispatch_model
 from transformers import AutoModelForCausalLM
 
 from massedit.arch import ModelLayout
+from massedit.context import generate_templates
 from massedit.devices import execution_device, input_device, offloaded_state_dict, read_parameter
 from massedit.evaluate import evaluate, summary
 from massedit.loading import dtype_kwargs
@@ -184,3 +185,19 @@ def test_execution_device_is_the_hooks_not_the_parameters(saved, tmp_path):
     assert execution_device(emb) == input_device(model) == torch.device("cpu")
     plain, _ = make_model("gpt2")
     assert execution_device(plain.get_submodule("transformer.h.1")) == torch.device("cpu")
+
+
+@pytest.mark.filterwarnings("ignore:.*ridge:UserWarning")
+def test_rome_and_generated_templates_on_an_offloaded_model(saved, tmp_path):
+    """ROME reads the rewrite weight itself (W k for its rank-one update), and context templates
+    are sampled with generate(): both see the offloaded values as the plain model's."""
+    path, tok, sentences = saved
+    plain = _load(path, "plain", None)
+    model = _load(path, "edited-blocks-on-disk", tmp_path / "offload")
+    assert generate_templates(model, tok, ((6, 5),)) == generate_templates(plain, tok, ((6, 5),))
+    results = [world_editor(m, tok, sentences, tmp_path / name, layers=(2,)).edit(WORLD_REQUESTS[:1], method="rome")
+               for m, name in ((plain, "stats-plain"), (model, "stats"))]
+    (want,), (got,) = (r.delta.weights for r in results)
+    assert float((got.dense() - want.dense()).norm() / want.dense().norm()) <= 1e-5
+    name = ModelLayout(model).rewrite_weight_name(2)
+    assert torch.equal(read_parameter(model, name), read_parameter(plain, name))
