@@ -43,8 +43,10 @@ def execution_device(module: nn.Module) -> torch.device:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the model's input ids go: the execution device of its input embedding."""
-    return execution_device(model.get_input_embeddings())
+    """Where the model's input ids go: the execution device of its input embedding (of the module
+    itself for a wrapper that has none)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return execution_device(embeddings if embeddings is not None else model)
 
 
 def _offload_slot(model: nn.Module, name: str):
