@@ -76,7 +76,9 @@ def _holds(mapping, key: str) -> bool:
 
 def read_parameter(model: nn.Module, name: str) -> torch.Tensor:
     """The stored value of parameter `name` (detached): the parameter itself, or, when it is
-    offloaded, its weights-map value (a CPU tensor; loaded from the offload file for disk)."""
+    offloaded, its weights-map value, always on the CPU (Accelerate loads a weight it reads from a
+    checkpoint onto the execution device, one from an offload file onto the CPU; exact revert
+    needs the same device at apply and at revert time)."""
     param = model.get_parameter(name)
     if param.device.type != "meta":
         return param.detach()
@@ -85,7 +87,7 @@ def read_parameter(model: nn.Module, name: str) -> torch.Tensor:
         raise ValueError(f"{name} is on the meta device and no Accelerate hook holds its value; "
                          "load the model with its weights (or with a device_map) before editing")
     mapping, key = slot
-    return mapping[key].detach()
+    return mapping[key].detach().cpu()
 
 
 def write_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

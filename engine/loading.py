@@ -173,6 +173,9 @@ def _placement(name_or_path: str, options: LoadOptions):
     device_map = _read_device_map(options.device_map)
     if isinstance(device_map, dict):
         _check_device_map(device_map, _module_names(name_or_path))
+        if "disk" in device_map.values() and options.offload_folder is None:
+            raise ValueError("the device map puts modules on disk: give --offload-folder DIR (offload_folder=) "
+                             "for their weights and the edits to them")
     return device_map
 
 

@@ -110,6 +110,8 @@ BAD = {
     "device and map": (lambda t: ["--device", "cpu", "--device-map", "auto"], ("either --device or --device-map",)),
     "bad max memory": (lambda t: ["--max-memory", "cpu:64GiB"], ("--max-memory", "DEVICE=SIZE")),
     "bad size": (lambda t: ["--max-memory", "cpu=lots"], ("'lots' is not a size",)),
+    "disk without folder": (lambda t: ["--device-map", str(_json(t, {"transformer": "disk", "lm_head": "cpu"}))],
+                            ("give --offload-folder DIR",)),
     "unwritable folder": (lambda t: ["--offload-folder", str(_json(t, {}) / "sub")], ("cannot write there",)),
 }
 
