@@ -282,12 +282,13 @@ def block_params(layout, layers) -> int:
 def key_scales(model, layout, tok, requests, templates, layers, n_prompts: int = 64) -> dict[int, float]:
     """Mean squared key entry (trace(C)/d_ff) per layer, from a forward over some of the benchmark's
     prompts at all real token positions, as the statistics pass would see them."""
+    from massedit.devices import input_device
     from massedit.hooks import capture_inputs, run_until
     from massedit.keys import template_prompts
     from massedit.tokens import pad, pad_id_of
 
     enc = template_prompts(tok, requests[: max(1, n_prompts // sum(len(g) for g in templates))], templates)
-    batch = pad([e.ids for e in enc[:n_prompts]], pad_id_of(tok), "right", next(model.parameters()).device)
+    batch = pad([e.ids for e in enc[:n_prompts]], pad_id_of(tok), "right", input_device(model))
     store: dict = {}
     modules = {str(l): layout.rewrite_module(l) for l in layers}
     with capture_inputs(modules, store):
