@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
+from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook
 from transformers import AutoModelForCausalLM
 
 from massedit.arch import ModelLayout
@@ -185,6 +186,17 @@ def test_execution_device_is_the_hooks_not_the_parameters(saved, tmp_path):
     assert execution_device(emb) == input_device(model) == torch.device("cpu")
     plain, _ = make_model("gpt2")
     assert execution_device(plain.get_submodule("transformer.h.1")) == torch.device("cpu")
+
+
+def test_execution_device_reads_accelerate_hooks_without_a_gpu():
+    """GPU placements name devices by index; the hook, not the (CPU or meta) parameters, decides.
+    The hooks are set without running their init, which would move the weights to the GPU."""
+    model, _ = make_model("llama")
+    block = model.get_submodule("model.layers.1")
+    block._hf_hook = SequentialHook(ModelHook(), AlignDevicesHook(execution_device=1))
+    assert execution_device(block) == torch.device("cuda", 1)
+    model.get_input_embeddings()._hf_hook = AlignDevicesHook(execution_device="cuda:0")
+    assert input_device(model) == torch.device("cuda", 0)
 
 
 @pytest.mark.filterwarnings("ignore:.*ridge:UserWarning")
