@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from massedit.arch import ModelLayout
 from massedit.context import generate_templates
+from massedit.delta import EditDelta
 from massedit.devices import execution_device, input_device, offloaded_state_dict, read_parameter
 from massedit.evaluate import evaluate, summary
 from massedit.loading import dtype_kwargs
@@ -163,6 +164,14 @@ def test_offloaded_model_edits_like_the_plain_model(saved, placement, tmp_path):
     for n, value in before.items():
         assert torch.equal(reverted[n], value), n
     assert [_target_logprob(model, tok, r) for r in WORLD_REQUESTS] == pytest.approx(before_probs, abs=1e-5)
+
+    # A saved delta applies to (and reverts from) the offloaded model like the fresh one.
+    result.delta.save(tmp_path / "delta.safetensors")
+    saved_delta = EditDelta.load(tmp_path / "delta.safetensors")
+    saved_delta.apply(model)
+    assert all(torch.equal(read_parameter(model, n), after[n]) for n in edited)
+    saved_delta.revert(model)
+    assert all(torch.equal(read_parameter(model, n), before[n]) for n in edited)
 
 
 @pytest.mark.filterwarnings("ignore:.*ridge:UserWarning")
