@@ -295,12 +295,13 @@ def block_params(layout, layers) -> int:
 def key_scales(model, layout, tok, requests, templates, layers, n_prompts: int = 64) -> dict[int, float]:
     """Mean squared key entry (trace(C)/d_ff) per layer, from a forward over some of the benchmark's
     prompts at all real token positions, as the statistics pass would see them."""
+    from massedit.devices import input_device
     from massedit.hooks import capture_inputs, run_until
     from massedit.keys import template_prompts
     from massedit.tokens import pad, pad_id_of
 
     enc = template_prompts(tok, requests[: max(1, n_prompts // sum(len(g) for g in templates))], templates)
-    batch = pad([e.ids for e in enc[:n_prompts]], pad_id_of(tok), "right", next(model.parameters()).device)
+    batch = pad([e.ids for e in enc[:n_prompts]], pad_id_of(tok), "right", input_device(model))
     store: dict = {}
     modules = {str(l): layout.rewrite_module(l) for l in layers}
     with capture_inputs(modules, store):
@@ -338,13 +339,15 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     covariance phase is not what this benchmark is about. The factor of λC, which the editor
     keeps across edits, is computed here (timed separately, `statistics.factor_s`).
     """
+    from massedit.devices import execution_device
+
     hp, layout = editor.hp, editor.layout
     t = time.perf_counter()
     scales = key_scales(editor.model, layout, editor.tok, requests, editor.context_templates(), hp.layers)
     scale_s = time.perf_counter() - t
     nbytes, factor_s, build_s = 0, 0.0, 0.0
     for l in hp.layers:
-        device = layout.device_of(l)
+        device = execution_device(layout.rewrite_module(l))
         gen = torch.Generator(device=device).manual_seed(seed + l)
         t = time.perf_counter()
         cov = synthetic_covariance(layout.key_dim(l), scales[l], device, gen)

@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from massedit.devices import read_parameter
+
 
 class UnsupportedModelError(ValueError):
     pass
@@ -275,13 +277,15 @@ class ModelLayout:
         for module in self.extra_head:
             x = module(x)
         if isinstance(self.lm_head, nn.Embedding):
-            # Reference hparams name the tied input embedding as the head (GPT-2's transformer.wte).
-            logits = x @ self.lm_head.weight.T
+            # Reference hparams name the tied input embedding as the head (GPT-2's transformer.wte);
+            # its weight may be offloaded, so it is read where Accelerate keeps it.
+            weight = read_parameter(self.model, f"{self._name_of(self.lm_head)}.weight")
+            logits = x @ weight.to(x.device).T
         else:
             logits = self.lm_head(x)
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def device_of(self, layer: int) -> torch.device:
-        return self.rewrite_module(layer).weight.device
+    def _name_of(self, module: nn.Module) -> str:
+        return next(name for name, m in self.model.named_modules() if m is module)

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from massedit.devices import input_device
+
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
 ContextTemplates = list[list[str]]
@@ -51,7 +53,7 @@ def generate_templates(
     Each group holds n_gen texts (n_gen // len(starters) per starter, at least one) of at most
     max_tokens tokens including the starter, sampled top-k 5 as the reference does.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     groups = [["{}"]]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from massedit import quantized
+from massedit.devices import read_parameter, write_parameter
 
 FORMAT_VERSION = 2
 # Version 1 named the apply record "applied"; its files stay readable.
@@ -156,11 +157,6 @@ def _sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _write(param: nn.Parameter, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        param.copy_(value)
-
-
 def _strip_volatile(obj):
     if isinstance(obj, dict):
         return {
@@ -230,7 +226,8 @@ class EditDelta:
         if any(not named[wd.name].is_floating_point() for wd in self.weights if wd.name in named):
             return False  # a quantized weight holds no edit: edits live in dense stand-ins
         params = self._params(model)
-        return all(p.dtype == r.dtype and _sha256(p.detach()) == r.sha256_after for p, r in zip(params, self._record))
+        return all(p.dtype == r.dtype and _sha256(read_parameter(model, wd.name)) == r.sha256_after
+                   for wd, p, r in zip(self.weights, params, self._record))
 
     def _params(self, model: nn.Module) -> list[nn.Parameter]:
         named = dict(model.named_parameters())
@@ -269,9 +266,9 @@ class EditDelta:
                     raise DeltaError(f"{wd.name}: the delta's factors contain NaN/inf (or are not floats)")
         return params
 
-    def _refuse_if_applied(self, params: list[nn.Parameter]) -> list[str]:
+    def _refuse_if_applied(self, model: nn.Module, params: list[nn.Parameter]) -> list[str]:
         """The weights' current digests; an error if any already holds this delta's edit."""
-        digests = [_sha256(p.detach()) for p in params]
+        digests = [_sha256(read_parameter(model, wd.name)) for wd in self.weights]
         for wd, p, digest, r in zip(self.weights, params, digests, self._record or []):
             # A weight the delta leaves unchanged (Δ rounds away) holds its edit whether applied or not.
             if p.dtype == r.dtype and digest == r.sha256_after != r.sha256_before:
@@ -288,11 +285,12 @@ class EditDelta:
         quantized.make_editable(model, names)
         try:
             params = self._checked_params(model, force)
-            digests = self._refuse_if_applied(params)
+            digests = self._refuse_if_applied(model, params)
             records = []
             for wd, p, before in zip(self.weights, params, digests):
-                new, index, value = _edited(p.detach(), wd)
-                records.append(_Applied(p.dtype, before, _sha256(new), index, value, p.device.type))
+                w = read_parameter(model, wd.name)
+                new, index, value = _edited(w, wd)
+                records.append(_Applied(w.dtype, before, _sha256(new), index, value, w.device.type))
         finally:
             quantized.restore_unchanged(model, names)
         self._record = records
@@ -308,16 +306,17 @@ class EditDelta:
         done: list[tuple[WeightDelta, nn.Parameter, _Applied]] = []
         try:
             params = self._checked_params(model, force)
-            digests = self._refuse_if_applied(params)
+            digests = self._refuse_if_applied(model, params)
             for wd, p, before in zip(self.weights, params, digests):
-                w = p.detach()
+                w = read_parameter(model, wd.name)
                 new, index, value = _edited(w, wd)
                 record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type)
-                _write(p, new)
+                write_parameter(model, wd.name, new)
                 done.append((wd, p, record))
         except BaseException:
             for wd, p, record in reversed(done):
-                _write(p, _restored(p.detach(), wd, record.fix_index, record.fix_value))
+                write_parameter(model, wd.name,
+                                _restored(read_parameter(model, wd.name), wd, record.fix_index, record.fix_value))
             quantized.restore_unchanged(model, names)
             raise
         self._record = [record for _, _, record in done]
@@ -331,7 +330,7 @@ class EditDelta:
                 "this delta is not applied: it carries no apply record (never applied), nothing to revert"
             )
         params = self._params(model)
-        digests = [_sha256(p.detach()) for p in params]
+        digests = [_sha256(read_parameter(model, wd.name)) for wd in self.weights]
         changing = [(p, d, r) for p, d, r in zip(params, digests, self._record) if r.sha256_before != r.sha256_after]
         if changing and all(p.dtype == r.dtype and d == r.sha256_before for p, d, r in changing):
             raise DeltaError(
@@ -339,8 +338,8 @@ class EditDelta:
                 "(already reverted, or never applied); nothing to revert"
             )
         if not exact:
-            for wd, p in zip(self.weights, params):
-                _write(p, _restored(p.detach(), wd))
+            for wd in self.weights:
+                write_parameter(model, wd.name, _restored(read_parameter(model, wd.name), wd))
             quantized.restore_unchanged(model, [wd.name for wd in self.weights])
             return
         for wd, p, digest, record in zip(self.weights, params, digests, self._record):
@@ -357,17 +356,18 @@ class EditDelta:
                 )
         originals = []
         for wd, p, record in zip(self.weights, params, self._record):
-            old = _restored(p.detach(), wd, record.fix_index, record.fix_value)
+            stored = read_parameter(model, wd.name)
+            old = _restored(stored, wd, record.fix_index, record.fix_value)
             if _sha256(old) != record.sha256_before:
                 raise DeltaError(
                     f"{wd.name}: recomputing Δ did not reproduce the original weight; the delta "
                     f"was applied on {record.device!r}, and exact revert needs the same device type "
-                    f"and torch build (this weight is on {p.device.type!r}). No weight was changed; "
+                    f"and torch build (this weight is on {stored.device.type!r}). No weight was changed; "
                     "revert(model, exact=False) subtracts Δ approximately."
                 )
             originals.append(old)
-        for p, old in zip(params, originals):
-            _write(p, old)
+        for wd, old in zip(self.weights, originals):
+            write_parameter(model, wd.name, old)
         quantized.restore_unchanged(model, [wd.name for wd in self.weights])
 
     def save(self, path) -> None:

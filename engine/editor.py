@@ -23,7 +23,8 @@ from massedit.arch import ModelLayout
 from massedit.context import ContextTemplates, generate_templates, validate_templates
 from massedit.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
-from massedit.loading import dtype_kwargs
+from massedit.devices import execution_device
+from massedit.loading import LoadOptions, load_model
 from massedit.memit import spread_update
 from massedit.quantized import check_model
 from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
@@ -133,12 +134,17 @@ class MassEditor:
         self.solve_dtype, self.solve_device = _solve_options(solve_dtype, solve_device)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, hparams=None, *, device_map=None, torch_dtype="auto", **kwargs):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **dtype_kwargs(torch_dtype))
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        return cls(model, tok, hparams, **kwargs)
+    def from_pretrained(cls, name_or_path: str, hparams: Optional[MEMITHyperParams] = None, *,
+                        device_map: Union[str, dict, None] = None, max_memory: Union[str, dict, None] = None,
+                        offload_folder: Union[str, Path, None] = None, quantization=None, torch_dtype="auto",
+                        **editor_kwargs) -> "MassEditor":
+        """Load a model (see massedit.loading.LoadOptions for the options; all are checked before
+        any weight is read) and an editor for it; editor_kwargs go to MassEditor."""
+        options = LoadOptions(device_map=device_map, max_memory=max_memory, quantization=quantization,
+                              offload_folder=None if offload_folder is None else str(offload_folder),
+                              torch_dtype=torch_dtype)
+        model, tok = load_model(str(name_or_path), options)
+        return cls(model, tok, hparams, **editor_kwargs)
 
     def context_templates(self) -> ContextTemplates:
         if self._templates is None:
@@ -164,7 +170,7 @@ class MassEditor:
 
     def _make_solver(self, layer: int, cov: torch.Tensor, count: int = 1) -> LayerSolver:
         """The solver of `layer` for C = cov / count, placed and typed as this editor's solve options say."""
-        compute = self.layout.device_of(layer)
+        compute = execution_device(self.layout.rewrite_module(layer))
         keep = compute if self.solve_device == "layer" else self.solve_device
         return LayerSolver(cov, self.hp.mom2_update_weight, layer, count=count, dtype=SOLVE_DTYPES[self.solve_dtype],
                            device=keep, compute_device=compute)

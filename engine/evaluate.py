@@ -77,6 +77,7 @@ import torch
 
 from massedit import tokens as T
 from massedit.arch import ModelLayout, UnsupportedModelError
+from massedit.devices import input_device
 from massedit.hooks import capture_outputs, run_until
 
 CF_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
@@ -116,13 +117,6 @@ class ContScore:
     @property
     def all_correct(self) -> bool:
         return all(self.correct)
-
-
-def model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
 
 
 def _encode_prompt(tok, prompt: str) -> list[int]:
@@ -183,7 +177,7 @@ def score_continuations(model, tok, pairs: Sequence[tuple[str, str]], batch_size
         targets.append(tids)
         rows_of.setdefault(tuple(prompt_cache[prompt] + tids[:-1]), []).append(i)
     seqs = sorted(rows_of, key=len)
-    device = model_device(model)
+    device = input_device(model)
     side, pad_id = T.padding_side(tok), T.pad_id_of(tok)
     head = _head_at(model)
     scored: list[Optional[ContScore]] = [None] * len(unique)
@@ -429,7 +423,7 @@ class Tfidf:
 def generate_texts(model, tok, prompts: Sequence[str], max_length: int = 100, top_k: int = 5, seed: int = 0,
                    batch_size: int = 64) -> list[str]:
     """One text (prompt + continuation, max_length tokens in all) per prompt, like generate_fast."""
-    device = model_device(model)
+    device = input_device(model)
     encoded = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     groups: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):

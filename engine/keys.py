@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from massedit.arch import ModelLayout
+from massedit.devices import execution_device, input_device
 from massedit.hooks import capture_inputs, capture_outputs, replayed, run_until
 from massedit.requests import EditRequest
 from massedit.tokens import Encoded, compose, encode_prompt, pad, pad_id_of, padding_side
@@ -39,7 +40,7 @@ def collect_at_subject(
     rank = torch.empty(len(cuts), dtype=torch.long)
     rank[torch.tensor([unique[c] for c in cuts])] = torch.arange(len(cuts))
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in (*key_mods, *hid_mods)}
-    device = next(model.parameters()).device
+    device = input_device(model)
     for start in range(0, len(cuts), batch_size):
         rows = cuts[start : start + batch_size]
         batch = pad(rows, pad_id_of(tok), padding_side(tok), device)
@@ -122,10 +123,10 @@ class LayerStates:
     @torch.no_grad()
     def at_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [n, d_ff] averaged over templates, h^L [n, d]) with the model as edited so far."""
-        L, device = self.target_layer, next(self.model.parameters()).device
-        key_rows = torch.empty(len(self.cuts), self.layout.key_dim(layer), device=self.layout.device_of(layer))
-        hidden_rows = torch.empty(len(self.cuts), self.layout.hidden_size,
-                                  device=next(self.layout.block(L).parameters()).device)
+        L, device = self.target_layer, input_device(self.model)
+        key_rows = torch.empty(len(self.cuts), self.layout.key_dim(layer),
+                               device=execution_device(self.layout.rewrite_module(layer)))
+        hidden_rows = torch.empty(len(self.cuts), self.layout.hidden_size, device=execution_device(self.layout.block(L)))
         for b, (ids, wants_h) in enumerate(self.batches):
             rows = [self.cuts[c] for c in ids]
             batch = pad(rows, self.pad_id, "right", device)

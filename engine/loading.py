@@ -1,11 +1,24 @@
-"""Loading a model and tokenizer by hub name or local path, for the CLI and from_pretrained."""
+"""Loading a model and tokenizer by hub name or local path: the loading options shared by
+`MassEditor.from_pretrained` and every CLI command (placement, offload, quantization, dtype).
+
+Every option is checked before any weight is read; a device map is checked against the model's
+module names from a skeleton built on the meta device (config only, no weights).
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+QUANTIZE = ("8bit", "4bit")
 
 
 def dtype_kwargs(dtype) -> dict:
@@ -33,28 +46,222 @@ def check_local_model(name_or_path: str) -> None:
                                 "(give a directory written by save_pretrained, or a hub model name)")
 
 
-def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer). device 'auto' shards with Accelerate's device_map when CUDA is present."""
+@dataclass
+class LoadOptions:
+    """Where and how to load a model. `device` is the simple case of a device map: "auto" shards
+    over the GPUs when there are any (else CPU), "cpu", "cuda" or "cuda:N" put the whole model there.
+    device_map: "auto" | "balanced" | "balanced_low_0" | "sequential", a dict module name → device
+    (an int GPU index, "cuda:N", "cpu" or "disk"), or the path of a JSON file holding such a dict.
+    max_memory: {device: size} or "0=20GiB,cpu=64GiB". quantization: "8bit", "4bit" (nf4) or a
+    transformers quantization config. torch_dtype: "auto" or one of float32/float16/bfloat16."""
+
+    device: str = "auto"
+    device_map: Union[str, dict, None] = None
+    max_memory: Union[str, dict, None] = None
+    offload_folder: Optional[str] = None
+    quantization: Any = None
+    torch_dtype: Any = "auto"
+
+
+def _dtype(value):
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"model dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+    return DTYPES[value]
+
+
+def _check_device(device: str, what: str) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what}: {device!r} is not a device; use cpu, cuda, cuda:N (or disk in a device map)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: {device} was asked for but no CUDA device is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: {device} was asked for but there are {torch.cuda.device_count()} CUDA devices")
+    return parsed
+
+
+def parse_max_memory(text: str) -> dict:
+    """'0=20GiB,cpu=64GiB' → {0: '20GiB', 'cpu': '64GiB'} (sizes as Accelerate reads them)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        device, sep, size = (s.strip() for s in item.partition("="))
+        if not sep or not device or not size:
+            raise ValueError(f"--max-memory: {item!r} is not DEVICE=SIZE; write e.g. \"0=20GiB,cpu=64GiB\"")
+        try:
+            convert_file_size_to_int(size)
+        except ValueError:
+            raise ValueError(f"--max-memory: {size!r} is not a size; write e.g. 20GiB or 500MB") from None
+        key = int(device) if device.isdigit() else device
+        if not isinstance(key, int) and key not in ("cpu", "disk", "mps"):
+            _check_device(key, "--max-memory")
+        out[key] = size
+    if not out:
+        raise ValueError("--max-memory is empty; write e.g. \"0=20GiB,cpu=64GiB\"")
+    return out
+
+
+def _read_device_map(value: Union[str, dict]) -> Union[str, dict]:
+    if isinstance(value, dict):
+        return value
+    if value in DEVICE_MAPS:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--device-map {value!r}: not one of {', '.join(DEVICE_MAPS)} and no such JSON file")
+    try:
+        device_map = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--device-map {value}: not valid JSON: {err}") from None
+    if not isinstance(device_map, dict):
+        raise ValueError(f"--device-map {value}: must be a JSON object mapping module names to devices")
+    return device_map
+
+
+def _check_device_map(device_map: dict, module_names: set[str]) -> None:
+    for name, device in device_map.items():
+        if name not in module_names:
+            near = sorted(n for n in module_names if n and "." not in n)
+            raise ValueError(f"device map names module {name!r}, which this model does not have "
+                             f"(its top-level modules: {', '.join(near)})")
+        if isinstance(device, bool) or not isinstance(device, (int, str)):
+            raise ValueError(f"device map: {name!r} → {device!r} is not a device (an int GPU index, cuda:N, cpu or disk)")
+        if isinstance(device, int):
+            _check_device(f"cuda:{device}", "device map")
+        elif device != "disk":
+            _check_device(device, "device map")
+
+
+def _check_folder(folder: str) -> None:
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"--offload-folder {folder}: cannot write there ({err.strerror or err}); "
+                         "give a writable directory") from None
+
+
+def _quantization_config(quantization, compute_dtype):
+    if quantization is None or not isinstance(quantization, str):
+        return quantization
+    if quantization not in QUANTIZE:
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantization!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(f"--quantize {quantization} needs bitsandbytes, which is not installed; "
+                         "pip install bitsandbytes (or leave out --quantize)") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype)
+                              else torch.float32)
+
+
+def _module_names(name_or_path: str) -> set[str]:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+    return {n for n, _ in skeleton.named_modules()}
+
+
+def _placement(name_or_path: str, options: LoadOptions):
+    """The device_map for from_pretrained, checked."""
+    if options.device_map is not None and options.device not in ("auto", None):
+        raise ValueError("give either --device or --device-map, not both (--device cuda:1 is --device-map "
+                         "'{\"\": 1}')")
+    if options.device_map is None:
+        if options.device in ("auto", None):
+            return "auto" if torch.cuda.is_available() else None
+        device = _check_device(options.device, "--device")
+        return None if device.type == "cpu" else {"": str(device)}
+    device_map = _read_device_map(options.device_map)
+    if isinstance(device_map, dict):
+        _check_device_map(device_map, _module_names(name_or_path))
+        if "disk" in device_map.values() and options.offload_folder is None:
+            raise ValueError("the device map puts modules on disk: give --offload-folder DIR (offload_folder=) "
+                             "for their weights and the edits to them")
+    return device_map
+
+
+def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
+    """(model, tokenizer), loaded as `options` say; every option is checked before any weight is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for but no CUDA device is available")
+    options = options or LoadOptions()
     check_local_model(name_or_path)
-    cuda = torch.cuda.is_available() and device != "cpu"
-    device_map = ("auto" if device == "auto" else device) if cuda else None
-    # "auto" keeps the checkpoint's dtype on GPU; on CPU half precision is slow and imprecise.
-    torch_dtype = DTYPES[dtype] if dtype != "auto" or cuda else torch.float32
+    dtype = _dtype(options.torch_dtype)
+    max_memory = parse_max_memory(options.max_memory) if isinstance(options.max_memory, str) else options.max_memory
+    if options.offload_folder is not None:
+        _check_folder(options.offload_folder)
+    quantization_config = _quantization_config(options.quantization, dtype)
     try:
+        device_map = _placement(name_or_path, options)
+        # "auto" keeps the checkpoint's dtype on GPU; on CPU half precision is slow and imprecise.
+        on_gpu = torch.cuda.is_available() and (device_map is not None or quantization_config is not None)
+        torch_dtype = torch.float32 if dtype == "auto" and not on_gpu else dtype
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **dtype_kwargs(torch_dtype))
+        kwargs = dict(device_map=device_map, max_memory=max_memory, offload_folder=options.offload_folder,
+                      quantization_config=quantization_config)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, **{k: v for k, v in kwargs.items() if v is not None}, **dtype_kwargs(torch_dtype))
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
     model.eval()
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's dest, with a note on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"massedit: note: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser, old: str, new: str, dest: str, choices) -> None:
+    parser.add_argument(old, dest=dest, action=_Deprecated, new=new, choices=choices, default=argparse.SUPPRESS,
+                        help=f"deprecated spelling of {new}")
+
+
+def add_model_arguments(parser, dtype_alias: bool = False) -> None:
+    """The loading flags of every command that loads a model. dtype_alias: the command took the
+    model dtype as --dtype before; that spelling keeps working, with a note."""
+    g = parser.add_argument_group("model loading")
+    g.add_argument("--device", default="auto",
+                   help="auto (GPUs when available, sharded with Accelerate) | cpu | cuda | cuda:N")
+    g.add_argument("--device-map", metavar="MAP",
+                   help=f"{' | '.join(DEVICE_MAPS)} | FILE.json (module name → GPU index, cuda:N, cpu or disk)")
+    g.add_argument("--max-memory", metavar="SPEC", help='per-device memory for a device map, e.g. "0=20GiB,cpu=64GiB"')
+    g.add_argument("--offload-folder", metavar="DIR", help="where a device map's disk-offloaded weights (and edits "
+                   "to them) are kept")
+    g.add_argument("--quantize", choices=QUANTIZE, help="load the base in 8-bit or 4-bit (nf4) with bitsandbytes")
+    g.add_argument("--model-dtype", default="auto", choices=tuple(DTYPES),
+                   help="auto (checkpoint's dtype on GPU, float32 on CPU) | float32 | float16 | bfloat16")
+    if dtype_alias:
+        add_deprecated_alias(g, "--dtype", "--model-dtype", "model_dtype", tuple(DTYPES))
+
+
+def options_from_args(args) -> LoadOptions:
+    return LoadOptions(device=args.device, device_map=args.device_map, max_memory=args.max_memory,
+                       offload_folder=args.offload_folder, quantization=args.quantize, torch_dtype=args.model_dtype)
 
 
 def model_name_for(name_or_path: str) -> str:

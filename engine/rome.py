@@ -48,10 +48,11 @@ from tqdm.auto import tqdm
 
 from massedit.arch import ModelLayout
 from massedit.delta import EditDelta, WeightDelta
+from massedit.devices import execution_device, read_parameter
 from massedit.hooks import capture_outputs, edit_output, run_until
 from massedit.hparams import HParamsError
 from massedit.keys import collect_at_subject, subject_keys
-from massedit.quantized import dequantized
+from massedit.quantized import DENSE, dequantized, storage_of
 from massedit.requests import EditRequest
 from massedit.solve import LayerSolver
 from massedit.targets import ZResult, ZSettings, build_prompts, frozen_eval
@@ -92,7 +93,7 @@ def optimize_target(model, layout: ModelLayout, tok, request: EditRequest, templ
     loss_block = layout.block(s.loss_layer)
     p = build_prompts(tok, request, templates)
     rows = list(p.rewrite) + [p.kl]
-    device = next(layout.block(s.layer).parameters()).device
+    device = execution_device(layout.block(s.layer))
     batch = pad([r.ids for r in rows], pad_id_of(tok), padding_side(tok), device)
     shift = batch.shift.tolist()
     subj_cols = torch.tensor([r.subject_index + sh for r, sh in zip(rows, shift)], device=device)
@@ -150,12 +151,16 @@ def optimize_target(model, layout: ModelLayout, tok, request: EditRequest, templ
 
 
 def _weight_and_bias(layout: ModelLayout, layer: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The rewrite weight as [d_model, d_ff] (Conv1D transposed back, bnb storage dequantized) and
-    its bias, float64."""
-    module = layout.rewrite_module(layer)
-    w = dequantized(module).detach().double()
+    """The rewrite weight as [d_model, d_ff] (Conv1D transposed back, bnb storage dequantized,
+    offloaded storage read where Accelerate keeps it) and its bias, float64."""
+    module, name = layout.rewrite_module(layer), layout.rewrite_name(layer)
+    if storage_of(module) == DENSE:
+        w = read_parameter(layout.model, f"{name}.weight")
+        w = w.T if layout.rewrite_is_conv1d(layer) else w
+    else:
+        w = dequantized(module)
     bias = getattr(module, "bias", None)
-    return w, (bias.detach().double() if bias is not None else None)
+    return w.detach().double(), (read_parameter(layout.model, f"{name}.bias").double() if bias is not None else None)
 
 
 def rank_one(layout: ModelLayout, layer: int, target: torch.Tensor, key_mean: torch.Tensor,

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.delta import config_hash
+from massedit.devices import execution_device, input_device, read_parameter
 from massedit.hooks import capture_inputs, run_until
 from massedit.loading import model_name_for
 from massedit.tokens import pad, pad_id_of
@@ -128,16 +129,11 @@ def write_stats(path: Path, mom2: torch.Tensor, count: int, sample_size: int, id
 
 
 def _digest_value(model, name: str, p: torch.Tensor) -> torch.Tensor:
-    """The parameter's values; for a weight Accelerate offloaded (on the meta device), the copy in
-    its hook's weights map, or nothing readable (then only its name, shape and dtype count)."""
-    if p.device.type != "meta":
-        return p.detach()
-    owner, _, leaf = name.rpartition(".")
-    hook = getattr(model.get_submodule(owner), "_hf_hook", None)
-    weights = getattr(hook, "weights_map", None)
+    """The parameter's stored values (an offloaded one read where Accelerate keeps it); a meta
+    weight that nothing holds counts by its name, shape and dtype only."""
     try:
-        return weights[leaf] if weights is not None else p
-    except KeyError:
+        return read_parameter(model, name)
+    except ValueError:
         return p
 
 
@@ -348,11 +344,12 @@ def second_moments(
     encoded = [tok(t, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"] for t in texts]
     encoded = [ids for ids in encoded if ids]
     modules = {str(l): layout.rewrite_module(l) for l in layers}
-    acc = {l: torch.zeros(layout.key_dim(l), layout.key_dim(l), dtype=dtype, device=layout.device_of(l)) for l in layers}
+    acc = {l: torch.zeros(layout.key_dim(l), layout.key_dim(l), dtype=dtype,
+                          device=execution_device(layout.rewrite_module(l))) for l in layers}
     batches = _batches([len(ids) for ids in encoded], batch_tokens)
     fingerprint = _fingerprint(encoded, layers, dtype, batch_tokens, model_digest) if checkpoint else ""
     count, done = _load_checkpoint(checkpoint, acc, fingerprint)
-    device = next(model.parameters()).device
+    device = input_device(model)
     stop = layout.block(max(layers))
     for b, rows in enumerate(tqdm(batches, desc="statistics", disable=not progress, unit="batch", initial=done)):
         if b < done:

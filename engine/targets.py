@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from massedit.arch import ModelLayout
+from massedit.devices import execution_device, input_device
 from massedit.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
 from massedit.quantized import cpu_repacking_off
 from massedit.requests import EditRequest
@@ -304,7 +305,7 @@ def supports_prefix_reuse(model) -> bool:
     is more reliable than a version table."""
     if model in _PREFIX_SUPPORT:
         return _PREFIX_SUPPORT[model]
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = torch.arange(1, 6, device=device)[None] % int(model.config.vocab_size)
     mask = torch.ones_like(ids)
     positions = torch.arange(5, device=device)[None]
@@ -348,8 +349,8 @@ class TargetOptimizer:
                           "phase runs the whole model at each step (same results, slower)")
         self.block = layout.block(settings.layer)
         self.loss_block = layout.block(settings.loss_layer)
-        param = next(self.block.parameters())
-        self.device = param.device
+        param = next(self.block.parameters())  # its dtype is right even when its values are offloaded
+        self.device = execution_device(self.block)
         # δ, Adam state and the loss are float32 at least, wider when the model is (float64 runs
         # make float-order effects negligible, which the equivalence tests rely on).
         self.dtype = torch.promote_types(torch.float32, param.dtype)

@@ -23,6 +23,7 @@ from torch import nn
 
 from massedit import tokens as T
 from massedit.arch import ModelLayout, UnsupportedModelError, get_module
+from massedit.devices import execution_device
 from massedit.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
 from massedit.requests import EditRequest
 
@@ -99,15 +100,6 @@ def make_noise(samples: int, n_tokens: int, width: int, sigma: float, seed: int)
     return torch.randn(samples, n_tokens, width, generator=gen) * sigma
 
 
-def _execution_device(module: nn.Module) -> torch.device:
-    """Where `module` runs: Accelerate's execution device when it dispatched the model, else its weights'."""
-    hook = getattr(module, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-    return next(module.parameters()).device
-
-
 class Tracer:
     """Module handles of one model for tracing, and the forwards that trace a prompt."""
 
@@ -130,7 +122,7 @@ class Tracer:
         return get_module(self.model, template.format(layer))
 
     def input_ids(self, prompt: TracePrompt, rows: int) -> torch.Tensor:
-        ids = torch.tensor([prompt.ids], device=_execution_device(self.embed))
+        ids = torch.tensor([prompt.ids], device=execution_device(self.embed))
         return ids.expand(rows, -1)
 
     @torch.no_grad()

@@ -227,15 +227,15 @@ def test_failed_write_mid_apply_restores_model(monkeypatch):
     model, _ = make_model("llama", dtype=torch.bfloat16)
     before = _snapshot(model)
     delta = _make_delta(model, rel=10.0)
-    real_write, calls = delta_mod._write, []
+    real_write, calls = delta_mod.write_parameter, []
 
-    def flaky_write(param, value):
-        calls.append(param)
+    def flaky_write(model_, name, value):
+        calls.append(name)
         if len(calls) == 2:
             raise RuntimeError("injected failure")
-        real_write(param, value)
+        real_write(model_, name, value)
 
-    monkeypatch.setattr(delta_mod, "_write", flaky_write)
+    monkeypatch.setattr(delta_mod, "write_parameter", flaky_write)
     with pytest.raises(RuntimeError, match="injected"):
         delta.apply(model)
     assert not delta.is_applied(model)

@@ -428,7 +428,7 @@ def test_cli_end_to_end(gpt2, tmp_path, capsys, only_existing_commands):
     data = _write(tmp_path, "cf.json", RECORDS)
     out = tmp_path / "out" / "metrics.json"
     code = massedit.cli.main(["eval", "--model", str(model_dir), "--data", str(data), "--json", str(out),
-                            "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--limit", "2"])
+                            "--device", "cpu", "--model-dtype", "float32", "--batch-size", "4", "--limit", "2"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "95% CI" in printed and "ES" in printed and "NM" in printed

@@ -413,14 +413,14 @@ def train_world(seed=WORLD_SEED, steps=150, lr=1e-2, warmup=20, label_smoothing=
     tok = _world_tokenizer()
     sentences = [_sentence(p, r, s, o) for s, r, o in FACTS for p in PREFIXES]
     torch.manual_seed(seed)
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=len(tok), n_layer=6, n_embd=64, n_head=4, n_inner=256, n_positions=32,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1)
-    else:
-        cfg = LlamaConfig(vocab_size=len(tok), num_hidden_layers=6, hidden_size=64, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=256, max_position_embeddings=32,
-                          bos_token_id=1, eos_token_id=1)
-    model = AutoModelForCausalLM.from_config(cfg)
+    cfg = {
+        "gpt2": lambda: GPT2Config(vocab_size=len(tok), n_layer=6, n_embd=64, n_head=4, n_inner=256, n_positions=32,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1),
+        "llama": lambda: LlamaConfig(vocab_size=len(tok), num_hidden_layers=6, hidden_size=64, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=256, max_position_embeddings=32,
+                                     bos_token_id=1, eos_token_id=1, pad_token_id=1),
+    }[arch]()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in sentences]
     width = max(map(len, encoded))
     ids = torch.full((len(encoded), width), tok.eos_token_id)
@@ -450,15 +450,20 @@ def _top1(model, tok, relation, subject, prefix="") -> str:
     return tok.convert_ids_to_tokens(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
 
 
-def edit_world(model, tok, sentences, stats_dir, lam=200.0, layers=(1, 2, 3), steps=25, clamp=4.0):
+WORLD_REQUESTS = [{"subject": FACTS[i][0], "prompt": FACTS[i][1] + " {}", "target_new": o} for i, o in EDITED.items()]
+
+
+def world_editor(model, tok, sentences, stats_dir, lam=200.0, layers=(1, 2, 3), steps=25, clamp=4.0) -> MassEditor:
     hp = default_for(model.config).replace(
         layers=list(layers), v_loss_layer=model.config.num_hidden_layers - 1, mom2_update_weight=lam,
         v_num_grad_steps=steps, clamp_norm_factor=clamp, mom2_n_samples=len(sentences))
     templates = [["{}"], [p + " {}" for p in PREFIXES if p]]
-    editor = MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=sentences, model_name="world",
-                        context_templates=templates, progress=False)
-    requests = [{"subject": FACTS[i][0], "prompt": FACTS[i][1] + " {}", "target_new": o} for i, o in EDITED.items()]
-    return editor.edit(requests)
+    return MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=sentences, model_name="world",
+                      context_templates=templates, progress=False)
+
+
+def edit_world(model, tok, sentences, stats_dir, **settings):
+    return world_editor(model, tok, sentences, stats_dir, **settings).edit(WORLD_REQUESTS)
 
 
 @pytest.mark.filterwarnings("ignore:.*ridge:UserWarning")  # 36 short sentences: C has a null space

@@ -23,6 +23,7 @@ import torch
 from massedit.editor import METHODS, MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
+from massedit.loading import add_model_arguments, load_model, options_from_args
 from massedit.outdir import check_out, staged
 from massedit.requests import parse_records
 from massedit.writable import check_dir
@@ -43,6 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    add_model_arguments(p)
 
 
 def _table(pre: dict, post: dict, timings: dict) -> str:
@@ -99,10 +101,7 @@ def run(args) -> int:
         build_world(world_dir, arch=args.arch, quick=args.quick, log=say)
     t_world = time.perf_counter() - start
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(world_dir / "model").eval()
-    tok = AutoTokenizer.from_pretrained(world_dir / "model")
+    model, tok = load_model(str(world_dir / "model"), options_from_args(args))
     _, records = load_records(world_dir / "counterfact.json")
     records = records[: args.n]
     requests = parse_records(records, str(world_dir / "counterfact.json"), fmt="counterfact")

@@ -22,7 +22,7 @@ from massedit.context import load_templates
 from massedit.editor import METHODS, MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import default_for, load_hparams
-from massedit.loading import load_model
+from massedit.loading import add_model_arguments, load_model, options_from_args
 from massedit.outdir import check_out, staged
 from massedit.requests import load_requests
 from massedit.writable import check_dir
@@ -46,13 +46,12 @@ def add_arguments(p) -> None:
                    "naming it also accepts reference-layout statistics, which carry no model fingerprint")
     p.add_argument("--zsre-target", default="answers", choices=("answers", "alt"),
                    help="zsRE mapping of target_new: answers[0] (MEMIT, default) or alt (EasyEdit)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto | float32 | float16 | bfloat16")
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     p.add_argument("--eval", action="store_true",
                    help="evaluate the edited records before and after (CounterFact or zsRE --requests files)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_arguments(p, dtype_alias=True)
 
 
 def _metric(value) -> str:
@@ -84,7 +83,7 @@ def run(args) -> int:
             raise ValueError(f"--eval needs a CounterFact or zsRE file as --requests: {err}") from None
     templates = load_templates(args.context_templates) if args.context_templates else None
     hp = load_hparams(args.hparams) if args.hparams else None
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok = load_model(args.model, options_from_args(args))
     hp = hp or default_for(model.config, "rome" if args.method == "rome" else "memit")
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,

@@ -7,7 +7,7 @@ number of cases that contributed; see engine/evaluate.py for the exact conventio
 
 Examples:
   massedit eval --model gpt2-xl --data counterfact.json --limit 1000 --json results.json
-  massedit eval --model ./edited-model --data zsre_mend_eval.json --device cuda --dtype bfloat16
+  massedit eval --model ./edited-model --data zsre_mend_eval.json --device cuda --model-dtype bfloat16
   massedit eval --model ./edited-model --data cf.json --case-ids 0,5,17 --generation
 """
 from __future__ import annotations
@@ -17,13 +17,11 @@ import sys
 from pathlib import Path
 
 from massedit.cli import UserError
-from massedit.loading import load_model
+from massedit.loading import add_model_arguments, load_model, options_from_args
 from massedit.writable import check_file
 
 NAME = "eval"
 HELP = "score a model on CounterFact / zsRE records (efficacy, generalization, specificity)"
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser) -> None:
@@ -41,10 +39,7 @@ def add_arguments(parser) -> None:
                         help="zsRE target: answers[0] (MEMIT, default) or alt (EasyEdit)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed for --generation (default 0)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the metrics and full details to OUT")
-    parser.add_argument("--device", default="auto",
-                        help="auto (GPUs when available, sharded with Accelerate) | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="model dtype (auto: the checkpoint's dtype on cuda, float32 on cpu)")
+    add_model_arguments(parser, dtype_alias=True)
 
 
 def _fmt(value, width=8) -> str:
@@ -92,7 +87,7 @@ def run(args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok = load_model(args.model, options_from_args(args))
     result = ev.evaluate(
         model, tok, records, kind=kind, batch_size=args.batch_size, generation=args.generation,
         case_ids=case_ids, reference_texts=reference_texts, zsre_target=args.zsre_target, seed=args.seed,

@@ -20,7 +20,7 @@ import torch
 
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
-from massedit.loading import load_model, model_name_for
+from massedit.loading import add_deprecated_alias, add_model_arguments, load_model, model_name_for, options_from_args
 from massedit.stats import (DTYPES, ModelIdentity, check_identity, check_model_name, check_storable, second_moments,
                             stats_file, write_stats)
 from massedit.writable import check_dir
@@ -44,29 +44,29 @@ def add_arguments(p) -> None:
     p.add_argument("--corpus", required=True, help=".txt (one document per line), .jsonl ('text'), or a saved dataset dir")
     p.add_argument("--layers", required=True, help="comma-separated layer indices, e.g. 3,4,5")
     p.add_argument("--samples", type=int, default=100000, help="number of corpus documents (default 100000)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="statistics dtype (default float32)")
+    p.add_argument("--stats-dtype", default="float32", choices=sorted(DTYPES), help="statistics dtype (default float32)")
+    add_deprecated_alias(p, "--dtype", "--stats-dtype", "stats_dtype", sorted(DTYPES))
     p.add_argument("--stats-dir", required=True, help="directory of the statistics cache")
     p.add_argument("--dataset", default="wikipedia", help="dataset name in the file path (hparams' mom2_dataset)")
     p.add_argument("--model-name", help="name in the file path (default: the model directory's name); naming it "
                    "also accepts existing reference-layout files, which carry no model fingerprint")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--model-dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     p.add_argument("--force", action="store_true", help="recompute even if the files exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    add_model_arguments(p)
 
 
 def run(args) -> int:
     layers = parse_layers(args.layers)
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
-    check_storable(args.dtype)
+    check_storable(args.stats_dtype)
     check_dir(args.stats_dir, "--stats-dir")
     name = check_model_name(args.model_name or model_name_for(args.model))
-    model, tok = load_model(args.model, args.device, args.model_dtype)
+    model, tok = load_model(args.model, options_from_args(args))
     layout = ModelLayout(model)
     layout.check_layers(layers, "--layers")
-    paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.dtype, args.samples)
+    paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.stats_dtype, args.samples)
              for l in layers}
     identity = ModelIdentity(model, layout, name)
     todo = [l for l in layers if args.force or not paths[l].exists()]
@@ -82,12 +82,12 @@ def run(args) -> int:
             print(f"massedit stats: warning: {args.corpus} has {n_docs} documents, fewer than --samples "
                   f"{args.samples}: the statistics use all {n_docs} and are filed under {args.samples} "
                   "(sample_size in the file records the true number)", file=sys.stderr)
-        acc = torch.float64 if args.dtype == "float64" else torch.float32
-        checkpoint = paths[todo[0]].with_name(f"pass_{'-'.join(map(str, todo))}_{args.dtype}.partial.npz")
+        acc = torch.float64 if args.stats_dtype == "float64" else torch.float32
+        checkpoint = paths[todo[0]].with_name(f"pass_{'-'.join(map(str, todo))}_{args.stats_dtype}.partial.npz")
         moments = second_moments(model, layout, tok, texts, todo, acc, progress=not args.quiet, checkpoint=checkpoint,
                                  model_digest=identity.of_layer(max(todo))["weights_sha256"])
         for l, (mom2, count) in moments.items():
-            write_stats(paths[l], mom2.to(DTYPES[args.dtype]), count, n_docs, identity.of_layer(l))
+            write_stats(paths[l], mom2.to(DTYPES[args.stats_dtype]), count, n_docs, identity.of_layer(l))
             tokens = count
     summary = {"files": {str(l): str(p) for l, p in paths.items()}, "computed_layers": todo, "documents": n_docs,
                "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from massedit.arch import ModelLayout
 from massedit.hparams import default_for, world_preset
-from massedit.loading import load_model
+from massedit.loading import add_model_arguments, load_model, options_from_args
 from massedit.requests import load_requests
 from massedit.trace import BATCH_TOKENS, GROUPS, KINDS, TraceResult, check_requests, trace
 
@@ -52,8 +52,7 @@ def add_arguments(p) -> None:
                    help=f"tokens per batched forward (default {BATCH_TOKENS}; more is faster on a GPU, costs memory)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an earlier trace's files in --out")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--model-dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    add_model_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -116,7 +115,7 @@ def run(args) -> int:
     _check_args(args)
     requests = load_requests(args.data)[: args.n]
     check_requests(requests)
-    model, tok = load_model(args.model, args.device, args.model_dtype)
+    model, tok = load_model(args.model, options_from_args(args))
     hp = (world_preset if args.base == "world" else default_for)(model.config)
     n_layers = ModelLayout(model).n_layers
     span = args.span or len(hp.layers)

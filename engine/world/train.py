@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from massedit.devices import input_device
 from massedit.tokens import pad, spaced_target, target_ids
 from massedit.world.generate import World, _rng, documents_with_spans, filler_sentence, fill, counterfact_records, \
     zsre_records, tokenizer_texts
@@ -300,7 +301,7 @@ def _encode_pairs(tok, items: Sequence[tuple[str, str]]) -> list[tuple[list[int]
 @torch.no_grad()
 def score_objects(model, tok, items: Sequence[tuple[str, str]], batch_size: int = 128) -> list[dict]:
     """Teacher-forced scores of each (prompt, object): per-token log-probs and top-1 hits."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = _encode_pairs(tok, items)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out: list[Optional[dict]] = [None] * len(rows)
