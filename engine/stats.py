@@ -77,7 +77,7 @@ def check_storable(dtype: str) -> None:
         raise StatsError(f"mom2_dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype in UNSTORABLE:
         raise StatsError(f"statistics dtype {dtype}: {UNSTORABLE[dtype]}; compute them in float32 "
-                         "(--dtype float32, or mom2_dtype in the hparams); existing float16 files are still read")
+                         "(--stats-dtype float32, or mom2_dtype in the hparams); existing float16 files are still read")
 
 
 def stats_file(stats_dir, model_name: str, dataset: str, module_name: str, dtype: str, n_samples: Optional[int]) -> Path:

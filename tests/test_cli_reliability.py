@@ -156,7 +156,7 @@ def test_stats_with_fewer_documents_than_samples_says_so(files, tmp_path, capsys
 
 def test_stats_float16_is_refused_before_any_work(files, tmp_path, capsys):
     model_dir = _save_model(tmp_path / "model")
-    assert cli.main(files.stats_argv(model_dir, "--dtype", "float16")) == 2
+    assert cli.main(files.stats_argv(model_dir, "--stats-dtype", "float16")) == 2
     _one_line_error(capsys, "stats", "float16 cannot hold", "float32")
     assert not files.stats.exists()
 
