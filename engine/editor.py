@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from massedit import __version__
+from massedit import __version__, parallel
 from massedit.arch import ModelLayout
 from massedit.context import ContextTemplates, generate_templates, validate_templates
 from massedit.delta import EditDelta, config_hash
@@ -98,8 +98,11 @@ class MassEditor:
 
     def context_templates(self) -> ContextTemplates:
         if self._templates is None:
+            # Sampled on rank 0 and sent to the others: the same seed need not sample the same
+            # text on other hardware, and every rank must edit with the same templates.
             with frozen_eval(self.model):
-                self._templates = generate_templates(self.model, self.tok, self.hp.context_template_plan(), self.seed)
+                self._templates = parallel.from_main(
+                    lambda: generate_templates(self.model, self.tok, self.hp.context_template_plan(), self.seed))
         return self._templates
 
     def solvers(self) -> dict[int, LayerSolver]:
@@ -132,6 +135,9 @@ class MassEditor:
     def _edit(self, requests, method: str, batch_size: Optional[int], apply: bool) -> EditResult:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method != "memit" and parallel.world().size > 1:
+            raise ValueError(f"method {method!r} edits one request after another and is not sharded over processes; "
+                             "run it in a single process, or use method 'memit'")
         rome = method == "rome"
         if rome:
             layer = rome_layer(self.hp)  # exactly one layer, else a clear error before any work

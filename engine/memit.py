@@ -5,6 +5,9 @@ so far, the residual (z − h^L) is divided by the number of layers left, and
 Δ^l = R ((λC + KKᵀ)⁻¹K)ᵀ is applied before the next layer's keys are read. Δ^l is kept as its two
 factors (R and the solved keys). If anything fails, the layers applied so far are reverted, so
 the model is returned exactly as it came.
+
+Under torch.distributed each rank reads the keys and h^L of its share of the requests, the rows
+are gathered, rank 0 solves and sends the result, and every rank applies the same Δ^l.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from massedit import parallel
 from massedit.arch import ModelLayout
 from massedit.delta import EditDelta, WeightDelta
 from massedit.keys import LayerStates
@@ -37,14 +41,18 @@ def spread_update(
     target_layer = max(layers)
     applied: list[EditDelta] = []
     weights: list[WeightDelta] = []
-    states = LayerStates(model, layout, tok, requests, templates, target_layer, batch_size)
+    mine = parallel.world().shard(requests)
+    states = LayerStates(model, layout, tok, mine, templates, target_layer, batch_size) if mine else None
     try:
         for j, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, unit="layer")):
             t0 = time.perf_counter()
-            keys, h = states.at_layer(layer)
+            keys, h = states.at_layer(layer) if states else (
+                torch.zeros(0, layout.key_dim(layer), device=layout.device_of(layer)),
+                torch.zeros(0, layout.hidden_size, device=layout.device_of(target_layer)))
+            keys, h = parallel.gather_sharded(keys, len(requests)), parallel.gather_sharded(h, len(requests))
             t1 = time.perf_counter()
             residual = (z.to(h.device) - h) / (len(layers) - j)
-            solved = solvers[layer].solve(keys.T)
+            solved = parallel.tensor_from_main(lambda: solvers[layer].solve(keys.T), keys.device)
             wd = WeightDelta(
                 name=layout.rewrite_weight_name(layer),
                 u=residual.T.to(solved.device, torch.float64).contiguous(),

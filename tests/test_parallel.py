@@ -1,0 +1,174 @@
+"""Many processes (DESIGN §10.5): two gloo ranks spawned from the test give the statistics and the
+edit of one process, and each rank really works on its own share only.
+
+What each rank fed the model is recorded by a forward pre-hook on the model (the token rows under
+the attention mask), independently of the engine's own bookkeeping."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from massedit import parallel
+from massedit.arch import ModelLayout
+from massedit.editor import MassEditor
+from massedit.hparams import default_for
+from massedit.stats import second_moments, stats_file
+from massedit.tokens import encode_prompt
+from massedit.targets import KL_PROMPT
+from tiny import WORDS, make_model
+
+WORLD = 2
+LAYERS = (1, 2)
+CORPUS = [" ".join(WORDS[(5 * i + j * (i % 7 + 1)) % len(WORDS)] for j in range(8 + (11 * i) % 37)) for i in range(40)]
+# Subjects that are no part of one another, so a request's rows identify it.
+REQUESTS = [
+    {"subject": "Michael Jordan", "prompt": "{} plays the sport of", "target_new": "baseball"},
+    {"subject": "Lionel Messi", "prompt": "{} plays the sport of", "target_new": "tennis"},
+    {"subject": "Marie Curie", "prompt": "The native language of {} is", "target_new": "Spanish"},
+    {"subject": "Albert Einstein", "prompt": "{} was born in", "target_new": "Tokyo"},
+    {"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "German"},
+]
+TEMPLATES = [["{}"], ["The a of. {}", "I you it. {}"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _record_rows(model, seen: list):
+    """Every unpadded token row the model is run on, as a tuple, appended to `seen`."""
+
+    def pre_hook(_module, _args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]
+        seen.extend(tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask))
+
+    return model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _hparams(model):
+    return default_for(model.config).replace(layers=list(LAYERS), v_num_grad_steps=6, mom2_n_samples=len(CORPUS))
+
+
+def _run(stats_dir):
+    """What the test compares: statistics, generated templates and an edit, with the rows fed to
+    the model in the statistics pass and in the edit."""
+    model, tok = make_model("gpt2")
+    layout = ModelLayout(model)
+    rows_stats, rows_edit = [], []
+    handle = _record_rows(model, rows_stats)
+    moments = second_moments(model, layout, tok, CORPUS, LAYERS, batch_tokens=64, progress=False)
+    handle.remove()
+    templates = MassEditor(model, tok, _hparams(model), stats_dir=stats_dir, progress=False).context_templates()
+    editor = MassEditor(model, tok, _hparams(model), stats_dir=stats_dir, corpus=CORPUS, model_name="tiny",
+                        context_templates=TEMPLATES, progress=False)
+    editor.solvers()  # statistics through the editor's path (rank 0 writes the files)
+    handle = _record_rows(model, rows_edit)
+    result = editor.edit(REQUESTS)
+    handle.remove()
+    weights = {w.name: model.get_parameter(w.name).detach().clone() for w in result.delta.weights}
+    return {
+        "moments": {l: (m.double(), c) for l, (m, c) in moments.items()},
+        "templates": templates,
+        "delta": {w.name: w.dense() for w in result.delta.weights},
+        "weights": weights,
+        "z": result.z,
+        "rows_stats": rows_stats,
+        "rows_edit": rows_edit,
+        "tok": tok,
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    # What torchrun sets; parallel.world() joins the group from these.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = _run(os.path.join(out_dir, "stats"))
+    result["world"] = (parallel.world().rank, parallel.world().size)
+    result.pop("tok")
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    single = _run(tmp_path_factory.mktemp("single") / "stats")
+    return ranks, single, out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_ranks_joined_one_group(runs):
+    ranks, _, _ = runs
+    assert [r["world"] for r in ranks] == [(0, WORLD), (1, WORLD)]
+
+
+def test_statistics_equal_one_process(runs):
+    ranks, single, _ = runs
+    for r in ranks:
+        for l in LAYERS:
+            mom2, count = r["moments"][l]
+            assert count == single["moments"][l][1]
+            assert _rel(mom2, single["moments"][l][0]) <= 1e-6
+
+
+def test_each_rank_streams_only_its_documents(runs):
+    ranks, single, _ = runs
+    everything = sorted(single["rows_stats"])
+    seen = [r["rows_stats"] for r in ranks]
+    assert all(seen), "a rank processed no documents"
+    assert sorted(seen[0] + seen[1]) == everything  # each document once, on one rank
+    assert not set(seen[0]) & set(seen[1])
+    assert abs(len(seen[0]) - len(seen[1])) <= len(everything) // 2
+
+
+def test_one_rank_writes_the_statistics_files(runs):
+    _, _, out = runs
+    model, _ = make_model("gpt2")
+    layout = ModelLayout(model)
+    hp = _hparams(model)
+    for l in LAYERS:
+        assert stats_file(out / "stats", "tiny", hp.mom2_dataset, layout.rewrite_name(l), hp.mom2_dtype,
+                          hp.mom2_n_samples).exists()
+    assert not list((out / "stats").rglob("*.tmp")) and not list((out / "stats").rglob("*.partial*"))
+
+
+def test_context_templates_identical_on_all_ranks(runs):
+    ranks, single, _ = runs
+    assert ranks[0]["templates"] == ranks[1]["templates"] == single["templates"]
+
+
+def test_edit_equals_one_process_and_every_rank_holds_it(runs):
+    ranks, single, _ = runs
+    for name, dense in single["delta"].items():
+        for r in ranks:
+            assert _rel(r["delta"][name], dense) <= 1e-4, name
+        assert torch.equal(ranks[0]["delta"][name], ranks[1]["delta"][name])
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+        assert _rel(ranks[0]["weights"][name], single["weights"][name]) <= 1e-5
+    assert torch.equal(ranks[0]["z"], ranks[1]["z"])
+    assert _rel(ranks[0]["z"], single["z"]) <= 1e-4
+
+
+def test_each_rank_optimizes_and_reads_keys_of_its_requests_only(runs):
+    ranks, single, _ = runs
+    tok = single["tok"]
+    kl_rows = [tuple(encode_prompt(tok, KL_PROMPT, r["subject"]).ids) for r in REQUESTS]
+    cuts = [tuple(e.ids[: e.subject_index + 1]) for e in (encode_prompt(tok, r["prompt"], r["subject"])
+                                                         for r in REQUESTS)]
+    for rows in (kl_rows, cuts):  # z phase, then keys
+        owners = [[i for i, row in enumerate(rows) if row in set(r["rows_edit"])] for r in ranks]
+        assert sorted(owners[0] + owners[1]) == list(range(len(REQUESTS)))
+        assert min(len(o) for o in owners) == len(REQUESTS) // WORLD
