@@ -31,6 +31,16 @@ from massedit.targets import TargetOptimizer, ZSettings, frozen_eval
 METHODS = ("memit", "memit-serial", "rome")
 
 
+def check_method(method: str) -> None:
+    """A one-line error for a method that does not exist, or does not run in this many processes."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    world = parallel.world()
+    if method != "memit" and world.size > 1:
+        raise ValueError(f"method {method!r} edits one request after another and is not sharded over {world.size} "
+                         "processes; run it in a single process, or use method 'memit'")
+
+
 @dataclass
 class EditResult:
     delta: EditDelta
@@ -133,11 +143,7 @@ class MassEditor:
             return self._edit(requests, method, batch_size, apply)
 
     def _edit(self, requests, method: str, batch_size: Optional[int], apply: bool) -> EditResult:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if method != "memit" and parallel.world().size > 1:
-            raise ValueError(f"method {method!r} edits one request after another and is not sharded over processes; "
-                             "run it in a single process, or use method 'memit'")
+        check_method(method)
         rome = method == "rome"
         if rome:
             layer = rome_layer(self.hp)  # exactly one layer, else a clear error before any work

@@ -5,8 +5,13 @@ What each rank fed the model is recorded by a forward pre-hook on the model (the
 the attention mask), independently of the engine's own bookkeeping."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+
+import numpy as np
 
 import pytest
 import torch
@@ -14,6 +19,8 @@ import torch.multiprocessing as mp
 
 from massedit import parallel
 from massedit.arch import ModelLayout
+from massedit.cli import main
+from massedit.delta import EditDelta
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
 from massedit.stats import second_moments, stats_file
@@ -172,3 +179,64 @@ def test_each_rank_optimizes_and_reads_keys_of_its_requests_only(runs):
         owners = [[i for i, row in enumerate(rows) if row in set(r["rows_edit"])] for r in ranks]
         assert sorted(owners[0] + owners[1]) == list(range(len(REQUESTS)))
         assert min(len(o) for o in owners) == len(REQUESTS) // WORLD
+
+
+# ------------------------------------------------------------------------- the CLI under torchrun
+
+
+def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+           f"--master_port={_free_port()}", "-m", "massedit.cli", *args]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture
+def cli_files(tmp_path, monkeypatch):
+    model, tok = make_model("gpt2")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS) + "\n")
+    (tmp_path / "requests.json").write_text(json.dumps(REQUESTS))
+    (tmp_path / "templates.json").write_text(json.dumps(TEMPLATES))
+    _hparams(model).to_json(tmp_path / "hp.json")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _same_statistics(one_dir, many_dir) -> None:
+    files = list(one_dir.rglob("*.npz"))
+    assert len(files) == len(LAYERS)
+    for f in files:
+        with np.load(f) as one, np.load(many_dir / f.relative_to(one_dir)) as many:
+            assert int(many["mom2.count"]) == int(one["mom2.count"])
+            assert _rel(torch.from_numpy(many["mom2.mom2"]), torch.from_numpy(one["mom2.mom2"])) <= 1e-6
+
+
+def test_cli_edit_under_torchrun_equals_one_process(cli_files, capsys):
+    """`torchrun -m massedit.cli edit --corpus ...`: statistics computed by both ranks, the edit
+    sharded, rank 0 writes OUT; all of it as one process makes it."""
+    edit = ["edit", "--model", "model", "--quiet", "--requests", "requests.json", "--hparams", "hp.json",
+            "--context-templates", "templates.json", "--corpus", "corpus.txt"]
+    _torchrun([*edit, "--stats-dir", "multi", "--out", "edited-multi"], cli_files)
+    assert main([*edit, "--stats-dir", "single", "--out", "edited-single"]) == 0
+    capsys.readouterr()
+    _same_statistics(cli_files / "single", cli_files / "multi")
+    one, many = (EditDelta.load(cli_files / d / "delta.safetensors") for d in ("edited-single", "edited-multi"))
+    assert [w.name for w in many.weights] == [w.name for w in one.weights]
+    for a, b in zip(many.weights, one.weights):
+        assert _rel(a.dense(), b.dense()) <= 1e-4
+    assert sorted(p.name for p in (cli_files / "edited-multi").iterdir()) == sorted(
+        p.name for p in (cli_files / "edited-single").iterdir())
+
+
+@pytest.mark.slow
+def test_cli_stats_under_torchrun_equals_one_process(cli_files, capsys):
+    stats = ["stats", "--model", "model", "--quiet", "--corpus", "corpus.txt", "--layers", "1,2", "--samples", "40"]
+    out = _torchrun([*stats, "--stats-dir", "multi", "--json"], cli_files).stdout
+    assert json.loads(out[out.index("{"):])["processes"] == WORLD  # one summary, printed by rank 0
+    assert out.count('"processes"') == 1
+    assert main([*stats, "--stats-dir", "single"]) == 0
+    capsys.readouterr()
+    _same_statistics(cli_files / "single", cli_files / "multi")

@@ -8,6 +8,12 @@ Examples:
 
 Writes OUT/ (model and tokenizer, save_pretrained), OUT/delta.safetensors (low-rank factors,
 revertible) and OUT/report.json (timings in seconds, z losses).
+
+Under torchrun / accelerate launch the requests are sharded over the processes for z and keys
+(and the corpus for missing statistics); every process ends with the edited model, rank 0 writes
+OUT (and evaluates with --eval):
+  torchrun --nproc_per_node 4 -m massedit.cli edit --model ./world/model --requests edits.json \
+      --stats-dir stats --out edited
 """
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ import json
 import time
 from pathlib import Path
 
+from massedit import parallel
 from massedit.context import load_templates
-from massedit.editor import METHODS, MassEditor
+from massedit.editor import METHODS, MassEditor, check_method
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import load_model, model_name_for
@@ -60,6 +67,8 @@ def run(args) -> int:
     _check_out(out, args.force)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    check_method(args.method)
+    world = parallel.world()
     requests = load_requests(args.requests, zsre_target=args.zsre_target)
     records = None
     if args.eval:
@@ -69,16 +78,20 @@ def run(args) -> int:
             raise ValueError(f"--eval needs a CounterFact or zsRE file as --requests: {err}") from None
     templates = load_templates(args.context_templates) if args.context_templates else None
     hp = MEMITHyperParams.from_file(args.hparams) if args.hparams else None
-    model, tok = load_model(args.model, args.device, args.dtype)
+    records = records if world.main else None
+    model, tok = load_model(args.model, parallel.local_device(args.device), args.dtype)
     requests = validate_requests(requests, tok)
     hp = hp or default_for(model.config, "rome" if args.method == "rome" else "memit")
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
         model_name=args.model_name or model_name_for(args.model), context_templates=templates, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet and world.main,
     )
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
+    if not world.main:
+        parallel.barrier()  # returns once rank 0 has written OUT
+        return 0
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -97,4 +110,5 @@ def run(args) -> int:
         pre, post = report["metrics"]["pre"], report["metrics"]["post"]
         print("  ".join(f"{k} {pre[k]:.1f} -> {post[k]:.1f}" for k in pre))
     print(f"wrote {out}/ (model, tokenizer), {out / 'delta.safetensors'}, {out / 'report.json'}")
+    parallel.barrier()
     return 0

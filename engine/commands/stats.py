@@ -5,6 +5,11 @@ Example:
       --samples 2000 --stats-dir stats
 Files land in <stats-dir>/<model-name>/<dataset>_stats/<module>_<dtype>_mom2_<samples>.npz,
 the reference MEMIT layout, so existing statistics are reused by `massedit edit`.
+
+Under torchrun / accelerate launch each process streams its share of the corpus batches, the
+sums are all-reduced and rank 0 writes the files:
+  torchrun --nproc_per_node 4 -m massedit.cli stats --model ./world/model --corpus ./world/corpus.txt \
+      --layers 1,2,3 --stats-dir stats
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import time
 
 import torch
 
+from massedit import parallel
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.loading import load_model, model_name_for
@@ -52,13 +58,15 @@ def run(args) -> int:
     layers = parse_layers(args.layers)
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
-    model, tok = load_model(args.model, args.device, args.model_dtype)
+    world = parallel.world()
+    model, tok = load_model(args.model, parallel.local_device(args.device), args.model_dtype)
     layout = ModelLayout(model)
     layout.check_layers(layers)
     name = args.model_name or model_name_for(args.model)
     paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.dtype, args.samples)
              for l in layers}
-    todo = [l for l in layers if args.force or not paths[l].exists()]
+    # Rank 0's view of the cache decides, so that all ranks join the same pass.
+    todo = parallel.from_main(lambda: [l for l in layers if args.force or not paths[l].exists()])
     t0 = time.perf_counter()
     n_docs = tokens = 0
     if todo:
@@ -68,10 +76,14 @@ def run(args) -> int:
         checkpoint = paths[todo[0]].with_name(f"pass_{'-'.join(map(str, todo))}_{args.dtype}.partial.npz")
         moments = second_moments(model, layout, tok, texts, todo, acc, progress=not args.quiet, checkpoint=checkpoint)
         for l, (mom2, count) in moments.items():
-            write_stats(paths[l], mom2.to(DTYPES[args.dtype]), count, n_docs)
+            if world.main:
+                write_stats(paths[l], mom2.to(DTYPES[args.dtype]), count, n_docs)
             tokens = count
+        parallel.barrier()
+    if not world.main:
+        return 0
     summary = {"files": {str(l): str(p) for l, p in paths.items()}, "computed_layers": todo, "documents": n_docs,
-               "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}
+               "tokens": tokens, "processes": world.size, "seconds": round(time.perf_counter() - t0, 3)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
