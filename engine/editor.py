@@ -93,7 +93,8 @@ class MassEditor:
             self.tok.pad_token = self.tok.eos_token
         self.stats_dir, self.corpus = stats_dir, corpus
         self.model_name = model_name or model_name_of(model)
-        self.seed, self.progress, self.reuse_prefix = seed, progress, reuse_prefix
+        # One progress bar per edit, not one per process.
+        self.seed, self.progress, self.reuse_prefix = seed, progress and parallel.world().main, reuse_prefix
         self._templates = validate_templates(context_templates) if context_templates is not None else None
         self._solvers: dict[int, LayerSolver] = {}
 
@@ -138,6 +139,10 @@ class MassEditor:
         Every stage runs in eval mode without parameter gradients; the model's own mode and
         flags are restored afterwards. With apply=False the model is left unchanged and the
         returned delta can be applied later.
+
+        Under torch.distributed (torchrun, accelerate launch) every rank calls this with the same
+        requests: z and keys are computed for each rank's share and gathered (massedit.memit,
+        massedit.targets), and every rank returns the same delta and applies it.
         """
         with frozen_eval(self.model):
             return self._edit(requests, method, batch_size, apply)

@@ -85,7 +85,7 @@ def run(args) -> int:
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
         model_name=args.model_name or model_name_for(args.model), context_templates=templates, seed=args.seed,
-        progress=not args.quiet and world.main,
+        progress=not args.quiet,
     )
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
