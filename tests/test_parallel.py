@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import massedit.stats as stats_mod
 from massedit import parallel
 from massedit.arch import ModelLayout
 from massedit.cli import main
@@ -79,11 +81,13 @@ def _run(stats_dir):
     handle = _record_rows(model, rows_edit)
     result = editor.edit(REQUESTS)
     handle.remove()
+    lone = editor.edit(REQUESTS[:1], apply=False)  # fewer requests than ranks: one rank has none
     weights = {w.name: model.get_parameter(w.name).detach().clone() for w in result.delta.weights}
     return {
         "moments": {l: (m.double(), c) for l, (m, c) in moments.items()},
         "templates": templates,
         "delta": {w.name: w.dense() for w in result.delta.weights},
+        "lone": {w.name: w.dense() for w in lone.delta.weights},
         "weights": weights,
         "z": result.z,
         "rows_stats": rows_stats,
@@ -92,12 +96,47 @@ def _run(stats_dir):
     }
 
 
+def _interrupted_and_resumed(out_dir: str) -> dict:
+    """Both ranks stop during their 6th batch (after checkpointing 4), then a rerun resumes."""
+    import massedit.stats as stats
+
+    model, tok = make_model("gpt2")
+    layout = ModelLayout(model)
+    checkpoint = Path(out_dir) / "resume" / "pass.partial.npz"
+    run = lambda: stats.second_moments(model, layout, tok, CORPUS, LAYERS, batch_tokens=64, progress=False,  # noqa: E731
+                                       checkpoint=checkpoint, checkpoint_every=2)
+    full = stats.second_moments(model, layout, tok, CORPUS, LAYERS, batch_tokens=64, progress=False)
+    real, calls, limit = stats.accumulate_xtx, [], [len(LAYERS) * 5]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > limit[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    stats.accumulate_xtx = counted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        torch.distributed.barrier()  # both ranks have checkpointed before either lists the files
+        files = sorted(p.name for p in checkpoint.parent.iterdir())
+        torch.distributed.barrier()  # and listed them before either resumes
+        calls.clear()
+        limit[0] = len(CORPUS) * len(LAYERS)
+        resumed = run()
+    finally:
+        stats.accumulate_xtx = real
+    return {"files": files, "resumed_batches": len(calls) // len(LAYERS), "left": list(checkpoint.parent.iterdir()),
+            "equal": all(torch.equal(resumed[l][0], full[l][0]) and resumed[l][1] == full[l][1] for l in LAYERS)}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     # What torchrun sets; parallel.world() joins the group from these.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result = _run(os.path.join(out_dir, "stats"))
+    result["resume"] = _interrupted_and_resumed(out_dir)
     result["world"] = (parallel.world().rank, parallel.world().size)
     result.pop("tok")
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -141,6 +180,18 @@ def test_each_rank_streams_only_its_documents(runs):
     assert abs(len(seen[0]) - len(seen[1])) <= len(everything) // 2
 
 
+def test_each_rank_resumes_from_its_own_checkpoint(runs):
+    ranks, single, _ = runs
+    model, tok = make_model("gpt2")
+    lengths = [len(tok(t)["input_ids"]) for t in CORPUS]
+    n_batches = len(stats_mod._batches(lengths, 64))
+    for rank, r in enumerate(ranks):
+        assert r["resume"]["files"] == [f"pass.partial.rank{i}of{WORLD}.npz" for i in range(WORLD)]
+        mine = len(range(rank, n_batches, WORLD))
+        assert r["resume"]["resumed_batches"] == mine - 4  # the checkpointed 4 are not redone
+        assert r["resume"]["equal"] and not r["resume"]["left"]
+
+
 def test_one_rank_writes_the_statistics_files(runs):
     _, _, out = runs
     model, _ = make_model("gpt2")
@@ -166,6 +217,9 @@ def test_edit_equals_one_process_and_every_rank_holds_it(runs):
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
         assert _rel(ranks[0]["weights"][name], single["weights"][name]) <= 1e-5
     assert torch.equal(ranks[0]["z"], ranks[1]["z"])
+    for name, dense in single["lone"].items():
+        assert _rel(ranks[0]["lone"][name], dense) <= 1e-4 and torch.equal(ranks[0]["lone"][name],
+                                                                          ranks[1]["lone"][name])
     assert _rel(ranks[0]["z"], single["z"]) <= 1e-4
 
 
