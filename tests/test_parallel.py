@@ -31,6 +31,7 @@ from massedit.targets import KL_PROMPT
 from tiny import WORDS, make_model
 
 WORLD = 2
+KINDS = ("gpt2", "llama")
 LAYERS = (1, 2)
 CORPUS = [" ".join(WORDS[(5 * i + j * (i % 7 + 1)) % len(WORDS)] for j in range(8 + (11 * i) % 37)) for i in range(40)]
 # Subjects that are no part of one another, so a request's rows identify it.
@@ -65,10 +66,10 @@ def _hparams(model):
     return default_for(model.config).replace(layers=list(LAYERS), v_num_grad_steps=6, mom2_n_samples=len(CORPUS))
 
 
-def _run(stats_dir):
+def _run(kind: str, stats_dir):
     """What the test compares: statistics, generated templates and an edit, with the rows fed to
     the model in the statistics pass and in the edit."""
-    model, tok = make_model("gpt2")
+    model, tok = make_model(kind)
     layout = ModelLayout(model)
     rows_stats, rows_edit = [], []
     handle = _record_rows(model, rows_stats)
@@ -135,10 +136,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = _run(os.path.join(out_dir, "stats"))
+    result = {kind: _run(kind, os.path.join(out_dir, "stats", kind)) for kind in KINDS}
+    for r in result.values():
+        r.pop("tok")
     result["resume"] = _interrupted_and_resumed(out_dir)
     result["world"] = (parallel.world().rank, parallel.world().size)
-    result.pop("tok")
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -148,8 +150,14 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    single = _run(tmp_path_factory.mktemp("single") / "stats")
+    single = {kind: _run(kind, tmp_path_factory.mktemp("single") / "stats") for kind in KINDS}
     return ranks, single, out
+
+
+def _of(runs, kind: str):
+    """(each rank's results, one process's results) for one model kind."""
+    ranks, single, _ = runs
+    return [r[kind] for r in ranks], single[kind]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -161,8 +169,9 @@ def test_ranks_joined_one_group(runs):
     assert [r["world"] for r in ranks] == [(0, WORLD), (1, WORLD)]
 
 
-def test_statistics_equal_one_process(runs):
-    ranks, single, _ = runs
+@pytest.mark.parametrize("kind", KINDS)
+def test_statistics_equal_one_process(runs, kind):
+    ranks, single = _of(runs, kind)
     for r in ranks:
         for l in LAYERS:
             mom2, count = r["moments"][l]
@@ -170,8 +179,9 @@ def test_statistics_equal_one_process(runs):
             assert _rel(mom2, single["moments"][l][0]) <= 1e-6
 
 
-def test_each_rank_streams_only_its_documents(runs):
-    ranks, single, _ = runs
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_rank_streams_only_its_documents(runs, kind):
+    ranks, single = _of(runs, kind)
     everything = sorted(single["rows_stats"])
     seen = [r["rows_stats"] for r in ranks]
     assert all(seen), "a rank processed no documents"
@@ -181,7 +191,7 @@ def test_each_rank_streams_only_its_documents(runs):
 
 
 def test_each_rank_resumes_from_its_own_checkpoint(runs):
-    ranks, single, _ = runs
+    ranks = runs[0]
     model, tok = make_model("gpt2")
     lengths = [len(tok(t)["input_ids"]) for t in CORPUS]
     n_batches = len(stats_mod._batches(lengths, 64))
@@ -192,24 +202,27 @@ def test_each_rank_resumes_from_its_own_checkpoint(runs):
         assert r["resume"]["equal"] and not r["resume"]["left"]
 
 
-def test_one_rank_writes_the_statistics_files(runs):
-    _, _, out = runs
-    model, _ = make_model("gpt2")
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_rank_writes_the_statistics_files(runs, kind):
+    stats_dir = runs[2] / "stats" / kind
+    model, _ = make_model(kind)
     layout = ModelLayout(model)
     hp = _hparams(model)
     for l in LAYERS:
-        assert stats_file(out / "stats", "tiny", hp.mom2_dataset, layout.rewrite_name(l), hp.mom2_dtype,
+        assert stats_file(stats_dir, "tiny", hp.mom2_dataset, layout.rewrite_name(l), hp.mom2_dtype,
                           hp.mom2_n_samples).exists()
-    assert not list((out / "stats").rglob("*.tmp")) and not list((out / "stats").rglob("*.partial*"))
+    assert not list(stats_dir.rglob("*.tmp")) and not list(stats_dir.rglob("*.partial*"))
 
 
-def test_context_templates_identical_on_all_ranks(runs):
-    ranks, single, _ = runs
+@pytest.mark.parametrize("kind", KINDS)
+def test_context_templates_identical_on_all_ranks(runs, kind):
+    ranks, single = _of(runs, kind)
     assert ranks[0]["templates"] == ranks[1]["templates"] == single["templates"]
 
 
-def test_edit_equals_one_process_and_every_rank_holds_it(runs):
-    ranks, single, _ = runs
+@pytest.mark.parametrize("kind", KINDS)
+def test_edit_equals_one_process_and_every_rank_holds_it(runs, kind):
+    ranks, single = _of(runs, kind)
     for name, dense in single["delta"].items():
         for r in ranks:
             assert _rel(r["delta"][name], dense) <= 1e-4, name
@@ -223,8 +236,9 @@ def test_edit_equals_one_process_and_every_rank_holds_it(runs):
     assert _rel(ranks[0]["z"], single["z"]) <= 1e-4
 
 
-def test_each_rank_optimizes_and_reads_keys_of_its_requests_only(runs):
-    ranks, single, _ = runs
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_rank_optimizes_and_reads_keys_of_its_requests_only(runs, kind):
+    ranks, single = _of(runs, kind)
     tok = single["tok"]
     kl_rows = [tuple(encode_prompt(tok, KL_PROMPT, r["subject"]).ids) for r in REQUESTS]
     cuts = [tuple(e.ids[: e.subject_index + 1]) for e in (encode_prompt(tok, r["prompt"], r["subject"])
