@@ -117,26 +117,43 @@ def gather_sharded(tensor: torch.Tensor, n: int) -> torch.Tensor:
 
 def from_main(make: Callable[[], T]) -> T:
     """`make()` run on rank 0 only and its (picklable) result sent to every rank, so that all
-    ranks hold one identical value (e.g. sampled context templates)."""
+    ranks hold one identical value (e.g. sampled context templates). If it raises, every rank
+    raises the same error rather than waiting for a value that never comes."""
     w = world()
     if w.size == 1:
         return make()
-    box: list[Any] = [make() if w.main else None]
+    box: list[Any] = [None]
+    if w.main:
+        try:
+            box[0] = (True, make())
+        except Exception as err:
+            box[0] = (False, err)
     dist.broadcast_object_list(box, src=0, device=_comm_device())
-    return box[0]
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def tensor_from_main(make: Callable[[], torch.Tensor], device) -> torch.Tensor:
     """`make()` run on rank 0 only; its tensor on every rank (on `device` elsewhere), bit for bit,
     so that a result every rank applies (e.g. a layer's solve) is one and the same."""
-    w = world()
-    if w.size == 1:
+    if world().size == 1:
         return make()
-    made = make() if w.main else None
-    shape, dtype = from_main(lambda: (tuple(made.shape), made.dtype))
-    buf = made.to(_comm_device()) if w.main else torch.empty(shape, dtype=dtype, device=_comm_device())
+    made: dict[str, torch.Tensor] = {}
+
+    def make_and_describe():
+        made["t"] = make()
+        return tuple(made["t"].shape), made["t"].dtype
+
+    shape, dtype = from_main(make_and_describe)
+    if "t" in made:
+        buf = made["t"].to(_comm_device())
+        dist.broadcast(buf, src=0)
+        return made["t"]
+    buf = torch.empty(shape, dtype=dtype, device=_comm_device())
     dist.broadcast(buf, src=0)
-    return made if w.main else buf.to(device)
+    return buf.to(device)
 
 
 def barrier() -> None:

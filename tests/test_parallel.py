@@ -131,6 +131,19 @@ def _interrupted_and_resumed(out_dir: str) -> dict:
             "equal": all(torch.equal(resumed[l][0], full[l][0]) and resumed[l][1] == full[l][1] for l in LAYERS)}
 
 
+def _error_on_main() -> str:
+    """What each rank sees when rank 0's part of a shared result fails."""
+
+    def fail():
+        raise ValueError("rank 0 failed")
+
+    try:
+        parallel.tensor_from_main(fail, "cpu")
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     # What torchrun sets; parallel.world() joins the group from these.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
@@ -141,6 +154,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         r.pop("tok")
     result["resume"] = _interrupted_and_resumed(out_dir)
     result["world"] = (parallel.world().rank, parallel.world().size)
+    result["error"] = _error_on_main()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -167,6 +181,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_ranks_joined_one_group(runs):
     ranks, _, _ = runs
     assert [r["world"] for r in ranks] == [(0, WORLD), (1, WORLD)]
+
+
+def test_an_error_on_rank_0_reaches_every_rank(runs):
+    assert [r["error"] for r in runs[0]] == ["rank 0 failed"] * WORLD
 
 
 @pytest.mark.parametrize("kind", KINDS)
