@@ -78,7 +78,17 @@ def _run(kind: str, stats_dir):
     templates = MassEditor(model, tok, _hparams(model), stats_dir=stats_dir, progress=False).context_templates()
     editor = MassEditor(model, tok, _hparams(model), stats_dir=stats_dir, corpus=CORPUS, model_name="tiny",
                         context_templates=TEMPLATES, progress=False)
-    editor.solvers()  # statistics through the editor's path (rank 0 writes the files)
+    written, real_write = [], stats_mod.write_stats
+
+    def recording_write(path, *args):
+        written.append(path)
+        real_write(path, *args)
+
+    stats_mod.write_stats = recording_write
+    try:
+        editor.solvers()  # statistics through the editor's path
+    finally:
+        stats_mod.write_stats = real_write
     handle = _record_rows(model, rows_edit)
     result = editor.edit(REQUESTS)
     handle.remove()
@@ -93,21 +103,22 @@ def _run(kind: str, stats_dir):
         "z": result.z,
         "rows_stats": rows_stats,
         "rows_edit": rows_edit,
+        "written": len(written),
         "tok": tok,
     }
 
 
 def _interrupted_and_resumed(out_dir: str) -> dict:
     """Both ranks stop during their 6th batch (after checkpointing 4), then a rerun resumes."""
-    import massedit.stats as stats
-
     model, tok = make_model("gpt2")
     layout = ModelLayout(model)
     checkpoint = Path(out_dir) / "resume" / "pass.partial.npz"
-    run = lambda: stats.second_moments(model, layout, tok, CORPUS, LAYERS, batch_tokens=64, progress=False,  # noqa: E731
-                                       checkpoint=checkpoint, checkpoint_every=2)
-    full = stats.second_moments(model, layout, tok, CORPUS, LAYERS, batch_tokens=64, progress=False)
-    real, calls, limit = stats.accumulate_xtx, [], [len(LAYERS) * 5]
+
+    def run(**kwargs):
+        return stats_mod.second_moments(model, layout, tok, CORPUS, LAYERS, batch_tokens=64, progress=False, **kwargs)
+
+    full = run()
+    real, calls, limit = stats_mod.accumulate_xtx, [], [len(LAYERS) * 5]
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -115,18 +126,18 @@ def _interrupted_and_resumed(out_dir: str) -> dict:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    stats.accumulate_xtx = counted
+    stats_mod.accumulate_xtx = counted
     try:
         with pytest.raises(KeyboardInterrupt):
-            run()
+            run(checkpoint=checkpoint, checkpoint_every=2)
         torch.distributed.barrier()  # both ranks have checkpointed before either lists the files
         files = sorted(p.name for p in checkpoint.parent.iterdir())
         torch.distributed.barrier()  # and listed them before either resumes
         calls.clear()
         limit[0] = len(CORPUS) * len(LAYERS)
-        resumed = run()
+        resumed = run(checkpoint=checkpoint, checkpoint_every=2)
     finally:
-        stats.accumulate_xtx = real
+        stats_mod.accumulate_xtx = real
     return {"files": files, "resumed_batches": len(calls) // len(LAYERS), "left": list(checkpoint.parent.iterdir()),
             "equal": all(torch.equal(resumed[l][0], full[l][0]) and resumed[l][1] == full[l][1] for l in LAYERS)}
 
@@ -230,6 +241,7 @@ def test_one_rank_writes_the_statistics_files(runs, kind):
         assert stats_file(stats_dir, "tiny", hp.mom2_dataset, layout.rewrite_name(l), hp.mom2_dtype,
                           hp.mom2_n_samples).exists()
     assert not list(stats_dir.rglob("*.tmp")) and not list(stats_dir.rglob("*.partial*"))
+    assert [r[kind]["written"] for r in runs[0]] == [len(LAYERS), 0]
 
 
 @pytest.mark.parametrize("kind", KINDS)
