@@ -96,7 +96,7 @@ class MassEditor:
         # One progress bar per edit, not one per process.
         self.seed, self.progress, self.reuse_prefix = seed, progress and parallel.world().main, reuse_prefix
         self._templates = validate_templates(context_templates) if context_templates is not None else None
-        self._solvers: dict[int, LayerSolver] = {}
+        self._solvers: dict[int, Optional[LayerSolver]] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, hparams=None, *, device_map=None, torch_dtype="auto", **kwargs):
@@ -116,15 +116,19 @@ class MassEditor:
                     lambda: generate_templates(self.model, self.tok, self.hp.context_template_plan(), self.seed))
         return self._templates
 
-    def solvers(self) -> dict[int, LayerSolver]:
-        """Covariances (cached on disk) and their factors (cached here), from the unedited model."""
+    def solvers(self) -> dict[int, Optional[LayerSolver]]:
+        """Covariances (cached on disk) and their factors (cached here), from the unedited model.
+
+        Under torch.distributed every rank takes part in computing the statistics, but only rank 0
+        solves (massedit.memit), so only rank 0 keeps C; the other ranks' entries are None."""
         missing = [l for l in self.hp.layers if l not in self._solvers]
         if missing:
             with frozen_eval(self.model):
                 covs = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
                                          self.corpus, self.progress)
+            main = parallel.world().main
             for l in missing:
-                self._solvers[l] = LayerSolver(covs[l], self.hp.mom2_update_weight, l)
+                self._solvers[l] = LayerSolver(covs[l], self.hp.mom2_update_weight, l) if main else None
         return self._solvers
 
     def _requests(self, requests) -> list[EditRequest]:

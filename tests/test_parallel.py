@@ -104,6 +104,7 @@ def _run(kind: str, stats_dir):
         "rows_stats": rows_stats,
         "rows_edit": rows_edit,
         "written": len(written),
+        "holds_c": [editor.solvers()[l] is not None for l in LAYERS],
         "tok": tok,
     }
 
@@ -242,6 +243,7 @@ def test_one_rank_writes_the_statistics_files(runs, kind):
                           hp.mom2_n_samples).exists()
     assert not list(stats_dir.rglob("*.tmp")) and not list(stats_dir.rglob("*.partial*"))
     assert [r[kind]["written"] for r in runs[0]] == [len(LAYERS), 0]
+    assert [r[kind]["holds_c"] for r in runs[0]] == [[True] * len(LAYERS), [False] * len(LAYERS)]  # rank 0 solves
 
 
 @pytest.mark.parametrize("kind", KINDS)
