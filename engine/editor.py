@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from massedit import __version__
+from massedit import __version__, parallel
 from massedit.arch import ModelLayout
 from massedit.context import ContextTemplates, generate_templates, validate_templates
 from massedit.delta import EditDelta, config_hash
@@ -43,6 +43,16 @@ TEMPLATE_SLACK = 4
 
 def not_converged_above(early_stop_loss: float) -> float:
     return max(1.0, NOT_CONVERGED_FACTOR * early_stop_loss)
+
+
+def check_method(method: str) -> None:
+    """A one-line error for a method that does not exist, or does not run in this many processes."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    world = parallel.world()
+    if method != "memit" and world.size > 1:
+        raise ValueError(f"method {method!r} edits one request after another and is not sharded over {world.size} "
+                         "processes; run it in a single process, or use method 'memit'")
 
 
 @dataclass
@@ -128,9 +138,10 @@ class MassEditor:
         self.stats_dir, self.corpus = stats_dir, corpus
         # A name the caller gives also vouches for unmarked (reference) statistics files under it.
         self.model_name, self._explicit_name = model_name or model_name_of(model), model_name is not None
-        self.seed, self.progress, self.reuse_prefix = seed, progress, reuse_prefix
+        # One progress bar per edit, not one per process.
+        self.seed, self.progress, self.reuse_prefix = seed, progress and parallel.world().main, reuse_prefix
         self._templates = validate_templates(context_templates) if context_templates is not None else None
-        self._solvers: dict[int, LayerSolver] = {}
+        self._solvers: dict[int, Optional[LayerSolver]] = {}
         self.solve_dtype, self.solve_device = _solve_options(solve_dtype, solve_device)
 
     @classmethod
@@ -148,23 +159,29 @@ class MassEditor:
 
     def context_templates(self) -> ContextTemplates:
         if self._templates is None:
+            # Sampled on rank 0 and sent to the others: the same seed need not sample the same
+            # text on other hardware, and every rank must edit with the same templates.
             with frozen_eval(self.model):
-                self._templates = generate_templates(self.model, self.tok, self.hp.context_template_plan(), self.seed)
+                self._templates = parallel.from_main(
+                    lambda: generate_templates(self.model, self.tok, self.hp.context_template_plan(), self.seed))
         return self._templates
 
-    def solvers(self) -> dict[int, LayerSolver]:
+    def solvers(self) -> dict[int, Optional[LayerSolver]]:
         """Factors of λC per edited layer (cached here), from covariances of the unedited model (cached on disk).
 
         The statistics sums come to the host; each is dropped once its layer's factor is built, in
-        one d×d buffer on the layer's device, and the factor is kept where `solve_device` says."""
+        one d×d buffer on the layer's device, and the factor is kept where `solve_device` says.
+        Under torch.distributed every rank takes part in computing the statistics, but only rank 0
+        solves (massedit.memit), so only rank 0 builds factors; the other ranks' entries are None."""
         missing = [l for l in self.hp.layers if l not in self._solvers]
         if missing:
             with frozen_eval(self.model):
                 sums = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
                                          self.corpus, self.progress, self._explicit_name)
+            main = parallel.world().main
             for l in missing:
                 mom2, count = sums.pop(l)
-                self._solvers[l] = self._make_solver(l, mom2, count)
+                self._solvers[l] = self._make_solver(l, mom2, count) if main else None
                 del mom2
         return self._solvers
 
@@ -206,13 +223,16 @@ class MassEditor:
         Every stage runs in eval mode without parameter gradients; the model's own mode and
         flags are restored afterwards. With apply=False the model is left unchanged and the
         returned delta (which records this model's weights as its base) can be applied later.
+
+        Under torch.distributed (torchrun, accelerate launch) every rank calls this with the same
+        requests: z and keys are computed for each rank's share and gathered (massedit.memit,
+        massedit.targets), and every rank returns the same delta and applies it.
         """
         with frozen_eval(self.model):
             return self._edit(requests, method, batch_size, apply)
 
     def _edit(self, requests, method: str, batch_size: Optional[int], apply: bool) -> EditResult:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        check_method(method)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer (requests per z-optimization chunk) or None "

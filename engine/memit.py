@@ -5,6 +5,9 @@ so far, the residual (z − h^L) is divided by the number of layers left, and
 Δ^l = R ((λC + KKᵀ)⁻¹K)ᵀ is applied before the next layer's keys are read. Δ^l is kept as its two
 factors (R and the solved keys). If anything fails, the layers applied so far are reverted, so
 the model is returned exactly as it came.
+
+Under torch.distributed each rank reads the keys and h^L of its share of the requests, the rows
+are gathered, rank 0 solves and sends the result, and every rank applies the same Δ^l.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from massedit import parallel
 from massedit.arch import ModelLayout
 from massedit.delta import EditDelta, WeightDelta
+from massedit.devices import execution_device
 from massedit.keys import LayerStates
 from massedit.solve import LayerSolver
 
@@ -37,17 +42,23 @@ def spread_update(
     target_layer = max(layers)
     applied: list[EditDelta] = []
     weights: list[WeightDelta] = []
-    states = LayerStates(model, layout, tok, requests, templates, target_layer, batch_size)
+    mine = parallel.world().shard(requests)
+    states = LayerStates(model, layout, tok, mine, templates, target_layer, batch_size) if mine else None
     try:
         for j, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, unit="layer")):
             t0 = time.perf_counter()
-            keys, h = states.at_layer(layer)
+            keys, h = states.at_layer(layer) if states else (
+                torch.zeros(0, layout.key_dim(layer), device=execution_device(layout.rewrite_module(layer))),
+                torch.zeros(0, layout.hidden_size, device=execution_device(layout.block(target_layer))))
+            keys, h = parallel.gather_sharded(keys, len(requests)), parallel.gather_sharded(h, len(requests))
             t1 = time.perf_counter()
             residual = (z.to(h.device) - h) / (len(layers) - j)
-            solved = solvers[layer].solve(keys.T)
+            solver = solvers[layer]
             # Each layer's ΔW factors (8n(h + d) bytes: 9 GB for GPT-J's six layers at n = 10,000) are
             # kept beside the solver's factor, host memory by default; applying copies one layer's in.
-            keep = solvers[layer].factor.device
+            # Only rank 0 holds solvers (massedit.editor); the other ranks keep them in host memory.
+            keep = solver.factor.device if solver is not None else torch.device("cpu")
+            solved = parallel.tensor_from_main(lambda: solver.solve(keys.T), keep)
             wd = WeightDelta(
                 name=layout.rewrite_weight_name(layer),
                 u=residual.T.to(keep, torch.float64).contiguous(),

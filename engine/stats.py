@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from massedit import parallel
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.delta import config_hash
@@ -339,6 +340,10 @@ def second_moments(
     and a rerun resumes from them; the batches are summed in the same order either way, so a
     resumed run gives exactly the uninterrupted result. The checkpoint is removed at the end.
     `model_digest` (the model's identity) keeps another model's checkpoint from being resumed.
+
+    Under torch.distributed each rank runs every world-size-th batch and the sums and counts are
+    all-reduced, so every rank returns the totals. Each rank checkpoints its own share to
+    `<checkpoint>.rank<r>of<n>.npz` and resumes from it when relaunched with the same world size.
     """
     max_len = context_length(model, tok)
     encoded = [tok(t, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"] for t in texts]
@@ -346,12 +351,16 @@ def second_moments(
     modules = {str(l): layout.rewrite_module(l) for l in layers}
     acc = {l: torch.zeros(layout.key_dim(l), layout.key_dim(l), dtype=dtype,
                           device=execution_device(layout.rewrite_module(l))) for l in layers}
-    batches = _batches([len(ids) for ids in encoded], batch_tokens)
+    world = parallel.world()
+    mine = world.shard(_batches([len(ids) for ids in encoded], batch_tokens))
+    if checkpoint is not None and world.size > 1:
+        checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{world.rank}of{world.size}{checkpoint.suffix}")
     fingerprint = _fingerprint(encoded, layers, dtype, batch_tokens, model_digest) if checkpoint else ""
     count, done = _load_checkpoint(checkpoint, acc, fingerprint)
     device = input_device(model)
     stop = layout.block(max(layers))
-    for b, rows in enumerate(tqdm(batches, desc="statistics", disable=not progress, unit="batch", initial=done)):
+    bar = tqdm(mine, desc="statistics", disable=not (progress and world.main), unit="batch", initial=done)
+    for b, rows in enumerate(bar):
         if b < done:
             continue
         # Built on the host while the device still works on the previous batch: nothing below
@@ -365,8 +374,11 @@ def second_moments(
             mask = batch.attention_mask.to(keys.device).reshape(-1).bool()
             accumulate_xtx(acc[l], keys.reshape(-1, keys.shape[-1]), mask, count=False)
         count += sum(len(encoded[i]) for i in rows)
-        if checkpoint is not None and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
+        if checkpoint is not None and (b + 1) % checkpoint_every == 0 and b + 1 < len(mine):
             _save_checkpoint(checkpoint, acc, count, b + 1, fingerprint)
+    for a in acc.values():
+        parallel.all_reduce_sum(a)
+    count = int(parallel.all_reduce_sum(torch.tensor([count], dtype=torch.long)))
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
     return {l: (symmetrize(acc[l]), count) for l in layers}
@@ -397,10 +409,11 @@ def layer_covariances(
         for l in hp.layers
     }
     identity = ModelIdentity(model, layout, model_name)
-    sums = {l: read_stats(p, layout.key_dim(l)) for l, p in paths.items() if p.exists()}
+    # Rank 0's view of the cache decides, so that all ranks join the same computation.
+    missing = parallel.from_main(lambda: [l for l in hp.layers if not paths[l].exists()])
+    sums = {l: read_stats(p, layout.key_dim(l)) for l, p in paths.items() if l not in missing}
     for l in sums:
         check_identity(paths[l], identity.of_layer(l), explicit_name)
-    missing = [l for l in hp.layers if l not in sums]
     if missing:
         if corpus is None:
             raise StatsError(
@@ -418,6 +431,8 @@ def layer_covariances(
         computed = second_moments(model, layout, tok, texts, missing, acc_dtype, progress=progress,
                                   checkpoint=checkpoint, model_digest=identity.of_layer(max(missing))["weights_sha256"])
         for l, (mom2, count) in computed.items():
-            write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts), identity.of_layer(l))
+            if parallel.world().main:
+                write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts), identity.of_layer(l))
             sums[l] = (mom2, count)
+        parallel.barrier()
     return {l: (sums[l][0].cpu(), sums[l][1]) for l in hp.layers}

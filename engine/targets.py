@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from massedit import parallel
 from massedit.arch import ModelLayout
 from massedit.devices import execution_device, input_device
 from massedit.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
@@ -468,20 +469,33 @@ class TargetOptimizer:
     def optimize(self, requests: Sequence[EditRequest], batch_size: Optional[int] = None, progress: bool = True,
                  memory_budget: Optional[int] = None) -> ZResult:
         """z for every request. batch_size=None sizes chunks from the memory budget; a chunk that
-        runs out of memory anyway is split and retried."""
+        runs out of memory anyway is split and retried.
+
+        Under torch.distributed each rank optimizes every world-size-th request of the
+        length-sorted order (so shares cost alike) and the results are gathered: every rank
+        returns all n rows."""
+        world = parallel.world()
         prompts = self.prompts(requests)
         size = batch_size or self.chunk_size(prompts, memory_budget)
         # Requests of similar length share a chunk, so little of each chunk is padding.
-        order = sorted(range(len(prompts)), key=lambda i: self._length_key(prompts[i]))
-        parts = []
-        with frozen_eval(self.model), tqdm(total=len(prompts), desc="z", disable=not progress, unit="req") as bar:
-            for start in range(0, len(prompts), size):
+        ranked = sorted(range(len(prompts)), key=lambda i: self._length_key(prompts[i]))
+        order = world.shard(ranked)
+        parts = [self._empty_result()]
+        with frozen_eval(self.model), tqdm(total=len(order), desc="z", disable=not progress, unit="req") as bar:
+            for start in range(0, len(order), size):
                 parts += self._optimize_split([prompts[i] for i in order[start : start + size]])
-                bar.update(min(size, len(prompts) - start))
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return ZResult(*(torch.cat([getattr(p, f) for p in parts])[inverse.to(parts[0].z.device) if f in ("z", "h")
-                                                                    else inverse] for f in ("z", "h", "loss", "steps")))
+                bar.update(min(size, len(order) - start))
+        mine = [torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h", "loss", "steps")]
+        inverse = torch.empty(len(prompts), dtype=torch.long)
+        inverse[torch.tensor(ranked, dtype=torch.long)] = torch.arange(len(prompts))
+        return ZResult(*(parallel.gather_sharded(t, len(prompts))[inverse.to(t.device)] for t in mine))
+
+    def _empty_result(self) -> ZResult:
+        """No rows: the neutral part for a rank whose share of the requests is empty."""
+        d = self.layout.hidden_size
+        return ZResult(torch.zeros(0, d, device=self.device, dtype=self.dtype),
+                       torch.zeros(0, d, device=self.device, dtype=self.dtype),
+                       torch.zeros(0, dtype=self.dtype), torch.zeros(0, dtype=torch.long))
 
     def _length_key(self, p: ZPrompts) -> tuple[int, int]:
         """Steps cost what the suffix costs when the prefix is reused, the whole row otherwise."""

@@ -11,6 +11,12 @@ revertible) and OUT/report.json (timings in seconds, z losses). OUT appears all 
 run finishes (written beside it, then renamed), so an interrupted run leaves OUT as it was; with
 --out equal to --model and --force the original model stays in place until the edited one, with
 its delta, is complete.
+
+Under torchrun / accelerate launch the requests are sharded over the processes for z and keys
+(and the corpus for missing statistics); every process ends with the edited model, rank 0 writes
+OUT (and evaluates with --eval):
+  torchrun --nproc_per_node 4 -m massedit.cli edit --model ./world/model --requests edits.json \
+      --stats-dir stats --out edited
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ import json
 import time
 from pathlib import Path
 
+from massedit import parallel
 from massedit.context import load_templates
-from massedit.editor import METHODS, MassEditor
+from massedit.editor import METHODS, MassEditor, check_method
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import default_for, load_hparams
 from massedit.loading import add_model_arguments, load_model, options_from_args
@@ -74,6 +81,8 @@ def run(args) -> int:
     _check_stats_dir(args.stats_dir, computing=args.corpus is not None)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    check_method(args.method)
+    world = parallel.world()
     requests = load_requests(args.requests, zsre_target=args.zsre_target)
     records = None
     if args.eval:
@@ -84,6 +93,7 @@ def run(args) -> int:
     templates = load_templates(args.context_templates) if args.context_templates else None
     hp = load_hparams(args.hparams) if args.hparams else None
     model, tok = load_model(args.model, options_from_args(args))
+    records = records if world.main else None
     hp = hp or default_for(model.config, "rome" if args.method == "rome" else "memit")
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
@@ -93,6 +103,9 @@ def run(args) -> int:
     requests = editor.validate(requests)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
+    if not world.main:
+        parallel.barrier()  # returns once rank 0 has written OUT
+        return 0
     report = result.report()
     if records:
         report["metrics"] = {"pre": pre, "post": summary(evaluate(model, tok, records, zsre_target=args.zsre_target))}
@@ -111,4 +124,5 @@ def run(args) -> int:
         pre, post = report["metrics"]["pre"], report["metrics"]["post"]
         print("  ".join(f"{k} {_metric(pre[k])} -> {_metric(post[k])}" for k in pre))
     print(f"wrote {out}/ (model, tokenizer), {out / 'delta.safetensors'}, {out / 'report.json'}")
+    parallel.barrier()
     return 0

@@ -9,6 +9,11 @@ records the model's identity: a file of another model under the same name is ref
 another --model-name), and an unmarked file (reference layout) counts as cached only with an
 explicit --model-name. A corpus with fewer documents than --samples is used whole, with a
 warning; the file keeps the --samples name and records the true number as sample_size.
+
+Under torchrun / accelerate launch each process streams its share of the corpus batches, the
+sums are all-reduced and rank 0 writes the files:
+  torchrun --nproc_per_node 4 -m massedit.cli stats --model ./world/model --corpus ./world/corpus.txt \
+      --layers 1,2,3 --stats-dir stats
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import time
 
 import torch
 
+from massedit import parallel
 from massedit.arch import ModelLayout
 from massedit.corpus import read_corpus
 from massedit.loading import add_deprecated_alias, add_model_arguments, load_model, model_name_for, options_from_args
@@ -60,6 +66,7 @@ def run(args) -> int:
     layers = parse_layers(args.layers)
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
+    world = parallel.world()
     check_storable(args.stats_dtype)
     check_dir(args.stats_dir, "--stats-dir")
     name = check_model_name(args.model_name or model_name_for(args.model))
@@ -69,7 +76,8 @@ def run(args) -> int:
     paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.stats_dtype, args.samples)
              for l in layers}
     identity = ModelIdentity(model, layout, name)
-    todo = [l for l in layers if args.force or not paths[l].exists()]
+    # Rank 0's view of the cache decides, so that all ranks join the same pass.
+    todo = parallel.from_main(lambda: [l for l in layers if args.force or not paths[l].exists()])
     for l in layers:
         if l not in todo:
             check_identity(paths[l], identity.of_layer(l), explicit_name=args.model_name is not None)
@@ -87,10 +95,14 @@ def run(args) -> int:
         moments = second_moments(model, layout, tok, texts, todo, acc, progress=not args.quiet, checkpoint=checkpoint,
                                  model_digest=identity.of_layer(max(todo))["weights_sha256"])
         for l, (mom2, count) in moments.items():
-            write_stats(paths[l], mom2.to(DTYPES[args.stats_dtype]), count, n_docs, identity.of_layer(l))
+            if world.main:
+                write_stats(paths[l], mom2.to(DTYPES[args.stats_dtype]), count, n_docs, identity.of_layer(l))
             tokens = count
+        parallel.barrier()
+    if not world.main:
+        return 0
     summary = {"files": {str(l): str(p) for l, p in paths.items()}, "computed_layers": todo, "documents": n_docs,
-               "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}
+               "tokens": tokens, "processes": world.size, "seconds": round(time.perf_counter() - t0, 3)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
