@@ -21,14 +21,11 @@ from massedit.context import ContextTemplates, generate_templates, validate_temp
 from massedit.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import dtype_kwargs
-from massedit.memit import spread_update
 from massedit.requests import EditRequest, parse_records, validate_requests
-from massedit.rome import rome_layer, rome_update
 from massedit.solve import LayerSolver
 from massedit.stats import layer_covariances, model_name_of
-from massedit.targets import TargetOptimizer, ZSettings, frozen_eval
-
-METHODS = ("memit", "memit-serial", "rome")
+from massedit.methods import METHODS, EditMethod, get_method  # noqa: F401 - METHODS: massedit.editor.METHODS
+from massedit.targets import frozen_eval
 
 
 @dataclass
@@ -129,48 +126,29 @@ class MassEditor:
         with frozen_eval(self.model):
             return self._edit(requests, method, batch_size, apply)
 
-    def _edit(self, requests, method: str, batch_size: Optional[int], apply: bool) -> EditResult:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        rome = method == "rome"
-        if rome:
-            layer = rome_layer(self.hp)  # exactly one layer, else a clear error before any work
+    def _edit(self, requests, method: Union[str, EditMethod], batch_size: Optional[int], apply: bool,
+              preserved: Optional[dict[int, torch.Tensor]] = None) -> EditResult:
+        """`preserved`: per layer, the earlier rounds' K_p K_pᵀ, for methods that keep them (massedit.sequential)."""
+        impl = get_method(method)
+        impl.check(self.hp)
         start = time.perf_counter()
         reqs = self._requests(list(requests))
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
-        solvers = self.solvers() if not rome or self.hp.mom2_adjustment else {}
+        solvers = impl.layer_solvers(self, preserved)
         timings["covariance"] = time.perf_counter() - t
 
         t = time.perf_counter()
         templates = self.context_templates()
         timings["context_templates"] = time.perf_counter() - t
 
-        if rome:  # sequential rank-one edits (massedit.rome); z here is ROME's v* per request
-            weights, z = rome_update(self.model, self.layout, self.tok, self.hp, reqs, templates, solvers.get(layer),
-                                     timings, self.progress)
-        else:
-            t = time.perf_counter()
-            optimizer = TargetOptimizer(self.model, self.layout, self.tok,
-                                        ZSettings.from_hparams(self.hp, self.layout), templates,
-                                        reuse_prefix=self.reuse_prefix)
-            if method == "memit-serial":
-                z = optimizer.optimize_serial(reqs, progress=self.progress)
-            else:
-                # On CUDA, chunks are sized from free memory unless a batch size is given.
-                on_gpu = optimizer.device.type == "cuda"
-                z = optimizer.optimize(reqs, batch_size or (None if on_gpu else self.hp.batch_size),
-                                       progress=self.progress)
-            timings["z"] = time.perf_counter() - t
-
-            weights = spread_update(self.model, self.layout, self.tok, reqs, self.hp.layers, z.z, solvers, templates,
-                                    timings, self.progress)
-        delta = EditDelta(weights, self._metadata(method, len(reqs), templates))
+        weights, z = impl.compute(self, reqs, templates, solvers, timings, batch_size)
+        delta = EditDelta(weights, self._metadata(impl.name, len(reqs), templates))
         if apply:
             delta.apply(self.model)
         timings["total"] = time.perf_counter() - start
-        return EditResult(delta, method, len(reqs), timings, z.loss, z.steps, z.z, reqs)
+        return EditResult(delta, impl.name, len(reqs), timings, z.loss, z.steps, z.z, reqs)
 
     def _metadata(self, method: str, n: int, templates) -> dict:
         return {

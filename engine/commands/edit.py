@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from massedit.context import load_templates
-from massedit.editor import METHODS, MassEditor
+from massedit.editor import MassEditor
+from massedit.methods import get_method, method_names
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import load_model, model_name_for
@@ -33,7 +34,7 @@ def add_arguments(p) -> None:
     p.add_argument("--stats-dir", default="stats", help="covariance statistics cache (default ./stats)")
     p.add_argument("--corpus", help="corpus to compute missing statistics from")
     p.add_argument("--context-templates", help='JSON list of lists, e.g. [["{}"], ["Some text. {}"]]')
-    p.add_argument("--method", default="memit", choices=METHODS)
+    p.add_argument("--method", default="memit", choices=method_names())
     p.add_argument("--batch-size", type=int, help="requests per z-optimization chunk (default: hparams batch_size)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated context templates")
     p.add_argument("--model-name", help="model name in the statistics path (default: model directory's basename)")
@@ -71,7 +72,7 @@ def run(args) -> int:
     hp = MEMITHyperParams.from_file(args.hparams) if args.hparams else None
     model, tok = load_model(args.model, args.device, args.dtype)
     requests = validate_requests(requests, tok)
-    hp = hp or default_for(model.config, "rome" if args.method == "rome" else "memit")
+    hp = hp or default_for(model.config, get_method(args.method).hparams_family)
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
         model_name=args.model_name or model_name_for(args.model), context_templates=templates, seed=args.seed,
