@@ -47,6 +47,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eval", action="store_true",
                    help="evaluate the edited records before and after (CounterFact or zsRE --requests files)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--ledger", help="edit in rounds, recording each in this ledger directory (resumes a ledger "
+                                    "that has rounds: only the unfinished rounds run); see `massedit ledger`")
+    p.add_argument("--round-size", type=int, help="requests per round with --ledger (default: all in one round)")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -61,6 +64,10 @@ def run(args) -> int:
     _check_out(out, args.force)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if args.round_size is not None and (args.round_size < 1 or not args.ledger):
+        raise ValueError("--round-size needs --ledger DIR and must be at least 1")
+    if args.ledger and args.eval:
+        raise ValueError("--eval is not available with --ledger; evaluate the written model with massedit eval")
     requests = load_requests(args.requests, zsre_target=args.zsre_target)
     records = None
     if args.eval:
@@ -78,6 +85,10 @@ def run(args) -> int:
         model_name=args.model_name or model_name_for(args.model), context_templates=templates, seed=args.seed,
         progress=not args.quiet,
     )
+    if args.ledger:
+        from massedit.commands.rounds import edit_in_rounds
+
+        return edit_in_rounds(args, editor, requests, out)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
     t0 = time.perf_counter()
