@@ -144,6 +144,8 @@ class MassEditor:
         timings["context_templates"] = time.perf_counter() - t
 
         weights, z = impl.compute(self, reqs, templates, solvers, timings, batch_size)
+        for phase in ("z", "keys", "solve"):  # every report has them, whichever phases a method has
+            timings.setdefault(phase, 0.0)
         delta = EditDelta(weights, self._metadata(impl.name, len(reqs), templates))
         if apply:
             delta.apply(self.model)
