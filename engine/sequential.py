@@ -42,7 +42,7 @@ class SequentialEditor:
         self.ledger = Ledger(ledger) if ledger is not None and not isinstance(ledger, Ledger) else ledger
         self.preserved: dict[int, torch.Tensor] = {}
         self.results: list[EditResult] = []
-        self.rounds_done = 0
+        self._keys: list[dict[int, torch.Tensor]] = []  # per round done, its keys per layer
         if self.ledger is not None and self.ledger.header is not None:
             self._resume()
 
@@ -52,16 +52,25 @@ class SequentialEditor:
         ledger.replay(self.editor.model)
         # Later rounds must see round 1's templates, not ones generated from the edited model.
         self.editor._templates = [list(g) for g in ledger.header["context_templates"]]
-        for i in range(1, len(ledger) + 1):
-            self._accumulate(ledger.keys(i))
-        self.rounds_done = len(ledger)
+        self._keys = [ledger.keys(i) for i in range(1, len(ledger) + 1)]
+        self._accumulate()
 
-    def _accumulate(self, keys: dict[int, torch.Tensor]) -> None:
-        for layer, k in keys.items():
-            k = k.to(torch.float64)
-            gram = k.T @ k
-            self.preserved[layer] = gram if layer not in self.preserved else self.preserved[layer] + gram.to(
-                self.preserved[layer].device)
+    @property
+    def rounds_done(self) -> int:
+        return len(self._keys)
+
+    def _accumulate(self, rounds: Optional[list] = None) -> None:
+        """Add the rounds' K Kᵀ to K_p K_pᵀ per layer; with no argument, recompute it from every round
+        done. Summed in round order, so a resumed or reverted editor holds exactly what an
+        uninterrupted one would."""
+        if rounds is None:
+            self.preserved, rounds = {}, self._keys
+        for keys in rounds:
+            for layer, k in keys.items():
+                k = k.to(torch.float64)
+                gram = k.T @ k
+                self.preserved[layer] = gram if layer not in self.preserved else self.preserved[layer] + gram.to(
+                    self.preserved[layer].device)
 
     def _round_keys(self, requests) -> dict[int, torch.Tensor]:
         ed = self.editor
@@ -90,10 +99,25 @@ class SequentialEditor:
             except BaseException:
                 result.delta.revert(ed.model)
                 raise
-        self._accumulate(keys)
+        self._keys.append(keys)
+        self._accumulate([keys])
         self.results.append(result)
-        self.rounds_done += 1
         return result
+
+    def revert_last(self, k: int = 1) -> None:
+        """Revert the last `k` rounds bit-exactly (and take them off the ledger, if there is one)."""
+        if not 1 <= k <= self.rounds_done:
+            raise LedgerError(f"can revert 1 to {self.rounds_done} rounds, not {k}")
+        if self.ledger is not None:
+            self.ledger.revert_last(self.editor.model, k)
+        else:
+            if k > len(self.results):
+                raise LedgerError(f"only the {len(self.results)} rounds of this session can be reverted without a ledger")
+            for result in reversed(self.results[-k:]):
+                result.delta.revert(self.editor.model)
+        del self._keys[-k:]
+        del self.results[max(0, len(self.results) - k):]
+        self._accumulate()
 
     def pending(self, rounds: Sequence[Sequence]) -> list[list]:
         """The rounds not yet done: the ledger's recorded rounds must be the first of `rounds`."""

@@ -235,3 +235,14 @@ def test_crash_mid_round_leaves_a_consistent_ledger_and_resume_finishes_the_job(
     model, seq = _run(tmp_path, tmp_path / "ledger")
     assert len(seq.results) == 2 and len(seq.ledger) == 3
     assert _same(model, reference.state_dict())
+
+
+def test_sequential_editor_revert_last_without_a_ledger_restores_weights_and_preserved_keys(tmp_path, fixed_z):
+    snapshots = []
+    model, seq = _run(tmp_path, None, rule="memit-preserve", snapshots=snapshots)
+    preserved_after_one = {l: k.T.double() @ k.double() for l, k in seq._keys[0].items()}
+    seq.revert_last(2)
+    assert _same(model, snapshots[0]) and seq.rounds_done == 1 and len(seq.results) == 1
+    assert all(torch.equal(seq.preserved[l], p) for l, p in preserved_after_one.items())
+    with pytest.raises(ValueError, match="can revert 1 to 1 rounds"):
+        seq.revert_last(2)
