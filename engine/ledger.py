@@ -34,22 +34,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from massedit.delta import HEADER_KEY, EditDelta, config_hash
+from massedit.delta import _sha256 as weight_digest  # the digest EditDelta records at apply time
 
 FORMAT_VERSION = 1
 
 
 class LedgerError(ValueError):
     pass
-
-
-def weight_digest(t: torch.Tensor) -> str:
-    """SHA-256 of a weight's row-major bytes (the digest EditDelta records at apply time)."""
-    h = hashlib.sha256()
-    flat = t.detach().reshape(-1)
-    step = max(1, (64 << 20) // max(1, t.element_size()))
-    for start in range(0, flat.numel(), step):
-        h.update(flat[start : start + step].cpu().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def requests_digest(requests: Sequence) -> str:

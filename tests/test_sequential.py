@@ -8,7 +8,6 @@ import torch
 
 import massedit.ledger as ledger_mod
 import massedit.methods.memit as memit_method
-from massedit.arch import ModelLayout
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
 from massedit.keys import subject_hidden, subject_keys
@@ -128,13 +127,13 @@ def test_alphaedit_rounds_on_a_model_equal_public_formula(tmp_path, fixed_z):
     for batch in split_rounds(REQUESTS, 3):
         layer_ks = subject_keys(model, editor.layout, tok, batch, TEMPLATES, layer).double().T
         cur_zs = subject_hidden(model, editor.layout, tok, batch, layer).double().T
-        zs = torch.stack([fixed_z[r.subject] for r in batch], 1) if all(r.subject in fixed_z for r in batch) else None
         before = w.detach().clone()
         seq.edit_round(batch)
-        zs = torch.stack([fixed_z[r.subject] for r in batch], 1) if zs is None else zs
+        zs = torch.stack([fixed_z[r.subject] for r in batch], 1)
         expected = _public_update(P, layer_ks, cache_c, zs - cur_zs, 10.0)  # GPT-2 Conv1D: [d_in, d_out] = W's shape
         assert _rel(w.detach() - before, expected) < 1e-6
-        cache_c = cache_c + (lambda k: k @ k.T)(subject_keys(model, editor.layout, tok, batch, TEMPLATES, layer).double().T)
+        after = subject_keys(model, editor.layout, tok, batch, TEMPLATES, layer).double().T  # cache_c += K Kᵀ
+        cache_c = cache_c + after @ after.T
     # the projector was cached beside the statistics file
     hp = editor.hp
     stats = stats_file(tmp_path / "stats", "tiny", hp.mom2_dataset, editor.layout.rewrite_name(layer), hp.mom2_dtype,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from massedit.context import load_templates
 from massedit.editor import MassEditor
-from massedit.methods import get_method, method_names
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.loading import load_model, model_name_for
+from massedit.methods import get_method, method_names
 from massedit.requests import load_requests, validate_requests
 
 NAME = "edit"
