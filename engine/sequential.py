@@ -49,6 +49,9 @@ class SequentialEditor:
     def _resume(self) -> None:
         ledger = self.ledger
         ledger.check_model(self.editor.model, self.method.name, self.editor.hp)
+        if ledger.state_of(self.editor.model) == "base":
+            # Statistics (and projectors) come from the unedited model: load or compute them first.
+            self.method.layer_solvers(self.editor, None)
         ledger.replay(self.editor.model)
         # Later rounds must see round 1's templates, not ones generated from the edited model.
         self.editor._templates = [list(g) for g in ledger.header["context_templates"]]

@@ -65,7 +65,7 @@ def run(args) -> int:
             raise ValueError(f"--out {out} exists and is not an empty directory; choose a new directory")
         if not 1 <= args.last <= len(ledger):
             raise ValueError(f"--last must be between 1 and the number of rounds ({len(ledger)}), got {args.last}")
-    model, tok = load_model(args.model, "cpu")
+    model, tok = load_model(args.model)
     if args.action == "verify":
         problems = ledger.verify(model)
         for p in problems:
