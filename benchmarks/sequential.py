@@ -41,7 +41,7 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--l2", type=float, default=10.0, help="AlphaEdit's L2")
     p.add_argument("--steps", type=int, help="override v_num_grad_steps (smoke runs)")
     p.add_argument("--samples", type=int, help="override mom2_n_samples (smoke runs)")
-    p.add_argument("--stats-dir", default="runs/sequential-stats", help="covariance cache")
+    p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
@@ -80,7 +80,7 @@ def _editor(model, tok, args, world: Path):
     hp = world_preset(model.config)
     changes = {k: v for k, v in (("v_num_grad_steps", args.steps), ("mom2_n_samples", args.samples)) if v}
     hp = hp.replace(**changes) if changes else hp
-    return MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=world / "corpus.txt",
+    return MassEditor(model, tok, hp, stats_dir=args.stats_dir or world / "stats", corpus=world / "corpus.txt",
                       model_name=f"world-{world.name}", progress=False)
 
 
