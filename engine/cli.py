@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from massedit import __version__
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = ("demo", "stats", "edit", "eval", "world", "trace")
+COMMANDS = ("demo", "stats", "edit", "eval", "world", "trace", "ledger")
 
 
 class UserError(Exception):

@@ -25,15 +25,13 @@ from massedit.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
 from massedit.devices import execution_device
 from massedit.loading import LoadOptions, load_model
-from massedit.memit import spread_update
+from massedit.methods import METHODS, EditMethod, get_method  # noqa: F401 - METHODS: massedit.editor.METHODS
 from massedit.quantized import check_model
 from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
-from massedit.rome import rome_layer, rome_update
 from massedit.solve import SOLVE_DTYPES, LayerSolver
 from massedit.stats import layer_covariances, model_name_of
-from massedit.targets import TargetOptimizer, ZSettings, frozen_eval
+from massedit.targets import frozen_eval
 
-METHODS = ("memit", "memit-serial", "rome")
 # A request whose final z loss is this many times the early-stop loss (and at least 1) was not
 # learned: its target's probability stayed far from 1, so the edit will likely not take.
 NOT_CONVERGED_FACTOR = 20.0
@@ -45,14 +43,15 @@ def not_converged_above(early_stop_loss: float) -> float:
     return max(1.0, NOT_CONVERGED_FACTOR * early_stop_loss)
 
 
-def check_method(method: str) -> None:
-    """A one-line error for a method that does not exist, or does not run in this many processes."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+def check_method(method: Union[str, EditMethod]) -> EditMethod:
+    """The registered method; a one-line error for a name that is not registered, or a method that
+    does not run in this many processes."""
+    impl = get_method(method)
     world = parallel.world()
-    if method != "memit" and world.size > 1:
-        raise ValueError(f"method {method!r} edits one request after another and is not sharded over {world.size} "
-                         "processes; run it in a single process, or use method 'memit'")
+    if world.size > 1 and not impl.shards_requests:
+        raise ValueError(f"method {impl.name!r} is not sharded over {world.size} processes; run it in a single "
+                         "process, or use method 'memit'")
+    return impl
 
 
 @dataclass
@@ -185,6 +184,14 @@ class MassEditor:
                 del mom2
         return self._solvers
 
+    def covariances(self) -> dict[int, torch.Tensor]:
+        """C^l = E[k kᵀ] (float64, host) per edited layer, read again from the statistics (cached on disk),
+        for methods that need C itself rather than the factor of λC (memit-preserve, alphaedit)."""
+        with frozen_eval(self.model):
+            sums = layer_covariances(self.model, self.layout, self.tok, self.hp, self.stats_dir, self.model_name,
+                                     self.corpus, self.progress, self._explicit_name)
+        return {l: mom2.double() / count for l, (mom2, count) in sums.items()}
+
     def _make_solver(self, layer: int, cov: torch.Tensor, count: int = 1) -> LayerSolver:
         """The solver of `layer` for C = cov / count, placed and typed as this editor's solve options say."""
         compute = execution_device(self.layout.rewrite_module(layer))
@@ -231,53 +238,37 @@ class MassEditor:
         with frozen_eval(self.model):
             return self._edit(requests, method, batch_size, apply)
 
-    def _edit(self, requests, method: str, batch_size: Optional[int], apply: bool) -> EditResult:
-        check_method(method)
+    def _edit(self, requests, method: Union[str, EditMethod], batch_size: Optional[int], apply: bool,
+              preserved: Optional[dict[int, torch.Tensor]] = None) -> EditResult:
+        """`preserved`: per layer, the earlier rounds' K_p K_pᵀ, for methods that keep them (massedit.sequential)."""
+        impl = check_method(method)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer (requests per z-optimization chunk) or None "
                              f"for the default, got {batch_size!r}")
-        rome = method == "rome"
-        if rome:
-            layer = rome_layer(self.hp)  # exactly one layer, else a clear error before any work
+        impl.check(self.hp)
         start = time.perf_counter()
         reqs = self.validate(requests)
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
-        solvers = self.solvers() if not rome or self.hp.mom2_adjustment else {}
+        solvers = impl.layer_solvers(self, preserved)
         timings["covariance"] = time.perf_counter() - t
 
         t = time.perf_counter()
         templates = self.context_templates()
         timings["context_templates"] = time.perf_counter() - t
 
-        if rome:  # sequential rank-one edits (massedit.rome); z here is ROME's v* per request
-            weights, z = rome_update(self.model, self.layout, self.tok, self.hp, reqs, templates, solvers.get(layer),
-                                     timings, self.progress)
-        else:
-            t = time.perf_counter()
-            optimizer = TargetOptimizer(self.model, self.layout, self.tok,
-                                        ZSettings.from_hparams(self.hp, self.layout), templates,
-                                        reuse_prefix=self.reuse_prefix)
-            if method == "memit-serial":
-                z = optimizer.optimize_serial(reqs, progress=self.progress)
-            else:
-                # On CUDA, chunks are sized from free memory unless a batch size is given.
-                on_gpu = optimizer.device.type == "cuda"
-                z = optimizer.optimize(reqs, batch_size or (None if on_gpu else self.hp.batch_size),
-                                       progress=self.progress)
-            timings["z"] = time.perf_counter() - t
-
-            weights = spread_update(self.model, self.layout, self.tok, reqs, self.hp.layers, z.z, solvers, templates,
-                                    timings, self.progress)
-        delta = EditDelta(weights, self._metadata(method, len(reqs), templates))
+        weights, z = impl.compute(self, reqs, templates, solvers, timings, batch_size)
+        for phase in ("z", "keys", "solve"):  # every report has them, whichever phases a method has
+            timings.setdefault(phase, 0.0)
+        delta = EditDelta(weights, self._metadata(impl.name, len(reqs), templates))
         if apply:
             delta.apply(self.model)
         else:
             delta.record(self.model)
         timings["total"] = time.perf_counter() - start
-        result = EditResult(delta, method, len(reqs), timings, z.loss, z.steps, z.z, reqs,
+        result = EditResult(delta, impl.name, len(reqs), timings, z.loss, z.steps, z.z, reqs,
                             not_converged_above(self.hp.z_early_stop_loss))
         if result.not_converged:
             warnings.warn(

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import massedit.editor as editor_mod
 import massedit.memit as memit_mod
+import massedit.methods.memit as memit_method
 import massedit.targets as targets_mod
 from massedit.arch import ModelLayout
 from massedit.delta import EditDelta
@@ -328,13 +328,13 @@ def test_update_equals_memit_formula(kind, layers, mom2_dtype, tol, tmp_path, mo
     layout = ModelLayout(model)
     lam = 40.0
     captured = {}
-    real_spread = editor_mod.spread_update
+    real_spread = memit_method.spread_update
 
     def spy(*args, **kwargs):
         captured["z"] = args[5].detach().double().clone()
         return real_spread(*args, **kwargs)
 
-    monkeypatch.setattr(editor_mod, "spread_update", spy)
+    monkeypatch.setattr(memit_method, "spread_update", spy)
     editor = _editor(model, tok, tmp_path, layers=layers, steps=8, mom2_update_weight=lam,
                      mom2_dtype=mom2_dtype)
     before = _snapshot(model)

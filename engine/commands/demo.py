@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from massedit.editor import METHODS, MassEditor
+from massedit.editor import MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
 from massedit.loading import add_model_arguments, load_model, options_from_args
+from massedit.methods import method_names
 from massedit.outdir import check_out, staged
 from massedit.requests import parse_records
 from massedit.writable import check_dir
@@ -37,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--world", default="worlds/gpt2-default", help="world build directory (built if missing)")
     p.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="world model family")
     p.add_argument("--n", type=int, default=1000, help="number of facts to edit (default 1000)")
-    p.add_argument("--method", default="memit", choices=METHODS)
+    p.add_argument("--method", default="memit", choices=method_names())
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; must be new or empty unless --force)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out directory (reusing its statistics)")
     p.add_argument("--quick", action="store_true", help="tiny smoke world and few edits")

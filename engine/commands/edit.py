@@ -26,10 +26,11 @@ from pathlib import Path
 
 from massedit import parallel
 from massedit.context import load_templates
-from massedit.editor import METHODS, MassEditor, check_method
+from massedit.editor import MassEditor, check_method
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import default_for, load_hparams
 from massedit.loading import add_model_arguments, load_model, options_from_args
+from massedit.methods import get_method, method_names
 from massedit.outdir import check_out, staged
 from massedit.requests import load_requests
 from massedit.writable import check_dir
@@ -46,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--stats-dir", default="stats", help="covariance statistics cache (default ./stats)")
     p.add_argument("--corpus", help="corpus to compute missing statistics from")
     p.add_argument("--context-templates", help='JSON list of lists, e.g. [["{}"], ["Some text. {}"]]')
-    p.add_argument("--method", default="memit", choices=METHODS)
+    p.add_argument("--method", default="memit", choices=method_names())
     p.add_argument("--batch-size", type=int, help="requests per z-optimization chunk (default: hparams batch_size)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated context templates")
     p.add_argument("--model-name", help="model name in the statistics path (default: the model directory's name); "
@@ -59,6 +60,9 @@ def add_arguments(p) -> None:
                    help="evaluate the edited records before and after (CounterFact or zsRE --requests files)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_arguments(p, dtype_alias=True)
+    p.add_argument("--ledger", help="edit in rounds, recording each in this ledger directory (resumes a ledger "
+                                    "that has rounds: only the unfinished rounds run); see `massedit ledger`")
+    p.add_argument("--round-size", type=int, help="requests per round with --ledger (default: all in one round)")
 
 
 def _metric(value) -> str:
@@ -83,6 +87,12 @@ def run(args) -> int:
         raise ValueError("--batch-size must be at least 1")
     check_method(args.method)
     world = parallel.world()
+    if args.round_size is not None and (args.round_size < 1 or not args.ledger):
+        raise ValueError("--round-size needs --ledger DIR and must be at least 1")
+    if args.ledger and world.size > 1:
+        raise ValueError("--ledger edits in rounds in a single process; run it without torchrun")
+    if args.ledger and args.eval:
+        raise ValueError("--eval is not available with --ledger; evaluate the written model with massedit eval")
     requests = load_requests(args.requests, zsre_target=args.zsre_target)
     records = None
     if args.eval:
@@ -94,13 +104,17 @@ def run(args) -> int:
     hp = load_hparams(args.hparams) if args.hparams else None
     model, tok = load_model(args.model, options_from_args(args))
     records = records if world.main else None
-    hp = hp or default_for(model.config, "rome" if args.method == "rome" else "memit")
+    hp = hp or default_for(model.config, get_method(args.method).hparams_family)
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
         model_name=args.model_name, context_templates=templates, seed=args.seed,
         progress=not args.quiet,
     )
     requests = editor.validate(requests)
+    if args.ledger:
+        from massedit.commands.rounds import edit_in_rounds
+
+        return edit_in_rounds(args, editor, requests, out)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
     if not world.main:

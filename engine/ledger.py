@@ -1,0 +1,271 @@
+"""The edit ledger (DESIGN §11): every round of a sequential edit on disk, in order.
+
+    DIR/ledger.json                 written once, when the first round is recorded: the rule
+                                    (method), model name and config hash, edited layers and
+                                    weights, hparams, context templates, and the SHA-256 of every
+                                    edited weight of the base model
+    DIR/rounds/000001/              one directory per round, complete or absent:
+        delta.safetensors           the round's EditDelta, saved applied (fix-ups and the
+                                    before/after digests of every weight: exact revert)
+        keys.safetensors            the round's keys per layer ("layer.<l>", [n, d], read on the
+                                    model after the round), for rules that preserve earlier keys
+        round.json                  round number, method, n_edits, SHA-256 of the requests,
+                                    timings, z loss
+    DIR/reverted/                   rounds taken off by `revert`, kept rather than deleted
+
+A round is written into DIR/rounds/.000001.partial and renamed into place: an interruption leaves
+either the whole round or none of it (a leftover .partial directory is removed on the next open).
+The model state a ledger describes is the base plus all its rounds; each weight's digests chain
+from the base through every round's before/after, which is what `verify` checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from massedit.delta import HEADER_KEY, EditDelta, config_hash
+from massedit.delta import _sha256 as weight_digest  # the digest EditDelta records at apply time
+
+FORMAT_VERSION = 1
+
+
+class LedgerError(ValueError):
+    pass
+
+
+def requests_digest(requests: Sequence) -> str:
+    """SHA-256 of the requests' fields, in order: identifies which requests a round edited."""
+    rows = [asdict(r) if not isinstance(r, dict) else r for r in requests]
+    rows = [{k: v for k, v in row.items() if k != "source"} for row in rows]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digests_of(delta_path: Path) -> list[dict]:
+    """Per weight of a saved applied delta: {"name", "sha256_before", "sha256_after"} from its header."""
+    with safe_open(str(delta_path), framework="pt") as f:
+        header = json.loads((f.metadata() or {})[HEADER_KEY])
+    if header.get("applied") is None:
+        raise LedgerError(f"{delta_path} holds a delta that was not applied; a ledger round must be applied")
+    return [{"name": w["name"], **{k: a[k] for k in ("sha256_before", "sha256_after")}}
+            for w, a in zip(header["weights"], header["applied"])]
+
+
+class Ledger:
+    """An edit ledger in directory `path` (created on the first recorded round)."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise LedgerError(f"ledger {self.path} exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()) and not (self.path / "ledger.json").is_file():
+            raise LedgerError(f"{self.path} is not empty and holds no ledger.json: choose a new directory for the ledger")
+        for partial in (self.path / "rounds").glob(".*.partial"):
+            shutil.rmtree(partial)  # an interrupted round: never part of the ledger
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def header(self) -> Optional[dict]:
+        f = self.path / "ledger.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def round_dirs(self) -> list[Path]:
+        rounds = self.path / "rounds"
+        return sorted(p for p in rounds.iterdir() if p.is_dir() and p.name.isdigit()) if rounds.is_dir() else []
+
+    def __len__(self) -> int:
+        return len(self.round_dirs())
+
+    def rounds(self) -> list[dict]:
+        """round.json of every round, in order."""
+        return [json.loads((d / "round.json").read_text()) for d in self.round_dirs()]
+
+    def delta(self, index: int) -> EditDelta:
+        """Round `index` (1-based)'s delta, as saved (applied)."""
+        return EditDelta.load(self.round_dirs()[index - 1] / "delta.safetensors")
+
+    def keys(self, index: int) -> dict[int, torch.Tensor]:
+        f = self.round_dirs()[index - 1] / "keys.safetensors"
+        return {int(k.split(".")[1]): v for k, v in load_file(str(f)).items()} if f.is_file() else {}
+
+    def head_digests(self) -> dict[str, str]:
+        """Per edited weight, its digest after the last round (the base's with no rounds)."""
+        digests = dict(self.header["base"])
+        for d in self.round_dirs():
+            for w in _digests_of(d / "delta.safetensors"):
+                digests[w["name"]] = w["sha256_after"]
+        return digests
+
+    # ------------------------------------------------------------------ checks
+
+    def _params(self, model) -> dict[str, torch.nn.Parameter]:
+        named = dict(model.named_parameters())
+        missing = [n for n in self.header["base"] if n not in named]
+        if missing:
+            raise LedgerError(f"ledger {self.path}: the model has no weight {missing[0]}; it was made for another model")
+        return {n: named[n] for n in self.header["base"]}
+
+    def state_of(self, model) -> str:
+        """'base', 'head' (base + every round) or 'other', from the edited weights' digests."""
+        current = {n: weight_digest(p) for n, p in self._params(model).items()}
+        if current == self.head_digests():
+            return "head"
+        return "base" if current == self.header["base"] else "other"
+
+    def check_model(self, model, method: str, hparams) -> None:
+        """A one-line error unless this ledger was started with this rule, model and layers."""
+        h = self.header
+        if h is None:
+            return
+        if h["method"] != method:
+            raise LedgerError(f"ledger {self.path} records rounds of {h['method']!r}, not {method!r}; "
+                              f"use --method {h['method']} or a new ledger directory")
+        if h["config_hash"] != config_hash(model):
+            raise LedgerError(f"ledger {self.path} was made for another model (config hash {h['config_hash']}, "
+                              f"this model's is {config_hash(model)})")
+        if list(h["layers"]) != list(hparams.layers):
+            raise LedgerError(f"ledger {self.path} edits layers {h['layers']}, the hparams give {list(hparams.layers)}")
+
+    # ------------------------------------------------------------------ writing
+
+    def start(self, model, weight_names: Sequence[str], method: str, hparams, templates, model_name: str) -> None:
+        """Write ledger.json for a model at its base state (once; a no-op for a started ledger)."""
+        if self.header is not None:
+            return
+        named = dict(model.named_parameters())
+        header = {
+            "format_version": FORMAT_VERSION,
+            "method": method,
+            "model_name": model_name,
+            "config_hash": config_hash(model),
+            "layers": list(hparams.layers),
+            "hparams": hparams.to_dict(),
+            "context_templates": [list(g) for g in templates],
+            "base": {n: weight_digest(named[n]) for n in weight_names},
+        }
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / ".ledger.json.tmp"
+        tmp.write_text(json.dumps(header, indent=2))
+        os.replace(tmp, self.path / "ledger.json")
+
+    def append(self, delta: EditDelta, keys: dict[int, torch.Tensor], info: dict) -> Path:
+        """Record an applied round, atomically; returns its directory."""
+        if not delta.applied:
+            raise LedgerError("only an applied delta can be recorded as a round")
+        index = len(self) + 1
+        rounds = self.path / "rounds"
+        rounds.mkdir(parents=True, exist_ok=True)
+        final = rounds / f"{index:06d}"
+        partial = rounds / f".{index:06d}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+        delta.save(partial / "delta.safetensors")
+        if keys:
+            save_file({f"layer.{l}": k.detach().cpu().contiguous() for l, k in keys.items()},
+                      str(partial / "keys.safetensors"))
+        (partial / "round.json").write_text(json.dumps({"round": index, "created": time.time(), **info}, indent=2))
+        os.replace(partial, final)
+        return final
+
+    # ------------------------------------------------------------------ model operations
+
+    def replay(self, model) -> None:
+        """Apply every round to a model at the base state; afterwards it is at the head, bit for bit."""
+        state = self.state_of(model)
+        if state == "head":
+            return
+        if state != "base":
+            raise LedgerError(f"the model is neither the base of ledger {self.path} nor base + its rounds")
+        applied: list[EditDelta] = []
+        try:
+            for d in self.round_dirs():
+                saved = EditDelta.load(d / "delta.safetensors")
+                fresh = EditDelta(saved.weights, saved.metadata)
+                fresh.apply(model)
+                applied.append(fresh)
+                self._check_digests(model, d, "sha256_after")
+        except BaseException:
+            for delta in reversed(applied):
+                delta.revert(model)
+            raise
+
+    def _check_digests(self, model, round_dir: Path, which: str) -> None:
+        params = self._params(model)
+        for w in _digests_of(round_dir / "delta.safetensors"):
+            if weight_digest(params[w["name"]]) != w[which]:
+                raise LedgerError(f"round {round_dir.name}: {w['name']} does not match the ledger "
+                                  f"({which.removeprefix('sha256_')} the round); recomputing the round's Δ "
+                                  "needs the device type and torch build it was made with")
+
+    def revert_last(self, model, k: int, drop: bool = True) -> None:
+        """Revert the last `k` rounds on a model at the head, bit for bit; with drop=True the rounds
+        are then moved to DIR/reverted/ so the ledger describes the model again."""
+        n = len(self)
+        if not 1 <= k <= n:
+            raise LedgerError(f"--last must be between 1 and the number of rounds ({n}), got {k}")
+        if self.state_of(model) != "head":
+            raise LedgerError(f"the model is not base + the {n} rounds of ledger {self.path}; "
+                              "revert needs the model the ledger's last round produced")
+        dirs = self.round_dirs()[n - k:]
+        reverted: list[tuple[EditDelta, Path]] = []
+        try:
+            for d in reversed(dirs):
+                delta = EditDelta.load(d / "delta.safetensors")
+                delta.revert(model)
+                reverted.append((delta, d))
+        except BaseException:
+            for delta, d in reversed(reverted):
+                fresh = EditDelta(delta.weights, delta.metadata)
+                fresh.apply(model)
+            raise
+        if drop:
+            self.drop_last(k)
+
+    def drop_last(self, k: int) -> None:
+        """Move the last `k` rounds to DIR/reverted/, last round first (a prefix always remains)."""
+        trash = self.path / "reverted" / time.strftime("%Y%m%d-%H%M%S")
+        trash.mkdir(parents=True, exist_ok=True)
+        for d in reversed(self.round_dirs()[len(self) - k:]):
+            os.replace(d, trash / d.name)
+
+    def verify(self, model) -> list[str]:
+        """Problems found (empty: the model's edited weights are the base plus every round, bit for bit).
+
+        Checks the digest chain base → round 1 → … → last round, the model's weights against the
+        last round's digests, and then recomputes: every round is reverted exactly (each revert
+        checks the weights it restores) down to the base and re-applied, leaving the model as it was.
+        """
+        h = self.header
+        if h is None:
+            return [f"{self.path} holds no ledger (no ledger.json)"]
+        problems = []
+        previous = dict(h["base"])
+        for d in self.round_dirs():
+            for w in _digests_of(d / "delta.safetensors"):
+                if previous.get(w["name"]) != w["sha256_before"]:
+                    problems.append(f"round {d.name}: {w['name']} was not applied on the previous round's result")
+                previous[w["name"]] = w["sha256_after"]
+        if problems:
+            return problems
+        state = self.state_of(model)
+        if state != "head":
+            return [f"the model's edited weights are {'the base, without the rounds' if state == 'base' else 'not base + the rounds'}"
+                    f" of ledger {self.path} ({len(self)} rounds)"]
+        if len(self):
+            try:
+                self.revert_last(model, len(self), drop=False)
+            except ValueError as err:
+                return [str(err).splitlines()[0]]
+            self.replay(model)
+        return []

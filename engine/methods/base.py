@@ -1,0 +1,66 @@
+"""The method interface and the name → method registry (PEFT's model_type → class mapping style)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Optional, Sequence
+
+import torch
+
+from massedit.delta import WeightDelta
+from massedit.requests import EditRequest
+from massedit.targets import ZResult
+
+
+class EditMethod(ABC):
+    """Turns validated requests into weight deltas on an editor's model, leaving the model unchanged.
+
+    `name` is the registry key (`--method` on the CLI); `hparams_family` is the preset family
+    `default_for` uses for it ("memit" or "rome"). `preserves_keys`: the method's solves use the keys
+    of earlier rounds (`preserved`, per layer K_p K_pᵀ), so sequential editing collects them.
+    `shards_requests`: it runs under torch.distributed, each rank taking a share of the requests
+    (massedit.parallel); the others are refused with several processes.
+    """
+
+    name: ClassVar[str]
+    hparams_family: ClassVar[str] = "memit"
+    preserves_keys: ClassVar[bool] = False
+    shards_requests: ClassVar[bool] = False
+
+    def check(self, hp) -> None:
+        """Raise a one-line error for hparams this method cannot use, before any work."""
+
+    def layer_solvers(self, editor, preserved: Optional[dict[int, torch.Tensor]] = None) -> dict:
+        """Per edited layer, an object whose `solve(keys [d, n])` returns X [d, n] with Δ = R Xᵀ."""
+        return editor.solvers()
+
+    @abstractmethod
+    def compute(self, editor, requests: Sequence[EditRequest], templates, solvers: dict, timings: dict[str, float],
+                batch_size: Optional[int]) -> tuple[list[WeightDelta], ZResult]:
+        """The weight deltas and the per-request targets; adds its phases' seconds to `timings`."""
+
+
+METHODS: dict[str, type[EditMethod]] = {}
+
+
+def register_method(cls: type[EditMethod]) -> type[EditMethod]:
+    """Class decorator: make `cls` available as `cls.name` to MassEditor.edit and the CLI."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name` to be registered")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"method {name!r} is already registered ({METHODS[name].__name__})")
+    METHODS[name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(method) -> EditMethod:
+    """An EditMethod instance as it is, or a new instance of the registered method of that name."""
+    if isinstance(method, EditMethod):
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]()
