@@ -157,6 +157,12 @@ def _sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def weight_digest(model: nn.Module, name: str) -> str:
+    """SHA-256 of parameter `name`'s stored values, wherever they live (offloaded ones included):
+    the digest a delta records for the base and the edited weight."""
+    return _sha256(read_parameter(model, name))
+
+
 def _strip_volatile(obj):
     if isinstance(obj, dict):
         return {
@@ -217,6 +223,11 @@ class EditDelta:
     def n_fixups(self) -> int:
         """How many weight entries need a fix-up for an exact revert (0 without a record)."""
         return sum(a.fix_index.numel() for a in self._record or [])
+
+    def digests(self) -> list[dict]:
+        """Per weight: its name and the digests of its base and edited values ([] without a record)."""
+        return [{"name": wd.name, "sha256_before": r.sha256_before, "sha256_after": r.sha256_after}
+                for wd, r in zip(self.weights, self._record or [])]
 
     def is_applied(self, model: nn.Module) -> bool:
         """Whether every weight of `model` this delta changes holds its edited values."""

@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from massedit.delta import HEADER_KEY, EditDelta, config_hash
-from massedit.delta import _sha256 as weight_digest  # the digest EditDelta records at apply time
+from massedit.delta import EditDelta, config_hash, weight_digest
 
 FORMAT_VERSION = 1
 
@@ -51,13 +49,11 @@ def requests_digest(requests: Sequence) -> str:
 
 
 def _digests_of(delta_path: Path) -> list[dict]:
-    """Per weight of a saved applied delta: {"name", "sha256_before", "sha256_after"} from its header."""
-    with safe_open(str(delta_path), framework="pt") as f:
-        header = json.loads((f.metadata() or {})[HEADER_KEY])
-    if header.get("applied") is None:
-        raise LedgerError(f"{delta_path} holds a delta that was not applied; a ledger round must be applied")
-    return [{"name": w["name"], **{k: a[k] for k in ("sha256_before", "sha256_after")}}
-            for w, a in zip(header["weights"], header["applied"])]
+    """Per weight of a saved round's delta: {"name", "sha256_before", "sha256_after"}."""
+    digests = EditDelta.load(delta_path).digests()
+    if not digests:
+        raise LedgerError(f"{delta_path} holds a delta without its apply record; a ledger round must be applied")
+    return digests
 
 
 class Ledger:
@@ -117,7 +113,7 @@ class Ledger:
 
     def state_of(self, model) -> str:
         """'base', 'head' (base + every round) or 'other', from the edited weights' digests."""
-        current = {n: weight_digest(p) for n, p in self._params(model).items()}
+        current = {n: weight_digest(model, n) for n in self._params(model)}
         if current == self.head_digests():
             return "head"
         return "base" if current == self.header["base"] else "other"
@@ -142,7 +138,6 @@ class Ledger:
         """Write ledger.json for a model at its base state (once; a no-op for a started ledger)."""
         if self.header is not None:
             return
-        named = dict(model.named_parameters())
         header = {
             "format_version": FORMAT_VERSION,
             "method": method,
@@ -151,7 +146,7 @@ class Ledger:
             "layers": list(hparams.layers),
             "hparams": hparams.to_dict(),
             "context_templates": [list(g) for g in templates],
-            "base": {n: weight_digest(named[n]) for n in weight_names},
+            "base": {n: weight_digest(model, n) for n in weight_names},
         }
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / ".ledger.json.tmp"
@@ -160,7 +155,7 @@ class Ledger:
 
     def append(self, delta: EditDelta, keys: dict[int, torch.Tensor], info: dict) -> Path:
         """Record an applied round, atomically; returns its directory."""
-        if not delta.applied:
+        if not delta.digests():
             raise LedgerError("only an applied delta can be recorded as a round")
         index = len(self) + 1
         rounds = self.path / "rounds"
@@ -201,9 +196,9 @@ class Ledger:
             raise
 
     def _check_digests(self, model, round_dir: Path, which: str) -> None:
-        params = self._params(model)
+        self._params(model)
         for w in _digests_of(round_dir / "delta.safetensors"):
-            if weight_digest(params[w["name"]]) != w[which]:
+            if weight_digest(model, w["name"]) != w[which]:
                 raise LedgerError(f"round {round_dir.name}: {w['name']} does not match the ledger "
                                   f"({which.removeprefix('sha256_')} the round); recomputing the round's Δ "
                                   "needs the device type and torch build it was made with")

@@ -22,7 +22,6 @@ from massedit.arch import ModelLayout
 from massedit.delta import EditDelta, WeightDelta
 from massedit.devices import execution_device
 from massedit.keys import LayerStates
-from massedit.solve import LayerSolver
 
 
 def spread_update(
@@ -32,7 +31,7 @@ def spread_update(
     requests: Sequence,
     layers: Sequence[int],
     z: torch.Tensor,
-    solvers: dict[int, LayerSolver],
+    solvers: dict,
     templates,
     timings: dict[str, float],
     progress: bool = True,
@@ -57,7 +56,7 @@ def spread_update(
             # Each layer's ΔW factors (8n(h + d) bytes: 9 GB for GPT-J's six layers at n = 10,000) are
             # kept beside the solver's factor, host memory by default; applying copies one layer's in.
             # Only rank 0 holds solvers (massedit.editor); the other ranks keep them in host memory.
-            keep = solver.factor.device if solver is not None else torch.device("cpu")
+            keep = solver.device if solver is not None else torch.device("cpu")
             solved = parallel.tensor_from_main(lambda: solver.solve(keys.T), keep)
             wd = WeightDelta(
                 name=layout.rewrite_weight_name(layer),

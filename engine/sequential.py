@@ -85,7 +85,7 @@ class SequentialEditor:
         ed = self.editor
         if self.ledger is not None:
             # Before any edit: the base digests and round 1's context templates.
-            ed._requests(list(requests))
+            ed.validate(requests)
             self.ledger.start(ed.model, [ed.layout.rewrite_weight_name(l) for l in ed.hp.layers], self.method.name,
                               ed.hp, ed.context_templates(), ed.model_name)
         with frozen_eval(ed.model):
@@ -128,7 +128,7 @@ class SequentialEditor:
         if len(done) > len(rounds):
             raise LedgerError(f"ledger {self.ledger.path} has {len(done)} rounds, more than the {len(rounds)} given")
         for i, info in enumerate(done):
-            if info["requests_sha256"] != requests_digest(self.editor._requests(list(rounds[i]))):
+            if info["requests_sha256"] != requests_digest(self.editor.validate(rounds[i])):
                 raise LedgerError(f"ledger {self.ledger.path} round {i + 1} edited other requests than round {i + 1} "
                                   "here (same requests and round size?); use a new ledger directory")
         return [list(r) for r in rounds[len(done):]]

@@ -87,6 +87,11 @@ class LayerSolver:
         self.panel_rows = max(1, panel_bytes // (self.dim * self.factor.element_size()))
 
     @property
+    def device(self) -> torch.device:
+        """Where this solver keeps its state (the factor); results it hands back live there too."""
+        return self.factor.device
+
+    @property
     def dim(self) -> int:
         return self.factor.shape[0]
 

@@ -179,7 +179,8 @@ class ModelIdentity:
                 continue
             flat = value.detach().reshape(-1)
             sample = flat[:: max(1, -(-flat.numel() // _SAMPLED))]
-            if sample.is_floating_point() and sample.dtype != torch.float64:
+            # As float32: one checkpoint loaded in float16, bfloat16, float32 or float64 keeps one identity.
+            if sample.is_floating_point():
                 sample = sample.float()
             h.update(sample.cpu().contiguous().view(torch.uint8).numpy())
         return h.hexdigest()

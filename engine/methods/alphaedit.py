@@ -64,6 +64,10 @@ class NullSpaceSolver:
     def __init__(self, projector: torch.Tensor, preserved: Optional[torch.Tensor], l2: float):
         self.projector, self.preserved, self.l2 = projector, preserved, float(l2)
 
+    @property
+    def device(self) -> torch.device:
+        return self.projector.device
+
     def solve(self, keys: torch.Tensor) -> torch.Tensor:
         if keys.shape[0] != self.projector.shape[0]:
             raise ValueError(f"keys are {keys.shape[0]} wide but the projector is {self.projector.shape[0]} wide")

@@ -30,7 +30,8 @@ class EditMethod(ABC):
         """Raise a one-line error for hparams this method cannot use, before any work."""
 
     def layer_solvers(self, editor, preserved: Optional[dict[int, torch.Tensor]] = None) -> dict:
-        """Per edited layer, an object whose `solve(keys [d, n])` returns X [d, n] with Δ = R Xᵀ."""
+        """Per edited layer, an object whose `solve(keys [d, n])` returns X [d, n] with Δ = R Xᵀ and whose
+        `device` says where it keeps its state (ΔW factors are kept there too)."""
         return editor.solvers()
 
     @abstractmethod
