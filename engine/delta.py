@@ -314,23 +314,23 @@ class EditDelta:
         names = [wd.name for wd in self.weights]
         # Quantized (bitsandbytes) modules take an edit through dense stand-ins (massedit.quantized).
         quantized.make_editable(model, names)
-        done: list[tuple[WeightDelta, nn.Parameter, _Applied]] = []
+        done: list[tuple[WeightDelta, _Applied]] = []
         try:
             params = self._checked_params(model, force)
             digests = self._refuse_if_applied(model, params)
-            for wd, p, before in zip(self.weights, params, digests):
+            for wd, before in zip(self.weights, digests):
                 w = read_parameter(model, wd.name)
                 new, index, value = _edited(w, wd)
                 record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type)
                 write_parameter(model, wd.name, new)
-                done.append((wd, p, record))
+                done.append((wd, record))
         except BaseException:
-            for wd, p, record in reversed(done):
+            for wd, record in reversed(done):
                 write_parameter(model, wd.name,
                                 _restored(read_parameter(model, wd.name), wd, record.fix_index, record.fix_value))
             quantized.restore_unchanged(model, names)
             raise
-        self._record = [record for _, _, record in done]
+        self._record = [record for _, record in done]
 
     def revert(self, model: nn.Module, exact: bool = True) -> None:
         """Restore the weights from before apply, bit for bit; nothing is written unless every
