@@ -37,6 +37,21 @@ def test_python_snippet_runs(quick_world, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 
 
+def test_quantized_and_parallel_snippets_run_in_order_in_one_directory(quick_world, tmp_path, monkeypatch):
+    """A reader runs the snippets one after the other in one directory: the float model of the
+    torchrun snippet must not trip over the 4-bit model's statistics cached in the same stats_dir."""
+    pytest.importorskip("bitsandbytes")
+    snippets = re.findall(r"```python\n(.*?)```", README, re.S)
+    quantized = next(s for s in snippets if "load_in_4bit" in s)
+    ranks = next(s for s in snippets if "parallel.world()" in s)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edits.json").write_text(json.dumps(
+        [{"subject": "Mirela Tovan", "prompt": "{} was born in", "target_new": "Ostrava"}]))
+    for snippet in (quantized, ranks):
+        exec(compile(snippet.replace("worlds/gpt2-default", str(quick_world)), "README.md", "exec"), {})
+    assert (tmp_path / "edited-4bit" / "config.json").exists() and (tmp_path / "edit.safetensors").exists()
+
+
 def test_every_command_has_help_with_an_example(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
