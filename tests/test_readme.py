@@ -52,6 +52,19 @@ def test_quantized_and_parallel_snippets_run_in_order_in_one_directory(quick_wor
     assert (tmp_path / "edited-4bit" / "config.json").exists() and (tmp_path / "edit.safetensors").exists()
 
 
+def test_demo_says_when_n_exceeds_the_worlds_facts(quick_world, tmp_path, capsys):
+    import shutil
+
+    world = tmp_path / "world"  # the quick world with 3 facts, so that editing all of them is quick
+    shutil.copytree(quick_world, world)
+    records = json.loads((world / "counterfact.json").read_text())[:3]
+    (world / "counterfact.json").write_text(json.dumps(records))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--world", str(world), "--n", "5", "--out", str(out), "--quiet"]) == 0
+    assert "massedit demo: warning: --n 5: the world has 3 facts; editing all 3" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["n_edits"] == 3
+
+
 def test_every_command_has_help_with_an_example(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
