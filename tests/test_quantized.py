@@ -222,3 +222,24 @@ def test_model_repacked_by_bitsandbytes_cpu_kernel_is_refused(worlds, monkeypatc
     module.weight.quant_state.packing_format_for_cpu = True  # what a first no-grad forward does on AVX512-BF16
     message = _refused_before_any_work(model, tok, monkeypatch)
     assert "model.layers.5.mlp.down_proj" in message and "load the model again" in message
+
+
+def test_evaluating_a_4bit_model_first_leaves_it_editable(worlds, tmp_path):
+    """`massedit edit --quantize 4bit --eval` (and demo) evaluate before editing: on a CPU whose
+    bitsandbytes kernel repacks 4-bit weights at the first no-grad forward, that evaluation must
+    not repack them, or the z phase's backward fails inside bitsandbytes."""
+    from massedit.evaluate import evaluate
+
+    path, tok, sentences, _ = worlds["gpt2"]
+    probe = _load(path, "4bit")
+    with torch.no_grad():
+        probe(input_ids=torch.tensor([tok(sentences[0])["input_ids"]]))
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _bnb_modules(probe).values()):
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16)")
+    model = _load(path, "4bit")
+    records = [{"case_id": i, "requested_rewrite": {"prompt": _sentence("", FACTS[i][1], "{}"), "subject": FACTS[i][0],
+                                                     "target_new": {"str": obj}, "target_true": {"str": FACTS[i][2]}}}
+               for i, obj in EDITED.items()]
+    evaluate(model, tok, records)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _bnb_modules(model).values())
+    assert edit_world(model, tok, sentences, tmp_path / "stats").n_edits == len(EDITED)
