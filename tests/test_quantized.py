@@ -224,11 +224,15 @@ def test_model_repacked_by_bitsandbytes_cpu_kernel_is_refused(worlds, monkeypatc
     assert "model.layers.5.mlp.down_proj" in message and "load the model again" in message
 
 
-def test_evaluating_a_4bit_model_first_leaves_it_editable(worlds, tmp_path):
-    """`massedit edit --quantize 4bit --eval` (and demo) evaluate before editing: on a CPU whose
+@pytest.mark.parametrize("first", ["evaluate", "trace"])
+def test_evaluating_or_tracing_a_4bit_model_first_leaves_it_editable(first, worlds, tmp_path):
+    """`massedit edit --quantize 4bit --eval` (and demo) evaluate before editing, a user traces to
+    choose the layers: on a CPU whose
     bitsandbytes kernel repacks 4-bit weights at the first no-grad forward, that evaluation must
     not repack them, or the z phase's backward fails inside bitsandbytes."""
     from massedit.evaluate import evaluate
+    from massedit.requests import parse_records
+    from massedit.trace import trace
 
     path, tok, sentences, _ = worlds["gpt2"]
     probe = _load(path, "4bit")
@@ -240,6 +244,9 @@ def test_evaluating_a_4bit_model_first_leaves_it_editable(worlds, tmp_path):
     records = [{"case_id": i, "requested_rewrite": {"prompt": _sentence("", FACTS[i][1], "{}"), "subject": FACTS[i][0],
                                                      "target_new": {"str": obj}, "target_true": {"str": FACTS[i][2]}}}
                for i, obj in EDITED.items()]
-    evaluate(model, tok, records)
+    if first == "evaluate":
+        evaluate(model, tok, records)
+    else:
+        trace(model, tok, parse_records(records, "records", fmt="counterfact"), samples=2)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _bnb_modules(model).values())
     assert edit_world(model, tok, sentences, tmp_path / "stats").n_edits == len(EDITED)
