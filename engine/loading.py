@@ -232,6 +232,18 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
     return model, tok
 
 
+def check_savable(model, name_or_path: str) -> None:
+    """Before the work whose result is saved: transformers saves a model by reversing the weight
+    conversions it loaded with, and some (a pre-quantized bitsandbytes 4-bit checkpoint) have none."""
+    try:
+        for conversion in getattr(model, "_weight_conversions", None) or ():
+            conversion.reverse_transform()
+    except NotImplementedError:
+        raise ValueError(f"{name_or_path}: this transformers version cannot save a model loaded from this "
+                         "checkpoint (a pre-quantized bitsandbytes checkpoint), so the result cannot be written; "
+                         "load the float checkpoint with --quantize instead") from None
+
+
 class _Deprecated(argparse.Action):
     """An old spelling of a flag: stores into the new flag's dest, with a note on stderr."""
 

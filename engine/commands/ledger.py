@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from massedit.ledger import Ledger
-from massedit.loading import add_model_arguments, load_model, options_from_args
+from massedit.loading import add_model_arguments, check_savable, load_model, options_from_args
 from massedit.outdir import check_out, staged
 
 NAME = "ledger"
@@ -69,6 +69,8 @@ def run(args) -> int:
         if not 1 <= args.last <= len(ledger):
             raise ValueError(f"--last must be between 1 and the number of rounds ({len(ledger)}), got {args.last}")
     model, tok = load_model(args.model, options_from_args(args))
+    if args.action == "revert":
+        check_savable(model, args.model)
     if args.action == "verify":
         problems = ledger.verify(model)
         for p in problems:
