@@ -18,8 +18,16 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit code 2."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one line like every other error; the usage itself is in --help.
+    Subcommand parsers inherit this class from add_subparsers."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="massedit",
         description="Batched knowledge editing (MEMIT) for causal language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -43,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse reports them on the top-level parser; name the subcommand they were given to.
+        prog = " ".join(["massedit"] + [v for v in (getattr(args, "command", None), getattr(args, "action", None)) if v])
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)", file=sys.stderr)
+        return 2
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

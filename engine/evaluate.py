@@ -79,6 +79,7 @@ from massedit import tokens as T
 from massedit.arch import ModelLayout, UnsupportedModelError
 from massedit.devices import input_device
 from massedit.hooks import capture_outputs, run_until
+from massedit.quantized import cpu_repacking_off
 
 CF_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
 GEN_METRICS = ("GE", "RS")
@@ -696,14 +697,16 @@ def evaluate(model, tok, records: list, kind: str = "auto", batch_size: int = 64
         cases = [(cid, rec) for cid, rec in cases if cid in keep]
 
     notes: list[str] = []
-    if kind == "counterfact":
-        gen_opts = dict(max_length=generation_max_length, top_k=generation_top_k, seed=seed)
-        per_case = _eval_counterfact(model, tok, cases, batch_size, generation, reference_texts, gen_opts, notes)
-        names = CF_METRICS + (GEN_METRICS if generation else ())
-        composite = ("S", ("ES", "PS", "NS"))
-    else:
-        per_case = _eval_zsre(model, tok, cases, batch_size, zsre_target)
-        names, composite = ZSRE_METRICS, ("score", ZSRE_METRICS)
+    # Evaluating before an edit (edit --eval, demo) must leave a 4-bit model editable.
+    with cpu_repacking_off(model):
+        if kind == "counterfact":
+            gen_opts = dict(max_length=generation_max_length, top_k=generation_top_k, seed=seed)
+            per_case = _eval_counterfact(model, tok, cases, batch_size, generation, reference_texts, gen_opts, notes)
+            names = CF_METRICS + (GEN_METRICS if generation else ())
+            composite = ("S", ("ES", "PS", "NS"))
+        else:
+            per_case = _eval_zsre(model, tok, cases, batch_size, zsre_target)
+            names, composite = ZSRE_METRICS, ("score", ZSRE_METRICS)
 
     by_relation = {}
     if kind == "counterfact":

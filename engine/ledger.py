@@ -56,6 +56,14 @@ def _digests_of(delta_path: Path) -> list[dict]:
     return digests
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LedgerError(f"{path}: not valid JSON ({err}); the ledger is damaged: restore the file, "
+                          "or start a new ledger directory") from None
+
+
 class Ledger:
     """An edit ledger in directory `path` (created on the first recorded round)."""
 
@@ -73,7 +81,7 @@ class Ledger:
     @property
     def header(self) -> Optional[dict]:
         f = self.path / "ledger.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        return _read_json(f) if f.is_file() else None
 
     def round_dirs(self) -> list[Path]:
         rounds = self.path / "rounds"
@@ -84,7 +92,7 @@ class Ledger:
 
     def rounds(self) -> list[dict]:
         """round.json of every round, in order."""
-        return [json.loads((d / "round.json").read_text()) for d in self.round_dirs()]
+        return [_read_json(d / "round.json") for d in self.round_dirs()]
 
     def delta(self, index: int) -> EditDelta:
         """Round `index` (1-based)'s delta, as saved (applied)."""

@@ -220,10 +220,28 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
             name_or_path, **{k: v for k, v in kwargs.items() if v is not None}, **dtype_kwargs(torch_dtype))
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    # A named map decides placement only while loading; transformers then reads disk-offloaded
+    # weights from the checkpoint without a folder, and an edit to them would fail after z.
+    if options.offload_folder is None and "disk" in (getattr(model, "hf_device_map", None) or {}).values():
+        raise ValueError(f"--device-map {options.device_map}: the model does not fit the memory given "
+                         "(--max-memory), so modules went to disk: give --offload-folder DIR (offload_folder=) "
+                         "for their weights and the edits to them, or more --max-memory")
     model.eval()
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def check_savable(model, name_or_path: str) -> None:
+    """Before the work whose result is saved: transformers saves a model by reversing the weight
+    conversions it loaded with, and some (a pre-quantized bitsandbytes 4-bit checkpoint) have none."""
+    try:
+        for conversion in getattr(model, "_weight_conversions", None) or ():
+            conversion.reverse_transform()
+    except NotImplementedError:
+        raise ValueError(f"{name_or_path}: this transformers version cannot save a model loaded from this "
+                         "checkpoint (a pre-quantized bitsandbytes checkpoint), so the result cannot be written; "
+                         "load the float checkpoint with --quantize instead") from None
 
 
 class _Deprecated(argparse.Action):

@@ -102,7 +102,7 @@ def _require_str(value: Any, where: str, what: str) -> str:
     if not isinstance(value, str):
         raise RequestError(f"{where}: must be a string ({what}), got {_type_name(value)} {value!r}")
     if not value.strip():
-        raise RequestError(f"{where}: is empty; give the {what}")
+        raise RequestError(f"{where}: is empty; give {what}")
     return value
 
 

@@ -229,10 +229,13 @@ def check_identity(path: Path, expected: dict, explicit_name: bool) -> None:
         stored = stored if isinstance(stored, dict) else {}
         owner = stored.get("source") or stored.get("model", "?")
         this = expected["source"] or expected["model"]
+        # Same checkpoint, other weights: loaded quantized (its keys differ) or changed since.
+        why = (" (the same checkpoint, whose weights differ as loaded now: quantized with --quantize, or changed "
+               "since the statistics were computed)" if stored.get("source") and stored.get("source") == expected["source"] else "")
         raise StatsError(
             f"statistics file {path} belongs to another model ({owner}, weights "
             f"{str(stored.get('weights_sha256', '?'))[:12]}), not to this one ({this}, weights "
-            f"{expected['weights_sha256'][:12]}); pass another --model-name (or --stats-dir) for this model's "
+            f"{expected['weights_sha256'][:12]}){why}; pass another --model-name (or --stats-dir) for this model's "
             "statistics, or delete the file to recompute it"
         )
 

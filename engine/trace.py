@@ -25,6 +25,7 @@ from massedit import tokens as T
 from massedit.arch import ModelLayout, UnsupportedModelError, get_module
 from massedit.devices import execution_device
 from massedit.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
+from massedit.quantized import cpu_repacking_off
 from massedit.requests import EditRequest
 
 KINDS = ("hidden", "mlp", "attn")
@@ -364,12 +365,14 @@ def trace(model: nn.Module, tok, requests: Sequence[EditRequest], samples: int =
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     prompts = [prepare(tok, r) for r in requests]
-    sigma = noise_scale * tracer.embedding_std(prompts)
-    width = tracer.embed.weight.shape[-1]  # the noise is added to the embedding module's output
-    if progress:
-        from tqdm.auto import tqdm
+    # Tracing before editing (e.g. choosing layers) must leave a 4-bit model editable.
+    with cpu_repacking_off(model):
+        sigma = noise_scale * tracer.embedding_std(prompts)
+        width = tracer.embed.weight.shape[-1]  # the noise is added to the embedding module's output
+        if progress:
+            from tqdm.auto import tqdm
 
-        prompts = tqdm(prompts, desc="tracing", unit="fact")
-    traces = [trace_fact(tracer, tok, p, make_noise(samples, p.subject[1] - p.subject[0], width, sigma, seed + i),
-                         kinds, window, batch_tokens) for i, p in enumerate(prompts)]
+            prompts = tqdm(prompts, desc="tracing", unit="fact")
+        traces = [trace_fact(tracer, tok, p, make_noise(samples, p.subject[1] - p.subject[0], width, sigma, seed + i),
+                             kinds, window, batch_tokens) for i, p in enumerate(prompts)]
     return TraceResult(traces, sigma, samples, window, seed)

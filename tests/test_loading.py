@@ -130,6 +130,15 @@ def test_bad_loading_options_are_one_line_errors_before_loading(command, case, g
     _one_line_error(capsys, command, *needles)
 
 
+def test_named_map_spilling_to_disk_without_folder_is_refused_before_the_edit(gpt2_dir, tmp_path, capsys):
+    """--device-map auto with a small --max-memory puts blocks on disk at load time; without an
+    offload folder the edit of a disk weight could not be written, so it is refused before z runs."""
+    files = Files(tmp_path)
+    assert cli.main(_edit_argv(gpt2_dir, files) + ["--device-map", "auto", "--max-memory", "cpu=100KB"]) == 2
+    _one_line_error(capsys, "edit", "modules went to disk", "--offload-folder")
+    assert not files.out.exists() and not files.stats.exists()
+
+
 def test_quantize_without_bitsandbytes_is_a_one_line_error(gpt2_dir, tmp_path):
     """bitsandbytes made unimportable in a child process, as on a machine without it."""
     code = ("import sys; sys.modules['bitsandbytes'] = None; import massedit.cli as cli; "

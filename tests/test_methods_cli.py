@@ -110,3 +110,24 @@ def test_round_errors_are_one_line(args, message, tmp_path, capsys):
     assert cli.main(_edit_argv(model_dir, files, *args)) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_ledger_command_errors_name_the_problem(tmp_path, capsys):
+    """`massedit ledger` on a directory that is no ledger, on a damaged ledger.json, and a revert
+    into a non-empty --out (ledger revert has no --force): one line that says what is wrong."""
+    model_dir = _save_model("gpt2", tmp_path)
+    files = Files(tmp_path)
+    ledger = tmp_path / "ledger"
+    assert cli.main(_edit_argv(model_dir, files, "--ledger", str(ledger))) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    def one_line(argv, message):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+    one_line(["ledger", "list", "--ledger", str(model_dir)], "holds no ledger (no ledger.json)")
+    one_line(["ledger", "revert", "--ledger", str(ledger), "--last", "1", "--model", str(files.out),
+              "--out", str(model_dir)], "not empty; ledger revert writes a new directory")
+    (ledger / "ledger.json").write_text("{")
+    one_line(["ledger", "list", "--ledger", str(ledger)], f"{ledger / 'ledger.json'}: not valid JSON")

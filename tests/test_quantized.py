@@ -222,3 +222,58 @@ def test_model_repacked_by_bitsandbytes_cpu_kernel_is_refused(worlds, monkeypatc
     module.weight.quant_state.packing_format_for_cpu = True  # what a first no-grad forward does on AVX512-BF16
     message = _refused_before_any_work(model, tok, monkeypatch)
     assert "model.layers.5.mlp.down_proj" in message and "load the model again" in message
+
+
+@pytest.mark.parametrize("first", ["evaluate", "trace"])
+def test_evaluating_or_tracing_a_4bit_model_first_leaves_it_editable(first, worlds, tmp_path):
+    """`massedit edit --quantize 4bit --eval` (and demo) evaluate before editing, a user traces to
+    choose the layers: on a CPU whose
+    bitsandbytes kernel repacks 4-bit weights at the first no-grad forward, that evaluation must
+    not repack them, or the z phase's backward fails inside bitsandbytes."""
+    from massedit.evaluate import evaluate
+    from massedit.requests import parse_records
+    from massedit.trace import trace
+
+    path, tok, sentences, _ = worlds["gpt2"]
+    probe = _load(path, "4bit")
+    with torch.no_grad():
+        probe(input_ids=torch.tensor([tok(sentences[0])["input_ids"]]))
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _bnb_modules(probe).values()):
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16)")
+    model = _load(path, "4bit")
+    records = [{"case_id": i, "requested_rewrite": {"prompt": _sentence("", FACTS[i][1], "{}"), "subject": FACTS[i][0],
+                                                     "target_new": {"str": obj}, "target_true": {"str": FACTS[i][2]}}}
+               for i, obj in EDITED.items()]
+    if first == "evaluate":
+        evaluate(model, tok, records)
+    else:
+        trace(model, tok, parse_records(records, "records", fmt="counterfact"), samples=2)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _bnb_modules(model).values())
+    assert edit_world(model, tok, sentences, tmp_path / "stats").n_edits == len(EDITED)
+
+
+def test_a_checkpoint_transformers_cannot_save_is_refused_before_the_edit(worlds, tmp_path, capsys):
+    """A saved 4-bit checkpoint reloads, but transformers may be unable to save it again: edit
+    then says so before any work instead of failing with a traceback when writing --out."""
+    import json
+
+    import massedit.cli as cli
+
+    path, tok, sentences, _ = worlds["gpt2"]
+    saved = tmp_path / "saved-4bit"
+    _load(path, "4bit").save_pretrained(saved)
+    tok.save_pretrained(saved)
+    requests = tmp_path / "r.json"
+    requests.write_text(json.dumps([{"subject": FACTS[0][0], "prompt": _sentence("", FACTS[0][1], "{}"),
+                                     "target_new": EDITED[0]}]))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences) + "\n")
+    code = cli.main(["edit", "--model", str(saved), "--requests", str(requests), "--corpus", str(corpus),
+                     "--stats-dir", str(tmp_path / "stats"), "--out", str(tmp_path / "out"), "--quiet"])
+    if code == 2:  # this transformers version cannot save it
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("massedit edit: error: ")]
+        assert len(errors) == 1 and "cannot save a model loaded from this checkpoint" in errors[0], err
+        assert not (tmp_path / "stats").exists() and not (tmp_path / "out").exists()
+    else:
+        assert code == 0 and (tmp_path / "out" / "delta.safetensors").exists()

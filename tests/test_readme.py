@@ -37,6 +37,34 @@ def test_python_snippet_runs(quick_world, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 
 
+def test_quantized_and_parallel_snippets_run_in_order_in_one_directory(quick_world, tmp_path, monkeypatch):
+    """A reader runs the snippets one after the other in one directory: the float model of the
+    torchrun snippet must not trip over the 4-bit model's statistics cached in the same stats_dir."""
+    pytest.importorskip("bitsandbytes")
+    snippets = re.findall(r"```python\n(.*?)```", README, re.S)
+    quantized = next(s for s in snippets if "load_in_4bit" in s)
+    ranks = next(s for s in snippets if "parallel.world()" in s)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edits.json").write_text(json.dumps(
+        [{"subject": "Mirela Tovan", "prompt": "{} was born in", "target_new": "Ostrava"}]))
+    for snippet in (quantized, ranks):
+        exec(compile(snippet.replace("worlds/gpt2-default", str(quick_world)), "README.md", "exec"), {})
+    assert (tmp_path / "edited-4bit" / "config.json").exists() and (tmp_path / "edit.safetensors").exists()
+
+
+def test_demo_says_when_n_exceeds_the_worlds_facts(quick_world, tmp_path, capsys):
+    import shutil
+
+    world = tmp_path / "world"  # the quick world with 3 facts, so that editing all of them is quick
+    shutil.copytree(quick_world, world)
+    records = json.loads((world / "counterfact.json").read_text())[:3]
+    (world / "counterfact.json").write_text(json.dumps(records))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--world", str(world), "--n", "5", "--out", str(out), "--quiet"]) == 0
+    assert "massedit demo: warning: --n 5: the world has 3 facts; editing all 3" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["n_edits"] == 3
+
+
 def test_every_command_has_help_with_an_example(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])

@@ -283,3 +283,12 @@ def test_tokenizer_check(style, tmp_path, monkeypatch):
     with pytest.raises(RequestError) as err:
         validate_requests(reqs, tok)
     assert_names(err, "tok.json, record 1", 'field "subject"', "cannot locate", "Lionel Messi")
+
+
+@pytest.mark.parametrize("field, says", [("subject", 'give the subject, e.g. "Michael Jordan"'),
+                                          ("target_new", 'give the new object, e.g. "baseball"')])
+def test_empty_field_message_reads_as_a_sentence(field, says):
+    record = {"subject": "Michael Jordan", "prompt": "{} plays", "target_new": "baseball"} | {field: " "}
+    with pytest.raises(RequestError) as info:
+        parse_records([record], "r.json")
+    assert f'field "{field}": is empty; {says}' in str(info.value)

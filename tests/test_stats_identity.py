@@ -39,12 +39,26 @@ def test_another_models_statistics_are_refused_not_used(tmp_path):
         layer_covariances(second, ModelLayout(second), tok, _hp(second), tmp_path, "model", DOCS, progress=False)
     message = str(info.value)
     assert "belongs to another model" in message and str(_files(tmp_path)[0]) in message
-    assert "--model-name" in message and "delete" in message
+    assert "--model-name" in message and "delete" in message and "same checkpoint" not in message
     assert {p: p.read_bytes() for p in _files(tmp_path)} == written  # the other model's files are kept
     # under its own name the second model gets its own statistics, which differ
     own = layer_covariances(second, ModelLayout(second), tok, _hp(second), tmp_path, "model-b", DOCS, progress=False)
     again = layer_covariances(first, ModelLayout(first), tok, _hp(first), tmp_path, "model", None, progress=False)
     assert not torch.allclose(own[1][0] / own[1][1], again[1][0] / again[1][1])
+
+
+def test_same_checkpoint_loaded_otherwise_is_named_as_such(tmp_path):
+    """A checkpoint's float statistics refused for the same checkpoint loaded with --quantize: both
+    identities name the same source, so the message says why they still differ."""
+    first, tok = make_model("gpt2", seed=0)
+    second, _ = make_model("gpt2", seed=0)
+    for m in (first, second):
+        m.config._name_or_path = "worlds/w/model"
+    with torch.no_grad():
+        ModelLayout(second).block(0).attn.c_attn.weight.mul_(1.01)  # as quantization perturbs it
+    layer_covariances(first, ModelLayout(first), tok, _hp(first), tmp_path, "model", DOCS, progress=False)
+    with pytest.raises(StatsError, match=r"\(worlds/w/model, .*\(worlds/w/model, .*same checkpoint.*--quantize"):
+        layer_covariances(second, ModelLayout(second), tok, _hp(second), tmp_path, "model", DOCS, progress=False)
 
 
 def test_identity_ignores_load_dtype_and_edits_but_not_other_weights():

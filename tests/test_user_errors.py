@@ -206,6 +206,26 @@ def test_os_errors_name_the_path(monkeypatch, capsys):
     assert capsys.readouterr().err == "massedit eval: error: Permission denied: runs/metrics.json\n"
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["edit", "--model", "m", "--requests", "r.json", "--out", "o", "--bogus"],
+     "massedit edit: error: unrecognized arguments: --bogus (see massedit edit --help)"),
+    (["edit", "--model", "m", "--requests", "r.json", "--out", "o", "--method", "nope"],
+     "massedit edit: error: argument --method: invalid choice: 'nope'"),
+    (["ledger", "lst"], "massedit ledger: error: argument ACTION: invalid choice: 'lst'"),
+    (["world", "build", "--out", "w", "--bogus"], "massedit world build: error: unrecognized arguments: --bogus"),
+    (["edit"], "massedit edit: error: the following arguments are required: --model, --requests, --out"),
+])
+def test_usage_mistakes_are_one_line_naming_the_command(argv, line, capsys):
+    """argparse prints the whole usage block before its error, and reports unknown flags as the
+    top-level command's: the mistake gets one line naming the subcommand, like any other error."""
+    with pytest.raises(SystemExit) as exit_info:
+        code = cli.main(argv)
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(line), err
+
+
 def test_writability_checks(tmp_path, monkeypatch):
     check_dir(tmp_path / "new" / "deeper", "--out")
     check_file(tmp_path / "new" / "metrics.json", "--json")

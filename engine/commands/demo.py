@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,6 +105,8 @@ def run(args) -> int:
 
     model, tok = load_model(str(world_dir / "model"), options_from_args(args))
     _, records = load_records(world_dir / "counterfact.json")
+    if args.n > len(records):
+        warnings.warn(f"--n {args.n}: the world has {len(records)} facts; editing all {len(records)}")
     records = records[: args.n]
     requests = parse_records(records, str(world_dir / "counterfact.json"), fmt="counterfact")
     hp = world_preset(model.config)

@@ -29,7 +29,7 @@ from massedit.context import load_templates
 from massedit.editor import MassEditor, check_method
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import default_for, load_hparams
-from massedit.loading import add_model_arguments, load_model, options_from_args
+from massedit.loading import add_model_arguments, check_savable, load_model, options_from_args
 from massedit.methods import get_method, method_names
 from massedit.outdir import check_out, staged
 from massedit.requests import load_requests
@@ -103,6 +103,7 @@ def run(args) -> int:
     templates = load_templates(args.context_templates) if args.context_templates else None
     hp = load_hparams(args.hparams) if args.hparams else None
     model, tok = load_model(args.model, options_from_args(args))
+    check_savable(model, args.model)
     records = records if world.main else None
     hp = hp or default_for(model.config, get_method(args.method).hparams_family)
     editor = MassEditor(

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from massedit.ledger import Ledger
-from massedit.loading import add_model_arguments, load_model, options_from_args
+from massedit.loading import add_model_arguments, check_savable, load_model, options_from_args
 from massedit.outdir import check_out, staged
 
 NAME = "ledger"
@@ -41,10 +41,10 @@ def add_arguments(p) -> None:
 
 
 def _open(path: str) -> Ledger:
-    ledger = Ledger(path)
-    if ledger.header is None:
+    # Checked before Ledger(), whose refusal of a non-empty directory speaks of creating a ledger.
+    if not (Path(path) / "ledger.json").is_file():
         raise ValueError(f"--ledger {path} holds no ledger (no ledger.json); massedit edit --ledger DIR creates one")
-    return ledger
+    return Ledger(path)
 
 
 def run(args) -> int:
@@ -63,10 +63,14 @@ def run(args) -> int:
         return 0
     if args.action == "revert":
         out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--out {out} is not empty; ledger revert writes a new directory: choose one")
         check_out(out, force=False)
         if not 1 <= args.last <= len(ledger):
             raise ValueError(f"--last must be between 1 and the number of rounds ({len(ledger)}), got {args.last}")
     model, tok = load_model(args.model, options_from_args(args))
+    if args.action == "revert":
+        check_savable(model, args.model)
     if args.action == "verify":
         problems = ledger.verify(model)
         for p in problems:
