@@ -158,9 +158,11 @@ def _sha256(t: torch.Tensor) -> str:
 
 
 def weight_digest(model: nn.Module, name: str) -> str:
-    """SHA-256 of parameter `name`'s stored values, wherever they live (offloaded ones included):
-    the digest a delta records for the base and the edited weight."""
-    return _sha256(read_parameter(model, name))
+    """SHA-256 of parameter `name`'s values as a delta records them for the base and the edited
+    weight: stored values wherever they live (offloaded ones included), and for a bitsandbytes
+    weight the dense value its edits start from."""
+    dense = quantized.editable_value(model, name)
+    return _sha256(dense if dense is not None else read_parameter(model, name))
 
 
 def _strip_volatile(obj):

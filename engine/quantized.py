@@ -170,6 +170,15 @@ def _stand_in_weight(quantized: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return (weight.T if _is_conv1d_source(quantized) else weight).contiguous()
 
 
+def editable_value(model: nn.Module, weight_name: str) -> Optional[torch.Tensor]:
+    """For a weight stored by bitsandbytes, the dense value an edit of it starts from (what its
+    stand-in holds, so what a delta records as its base); None for any other weight."""
+    module = model.get_submodule(_module_name(weight_name))
+    if storage_of(module) in (BNB_8BIT, BNB_4BIT):
+        return _stand_in_weight(module, _compute_dtype(model))
+    return None
+
+
 def _stand_in(quantized: nn.Module, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
         if _is_conv1d_source(quantized):

@@ -277,3 +277,20 @@ def test_a_checkpoint_transformers_cannot_save_is_refused_before_the_edit(worlds
         assert not (tmp_path / "stats").exists() and not (tmp_path / "out").exists()
     else:
         assert code == 0 and (tmp_path / "out" / "delta.safetensors").exists()
+
+
+def test_ledger_of_a_quantized_base_verifies_after_save_and_reload(worlds, tmp_path):
+    """The ledger's base digest of a bitsandbytes weight is the dense value its edits start from,
+    the same that the round's delta records, so verify holds in memory and on the saved model."""
+    from massedit.sequential import SequentialEditor
+    from test_pipeline import WORLD_REQUESTS, world_editor
+
+    path, tok, sentences, _ = worlds["gpt2"]
+    model = _load(path, "8bit")
+    seq = SequentialEditor(world_editor(model, tok, sentences, tmp_path / "stats"), "memit", ledger=tmp_path / "ledger")
+    seq.edit_round(WORLD_REQUESTS[:2])
+    seq.edit_round(WORLD_REQUESTS[2:])
+    assert seq.ledger.verify(model) == []
+    model.save_pretrained(tmp_path / "edited")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited").eval()
+    assert seq.ledger.verify(reloaded) == []
