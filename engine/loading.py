@@ -210,6 +210,9 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
     quantization_config = _quantization_config(options.quantization, dtype)
     try:
         device_map = _placement(name_or_path, options)
+        if max_memory is not None and device_map is None:
+            raise ValueError("--max-memory budgets a device map, and this load has none (no GPU, no --device-map): "
+                             "add --device-map auto|balanced|sequential, or leave --max-memory out")
         # "auto" keeps the checkpoint's dtype on GPU; on CPU half precision is slow and imprecise.
         on_gpu = torch.cuda.is_available() and (device_map is not None or quantization_config is not None)
         torch_dtype = torch.float32 if dtype == "auto" and not on_gpu else dtype

@@ -109,6 +109,8 @@ BAD = {
     "device and map": (lambda t: ["--device", "cpu", "--device-map", "auto"], ("either --device or --device-map",)),
     "bad max memory": (lambda t: ["--max-memory", "cpu:64GiB"], ("--max-memory", "DEVICE=SIZE")),
     "bad size": (lambda t: ["--max-memory", "cpu=lots"], ("'lots' is not a size",)),
+    "max memory without a map": (lambda t: ["--max-memory", "cpu=8GiB"], ("--max-memory budgets a device map",
+                                                                          "--device-map auto")),
     "disk without folder": (lambda t: ["--device-map", str(_json(t, {"transformer": "disk", "lm_head": "cpu"}))],
                             ("give --offload-folder DIR",)),
     "unwritable folder": (lambda t: ["--offload-folder", str(_json(t, {}) / "sub")], ("cannot write there",)),
