@@ -10,8 +10,8 @@ over the facts, when matplotlib is installed) and OUT/hparams.json: the model's 
 set to the suggestion, for `massedit edit --hparams OUT/hparams.json`.
 
 The suggestion is the window of `--span` consecutive layers (default: as many as the base
-hparams edit) with the largest summed MLP effect at the subject's last token; its last layer is
-at most N − 2 so that blocks remain after it.
+hparams edit) with the largest summed MLP effect at the subject's last token; on a model of N ≥ 3
+layers its last layer is at most N − 2, so that blocks remain after it.
 """
 from __future__ import annotations
 
@@ -134,8 +134,8 @@ def run(args) -> int:
                      "window": result.window, "noise_scale": args.noise, "sigma": result.sigma, "seed": result.seed,
                      "span": span, "base": args.base},
         "suggested_layers": layers,
-        "rule": f"the {span} consecutive layers (last at most N - 2) with the largest summed MLP effect at the "
-                "subject's last token",
+        "rule": f"the {span} consecutive layers (last at most N - 2 where N >= 3) with the largest summed MLP "
+                "effect at the subject's last token",
         "mlp_effect_at_last_subject_token": mlp_last_subject,
         "p_clean": sum(t.p_clean for t in result.traces) / len(result.traces),
         "p_corrupted": sum(t.p_corrupted for t in result.traces) / len(result.traces),
