@@ -291,7 +291,13 @@ def cache_keyword(model) -> str:
     """The forward keyword that takes the key/value cache: `cache` in newer transformers (5.24 still
     accepts `past_key_values` with a deprecation warning, later versions drop it), `past_key_values`
     before. Read from the forward's signature, so it follows the installed version."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # Read once per model: the z phase asks at every step.
+    if model not in _CACHE_KEYWORD:
+        _CACHE_KEYWORD[model] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _CACHE_KEYWORD[model]
+
+
+_CACHE_KEYWORD: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def cache_inputs(model, cache) -> dict:
