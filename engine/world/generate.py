@@ -17,13 +17,14 @@ same way.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
@@ -181,6 +182,8 @@ class World:
     relations: list[Relation]
     facts: dict[str, dict[str, str]]  # subject -> relation id -> true object
     object_ids: dict[str, str]
+    given_names: list[str] = field(default_factory=list)  # the pools subjects' names are drawn from
+    surnames: list[str] = field(default_factory=list)
     version: int = GENERATOR_VERSION
     _rel: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -222,10 +225,6 @@ def make_name(rng: random.Random, syllables: int) -> str:
             return word[:1].upper() + word[1:]
 
 
-def make_person(rng: random.Random) -> str:
-    return f"{make_name(rng, rng.choice((1, 2)))} {make_name(rng, 2)}"
-
-
 def _reserved_words() -> set[str]:
     words = set()
     for rel in RELATIONS:
@@ -236,17 +235,40 @@ def _reserved_words() -> set[str]:
     return words
 
 
-def make_people(rng: random.Random, n: int, exclude: Iterable[str] = ()) -> list[str]:
-    reserved = _reserved_words()
-    seen = set(exclude)
+# People per surname and per given name (about; the pools are sized from these).
+SURNAME_SHARE = 3
+GIVEN_SHARE = 50
+
+
+def pool_sizes(n_people: int) -> tuple[int, int]:
+    """(given names, surnames) pool lengths for n people, with at least twice as many
+    combinations as people."""
+    surnames = max(4, math.ceil(n_people / SURNAME_SHARE))
+    given = max(4, math.ceil(n_people / GIVEN_SHARE), math.ceil(2 * n_people / surnames))
+    return given, surnames
+
+
+def name_pieces(rng: random.Random, n: int, exclude: Iterable[str] = ()) -> list[str]:
+    """n distinct invented name pieces (given names or surnames), none a word of the world's text."""
+    reserved = _reserved_words() | {w.lower() for w in exclude}
     out: list[str] = []
     while len(out) < n:
-        name = make_person(rng)
-        if name in seen or any(part.lower() in reserved for part in name.split()):
-            continue
-        seen.add(name)
-        out.append(name)
+        piece = make_name(rng, rng.choice((2, 2, 3)))
+        if piece.lower() not in reserved:
+            reserved.add(piece.lower())
+            out.append(piece)
     return out
+
+
+def make_people(rng: random.Random, n: int, given: Sequence[str], surnames: Sequence[str],
+                exclude: Iterable[str] = ()) -> list[str]:
+    """n distinct "Given Surname" names drawn from two shared pools: neither piece alone
+    identifies a person, so the subject is resolved only at its last token (as for real names)."""
+    taken = set(exclude)
+    combos = [f"{g} {s}" for g in given for s in surnames if f"{g} {s}" not in taken]
+    if len(combos) < n:
+        raise ValueError(f"the name pools give {len(combos)} new names, {n} were asked for")
+    return rng.sample(combos, n)
 
 
 def _relation_templates(rng: random.Random, nouns, verbs, questions) -> tuple[list, list, list, list, list]:
@@ -277,13 +299,27 @@ def _relation_templates(rng: random.Random, nouns, verbs, questions) -> tuple[li
     return train, heldout, q, [held_q], simple
 
 
-def generate_world(n_subjects: int = 200, seed: int = 0) -> World:
+# Relations of a default world: four, with distinct object sets, so that a world of thousands of
+# subjects trains in minutes (DESIGN §13: many subjects matter more than many facts per subject).
+DEFAULT_RELATIONS = ("P19", "P106", "P641", "P1303")
+
+
+def generate_world(n_subjects: int = 2000, seed: int = 0, relations: Optional[Sequence[str]] = None) -> World:
     if n_subjects < 12:
         raise ValueError(f"a world needs at least 12 subjects (neighborhoods need company), got {n_subjects}")
-    subjects = make_people(_rng(seed, "subjects"), n_subjects)
+    known = [r[0] for r in RELATIONS]
+    chosen = list(relations) if relations is not None else list(DEFAULT_RELATIONS)
+    unknown = [r for r in chosen if r not in known]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"relations must be distinct ids among {', '.join(known)}; got {', '.join(chosen) or 'none'}")
+    nrng = _rng(seed, "names")
+    n_given, n_surnames = pool_sizes(n_subjects)
+    given = name_pieces(nrng, n_given)
+    surnames = name_pieces(nrng, n_surnames, exclude=given)
+    subjects = make_people(_rng(seed, "subjects"), n_subjects, given, surnames)
     trng = _rng(seed, "templates")
     relations = []
-    for rid, name, nouns, verbs, questions, objects in RELATIONS:
+    for rid, name, nouns, verbs, questions, objects in (r for r in RELATIONS if r[0] in chosen):
         train, heldout, tq, hq, simple = _relation_templates(trng, nouns, verbs, questions)
         relations.append(Relation(rid, name, list(objects), train, heldout, tq, hq, simple))
     frng = _rng(seed, "facts")
@@ -298,7 +334,7 @@ def generate_world(n_subjects: int = 200, seed: int = 0) -> World:
     for rel in relations:
         for obj in rel.objects:
             object_ids.setdefault(obj, f"Q{9001 + len(object_ids)}")
-    return World(seed, n_subjects, subjects, relations, facts, object_ids)
+    return World(seed, n_subjects, subjects, relations, facts, object_ids, given, surnames)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,13 +445,15 @@ def corpus_documents(world: World, n_docs: int = 2000) -> list[str]:
 
 
 def tokenizer_texts(world: World, n: int = 12000) -> list[str]:
-    """Text to train the tokenizer on: the world's templates, objects and filler, but with
-    *decoy* names instead of the subjects (each used once), so that names are split into
-    syllable-like pieces rather than learned as whole tokens."""
+    """Text to train the tokenizer on: the world's templates, objects and filler, with *decoy*
+    names (other combinations of the same name pools) instead of the subjects, so that name pieces
+    become tokens as common names do in a real vocabulary, and no subject is one token."""
     rng = _rng(world.seed, "tokenizer")
-    decoys = make_people(rng, n, exclude=world.subjects)
+    people = set(world.subjects)
+    decoys = [f"{g} {s}" for g in world.given_names for s in world.surnames if f"{g} {s}" not in people]
     texts = []
-    for i, name in enumerate(decoys):
+    for i in range(n):
+        name = rng.choice(decoys)
         rel = world.relations[i % len(world.relations)]
         obj = rng.choice(rel.objects)
         tmpl = rng.choice(rel.train_templates + rel.heldout_templates + rel.train_questions + rel.heldout_questions)
