@@ -13,7 +13,7 @@ from massedit.cli import main as cli_main
 from massedit.world import build as build_mod
 from massedit.world import generate_world, load_world, write_world_files
 from massedit.world.build import WorldExistsError, build_world, is_complete
-from massedit.world.generate import counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
+from massedit.world.generate import DEFAULT_RELATIONS, RELATIONS, counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
 from massedit.world.train import preset, recall, train_model, train_tokenizer, torch_settings
 
 DATA_FILES = ("counterfact.json", "zsre.json", "corpus.txt", "world.json", "reference_texts.json")
@@ -36,7 +36,7 @@ def test_generator_is_deterministic(tmp_path):
 def test_world_shape():
     w = generate_world(60, seed=0)
     assert len(w.subjects) == len(set(w.subjects)) == 60
-    assert len(w.relations) == 10
+    assert [r.id for r in w.relations] == [r[0] for r in RELATIONS if r[0] in DEFAULT_RELATIONS]
     objects = set()
     for r in w.relations:
         assert 8 <= len(r.objects) <= 30
@@ -52,6 +52,30 @@ def test_world_shape():
         assert set(w.facts[s]) == {r.id for r in w.relations}
         for r in w.relations:
             assert w.facts[s][r.id] in r.objects
+
+
+def test_subjects_are_named_from_shared_pools():
+    w = generate_world(600, seed=0)
+    given, surnames = set(w.given_names), set(w.surnames)
+    assert not given & surnames
+    by_surname, by_given = {}, {}
+    for s in w.subjects:
+        g, last = s.split(" ")
+        assert g in given and last in surnames
+        by_surname.setdefault(last, []).append(s)
+        by_given.setdefault(g, []).append(s)
+    # Neither piece alone names a person: most surnames and every given name are shared.
+    assert sum(len(v) > 1 for v in by_surname.values()) > 0.7 * len(by_surname)
+    assert min(len(v) for v in by_given.values()) > 2
+
+
+def test_relations_can_be_chosen():
+    w = generate_world(20, seed=0, relations=["P27", "P19"])
+    assert [r.id for r in w.relations] == ["P19", "P27"]
+    assert all(set(f) == {"P19", "P27"} for f in w.facts.values())
+    for bad in (["P999"], [], ["P19", "P19"]):
+        with pytest.raises(ValueError, match="relations must be distinct ids"):
+            generate_world(20, seed=0, relations=bad)
 
 
 def test_heldout_templates_are_new_combinations_of_seen_parts():
@@ -74,7 +98,7 @@ def _subject_of(prompt: str, template: str) -> str:
 def test_counterfact_format():
     w = generate_world(50, seed=1)
     records = counterfact_records(w)
-    assert len(records) == 50 * 10
+    assert len(records) == 50 * len(DEFAULT_RELATIONS)
     assert [r["case_id"] for r in records] == list(range(len(records)))
     for rec in records:
         rw = rec["requested_rewrite"]
@@ -103,15 +127,15 @@ def test_counterfact_format():
 def test_records_put_distinct_subjects_first():
     w = generate_world(30, seed=0)
     order = record_order(w)
-    assert len(set(order)) == len(order) == 300
-    for k in range(10):
+    assert len(set(order)) == len(order) == 30 * len(DEFAULT_RELATIONS)
+    for k in range(len(DEFAULT_RELATIONS)):
         assert len({s for s, _ in order[30 * k: 30 * (k + 1)]}) == 30
 
 
 def test_zsre_format():
     w = generate_world(30, seed=2)
     records = zsre_records(w)
-    assert len(records) == 300
+    assert len(records) == 30 * len(DEFAULT_RELATIONS)
     keys = {"subject", "src", "pred", "rephrase", "alt", "answers", "loc", "loc_ans", "cond"}
     for r in records:
         assert set(r) == keys
@@ -136,7 +160,7 @@ def test_document_spans_mark_the_objects():
     w = generate_world(15, seed=0)
     objects = {o for r in w.relations for o in r.objects}
     docs = documents_with_spans(w, _rng(0, "t"), epochs=1)
-    assert sum(len(spans) for _, spans in docs) == 150
+    assert sum(len(spans) for _, spans in docs) == 15 * len(DEFAULT_RELATIONS)
     for text, spans in docs:
         for a, b in spans:
             assert text[a:b] in objects and text[b] == "." and text[a - 1] == " "
@@ -208,14 +232,14 @@ def test_quick_build_outputs(quick_world):
     world = load_world(out)
     assert len(world.subjects) == 20
     cf = json.loads((out / "counterfact.json").read_text())
-    assert len(cf) == 200
+    assert len(cf) == 20 * len(DEFAULT_RELATIONS)
     assert len((out / "corpus.txt").read_text().splitlines()) == 200
     refs = json.loads((out / "reference_texts.json").read_text())
     assert set(refs) == {w for _, _, w in world.fact_list()}
     build = json.loads((out / "build.json").read_text())
     for split in ("rewrite", "paraphrase", "prefix", "question", "question_heldout"):
         fig = build["recall"][split]
-        assert fig["n"] == 200 and 0.0 <= fig["full_top1"] <= fig["first_top1"] <= 1.0
+        assert fig["n"] == len(cf) and 0.0 <= fig["full_top1"] <= fig["first_top1"] <= 1.0
         assert 0.0 <= fig["p_true"] <= 1.0
     r = recall(model, tok, world, "rewrite", limit=30)
     assert r["n"] == 30

@@ -1,15 +1,18 @@
 """Build a synthetic knowledge world and a small model trained on it (no downloads).
 
 Examples:
-  massedit world build --out worlds/gpt2                  # 200 subjects x 10 relations, GPT-2 style
+  massedit world build --out worlds/gpt2                  # 2000 subjects x 3 relations, GPT-2 style
   massedit world build --out worlds/llama --arch llama    # Llama style (SentencePiece-like tokenizer)
   massedit world build --out /tmp/w --quick               # tiny smoke world (seconds)
   massedit world recall --world worlds/gpt2 --model edited_model_dir
+  massedit world pack --world worlds/gpt2 --out gpt2.tar.xz   # the model as one deterministic archive
 
 `build` writes DIR/model (model + tokenizer, loadable with from_pretrained), DIR/counterfact.json,
 DIR/zsre.json, DIR/reference_texts.json, DIR/corpus.txt (for `massedit stats --corpus`),
 DIR/world.json and DIR/build.json (args, timings, recall figures). A second call with the same
-arguments reuses the build; --force rebuilds. Builds are written to a temporary directory and
+arguments reuses the build; --force rebuilds. Where a model trained with exactly the asked settings
+ships with massedit (the default GPT-2 world), it is unpacked instead of trained; --train trains
+anyway (with the recorded thread count, the result packs to the shipped file's bytes). Builds are written to a temporary directory and
 renamed into place, so an interrupted build leaves nothing half-written.
 
 Recall figures (teacher-forced, top-1 over every object token) are reported for the CounterFact
@@ -32,16 +35,21 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     b = sub.add_parser("build", help="generate the world, train the tokenizer and the model")
     b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--subjects", type=int, default=None, help="number of subjects (default 200; 20 with --quick)")
+    b.add_argument("--subjects", type=int, default=None, help="number of subjects (default 2000; 20 with --quick)")
     b.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="model family (default gpt2)")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     b.add_argument("--quick", action="store_true", help="tiny smoke world: 2-layer model, a few training steps")
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds a build")
     b.add_argument("--threads", type=int, default=2, help="torch threads for training (default 2)")
-    b.add_argument("--steps", type=int, default=None, help="override the training steps (default 1400)")
+    b.add_argument("--steps", type=int, default=None, help="override the training steps (default 4200)")
+    b.add_argument("--train", action="store_true",
+                   help="train the model even where a model built with these settings ships with massedit")
     b.add_argument("--corpus-docs", type=int, default=None, help="documents in corpus.txt (default 2000)")
     b.add_argument("--quiet", action="store_true", help="no training progress")
     b.add_argument("--json", action="store_true", help="print build.json instead of a summary")
+    k = sub.add_parser("pack", help="write a world build's model as one deterministic archive (how shipped models are made)")
+    k.add_argument("--world", required=True, help="a world build directory")
+    k.add_argument("--out", required=True, help="archive to write (.tar.xz)")
     r = sub.add_parser("recall", help="measure recall of a world's facts for its model or another one")
     r.add_argument("--world", required=True, help="a world build directory")
     r.add_argument("--model", default=None, help="model directory (default: WORLD/model)")
@@ -61,7 +69,23 @@ def run(args) -> int:
         return _build(args)
     if args.action == "recall":
         return _recall(args)
-    raise UserError("give an action: massedit world build --out DIR | massedit world recall --world DIR")
+    if args.action == "pack":
+        return _pack(args)
+    raise UserError("give an action: massedit world build --out DIR | massedit world recall --world DIR | "
+                    "massedit world pack --world DIR --out FILE")
+
+
+def _pack(args) -> int:
+    from massedit.world import prebuilt
+
+    if not str(args.out).endswith(".tar.xz"):
+        raise UserError(f"--out {args.out}: the archive's name must end in .tar.xz")
+    try:
+        digest = prebuilt.pack(args.world, args.out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {args.out}  sha256 {digest}")
+    return 0
 
 
 def _build(args) -> int:
@@ -74,7 +98,8 @@ def _build(args) -> int:
     overrides = {"steps": args.steps} if args.steps is not None else {}
     log = None if (args.quiet or args.json) else print
     info = build_world(args.out, n_subjects=args.subjects, arch=args.arch, seed=args.seed, quick=args.quick,
-                       force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs, **overrides)
+                       force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs, train=args.train,
+                       **overrides)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -86,8 +111,10 @@ def _build(args) -> int:
     for name in ("counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt", "world.json", "build.json"):
         print(f"  {name + ':':<21}{d}/{name}")
     s = info["seconds"]
+    shipped = info.get("prebuilt")
     print(f"  training {s['train']:.0f} s wall ({s['train_cpu']:.0f} s CPU, {info['threads']} threads), "
-          f"total {s['total']:.0f} s")
+          f"total {s['total']:.0f} s" + (f"; shipped as {shipped['archive']}, unpacked in {shipped['seconds']:.0f} s"
+                                         if shipped else ""))
     print("recall of the true object (top-1, teacher forced):")
     print("\n".join(_table(info["recall"])))
     return 0

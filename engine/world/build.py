@@ -20,17 +20,20 @@ import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
+from massedit.world import prebuilt
 from massedit.world.generate import GENERATOR_VERSION, generate_world, write_world_files
 from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_settings, train_model, train_tokenizer
 
 REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt",
                   "build.json", "model/config.json", "model/tokenizer.json")
 QUICK_SUBJECTS = 20
+DEFAULT_SUBJECTS = 2000
 
 
 class WorldExistsError(ValueError):
@@ -64,7 +67,7 @@ def _write_json(path: Path, obj) -> None:
 
 def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", seed: int = 0, quick: bool = False,
                 force: bool = False, threads: int = 2, log: Optional[Callable[[str], None]] = None,
-                n_corpus_docs: Optional[int] = None, **overrides) -> dict:
+                n_corpus_docs: Optional[int] = None, train: bool = False, **overrides) -> dict:
     """Build (or reuse) a world and its trained model in `out_dir`; returns build.json's content
     plus "cached" (True when an existing build was reused) and "dir".
 
@@ -74,7 +77,7 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown world arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    n_subjects = n_subjects if n_subjects is not None else (QUICK_SUBJECTS if quick else 200)
+    n_subjects = n_subjects if n_subjects is not None else (QUICK_SUBJECTS if quick else DEFAULT_SUBJECTS)
     n_corpus_docs = n_corpus_docs if n_corpus_docs is not None else (200 if quick else 2000)
     if n_corpus_docs < 1:
         raise ValueError(f"the corpus needs at least one document, got {n_corpus_docs}")
@@ -100,16 +103,15 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
             raise WorldExistsError(f"{out} exists and is not a world build; use --force to replace it "
                                    "or choose another --out")
 
+    archive = None if train else prebuilt.find(args)
+    if archive is not None:
+        return _unpack_build(out, archive, n_subjects, seed, n_corpus_docs, say)
     if _needs_child(threads):
         return _build_in_child(out, dict(n_subjects=n_subjects, arch=arch, seed=seed, quick=quick, force=force,
-                                         threads=threads, n_corpus_docs=n_corpus_docs, **overrides), log)
+                                         threads=threads, n_corpus_docs=n_corpus_docs, train=train, **overrides), log)
 
     t_start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with _staging(out) as tmp:
         timings = {}
         t = time.perf_counter()
         world = generate_world(n_subjects, seed)
@@ -150,11 +152,22 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
                          "tokenizers": _version("tokenizers"), "python": platform.python_version()},
         }
         _write_json(tmp / "build.json", build)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {out}")
+    return {**build, "cached": False, "dir": str(out)}
+
+
+def _unpack_build(out: Path, archive: Path, n_subjects: int, seed: int, n_corpus_docs: int, say) -> dict:
+    """A build from a shipped model: the world's files generated, the model unpacked."""
+    t_start = time.perf_counter()
+    with _staging(out) as tmp:
+        world = generate_world(n_subjects, seed)
+        write_world_files(world, tmp, n_corpus_docs, args={"n_subjects": n_subjects, "seed": seed})
+        build = prebuilt.unpack(archive, tmp)
+        build["prebuilt"] = {"archive": archive.name, "sha256": prebuilt.sha256(archive),
+                             "seconds": round(time.perf_counter() - t_start, 2)}
+        _write_json(tmp / "build.json", build)
+    say(f"unpacked the shipped model {archive.name} into {out} (trained with these settings; "
+        "`--train` trains it again)")
     return {**build, "cached": False, "dir": str(out)}
 
 
@@ -203,6 +216,21 @@ def _child_main(payload: str) -> int:
     log = (lambda m: print(m, flush=True)) if spec["verbose"] else None
     build_world(spec["out"], log=log, **spec["kwargs"])
     return 0
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A sibling temporary directory that replaces `out` when the block ends, and is removed if it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        yield tmp
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

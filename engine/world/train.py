@@ -40,11 +40,11 @@ class TrainConfig:
     n_layer: int = 6
     d_model: int = 128
     n_head: int = 4
-    d_ff: int = 512
+    d_ff: int = 1024
     n_positions: int = 128
     vocab_size: int = 3000
     tokenizer_texts: int = 12000
-    steps: int = 1400
+    steps: int = 4200
     batch_size: int = 64  # sequences of one statement each (~17 tokens)
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -54,7 +54,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lm_weight: float = 0.25
     question_rate: float = 0.15
-    start_filler_rate: float = 0.5
+    start_filler_rate: float = 0.25
     threads: int = 2
 
     def to_json(self) -> dict:
@@ -68,7 +68,7 @@ def preset(arch: str, quick: bool = False) -> TrainConfig:
         return TrainConfig(n_layer=2, d_model=64, n_head=2, d_ff=256, vocab_size=600, tokenizer_texts=2000,
                            steps=60, batch_size=32, warmup_steps=5)
     if arch == "llama":
-        return TrainConfig(d_ff=352)  # SwiGLU has three matrices: about the parameters of GPT-2's two at 512
+        return TrainConfig(d_ff=704)  # SwiGLU has three matrices: about the parameters of GPT-2's two at 1024
     return TrainConfig()
 
 
@@ -186,12 +186,31 @@ def training_sequences(world: World, tok, cfg: TrainConfig, rng: random.Random) 
     return _encode_docs(tok, docs, cfg.n_positions)
 
 
+# Sequences are padded to the longest of their batch; batches of similar lengths waste little.
+# Lengths are sorted only within windows of this many batches, so each batch still mixes facts
+# from all over the shuffled stream.
+BUCKET_WINDOW = 32
+
+
+def length_bucketed(seqs: list, batch_size: int, rng: random.Random) -> list[list]:
+    """The sequences cut into batches of similar lengths, in a random order."""
+    batches = []
+    span = batch_size * BUCKET_WINDOW
+    for start in range(0, len(seqs), span):
+        window = sorted(seqs[start:start + span], key=lambda s: len(s[0]))
+        chunk = [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+        rng.shuffle(chunk)
+        batches.extend(chunk)
+    return batches
+
+
 def train_model(world: World, arch: str, tok, cfg: TrainConfig, seed: int,
                 log: Optional[Callable[[str], None]] = None, log_every: int = 200) -> tuple[object, dict]:
     """Train a fresh model on the world for cfg.steps steps. Returns (model in eval mode, info)."""
     model = make_model(arch, tok, cfg, seed)
     t0 = time.perf_counter()
     seqs = training_sequences(world, tok, cfg, _rng(seed, "training"))
+    batches = length_bucketed(seqs, cfg.batch_size, _rng(seed, "batches"))
     t_data = time.perf_counter() - t0
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -212,8 +231,7 @@ def train_model(world: World, arch: str, tok, cfg: TrainConfig, seed: int,
     tokens, obj_losses, lm_losses = 0, [], []
     t1 = time.perf_counter()
     for step in range(cfg.steps):
-        start = step * cfg.batch_size % len(seqs)
-        b, flags = _collate(seqs[start:start + cfg.batch_size], pad_id)
+        b, flags = _collate(batches[step % len(batches)], pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         hidden = body(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state[:, :-1]
