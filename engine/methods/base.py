@@ -29,6 +29,23 @@ class EditMethod(ABC):
     def check(self, hp) -> None:
         """Raise a one-line error for hparams this method cannot use, before any work."""
 
+    def check_requests(self, editor, requests: Sequence[EditRequest]) -> None:
+        """Raise a one-line error for validated requests this method cannot edit on `editor`'s model,
+        before statistics or any optimization (MEMAT: each needs its second-language record)."""
+
+    def check_saved_model(self, layout) -> None:
+        """Raise a one-line error when the edited model, saved with save_pretrained, would not reload
+        with the edit in effect (the CLI asks before editing a model it will save)."""
+
+    def additions(self):
+        """Parameters the last `compute` needs added to the model (a `massedit.delta.ParameterAdditions`),
+        or None."""
+        return None
+
+    def details(self) -> dict:
+        """Method-specific results of the last `compute` (JSON-serializable), reported beside the timings."""
+        return {}
+
     def layer_solvers(self, editor, preserved: Optional[dict[int, torch.Tensor]] = None) -> dict:
         """Per edited layer, an object whose `solve(keys [d, n])` returns X [d, n] with Δ = R Xᵀ and whose
         `device` says where it keeps its state (ΔW factors are kept there too)."""
