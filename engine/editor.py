@@ -251,7 +251,7 @@ class MassEditor:
         impl.check(self.hp)
         start = time.perf_counter()
         reqs = self.validate(requests)
-        impl.check_requests(self, reqs)
+        impl.check_requests(reqs, self)
         timings: dict[str, float] = {}
 
         t = time.perf_counter()

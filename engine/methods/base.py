@@ -18,20 +18,33 @@ class EditMethod(ABC):
     `default_for` uses for it ("memit" or "rome"). `preserves_keys`: the method's solves use the keys
     of earlier rounds (`preserved`, per layer K_p K_pᵀ), so sequential editing collects them.
     `shards_requests`: it runs under torch.distributed, each rank taking a share of the requests
-    (massedit.parallel); the others are refused with several processes.
+    (massedit.parallel); the others are refused with several processes. `edits_in_rounds`: it may
+    run as one round of sequential editing (massedit.sequential, ledgers).
     """
 
     name: ClassVar[str]
     hparams_family: ClassVar[str] = "memit"
     preserves_keys: ClassVar[bool] = False
     shards_requests: ClassVar[bool] = False
+    edits_in_rounds: ClassVar[bool] = True
 
     def check(self, hp) -> None:
         """Raise a one-line error for hparams this method cannot use, before any work."""
 
-    def check_requests(self, editor, requests: Sequence[EditRequest]) -> None:
-        """Raise a one-line error for validated requests this method cannot edit on `editor`'s model,
-        before statistics or any optimization (MEMAT: each needs its second-language record)."""
+    @classmethod
+    def add_arguments(cls, parser) -> list[str]:
+        """Add this method's own `massedit edit` options; returns their argparse dests."""
+        return []
+
+    @classmethod
+    def from_args(cls, args) -> "EditMethod":
+        """The method configured from `massedit edit`'s parsed arguments (its own options included)."""
+        return cls()
+
+    def check_requests(self, requests: Sequence[EditRequest], editor=None) -> None:
+        """Raise a one-line error for requests this method cannot edit (MEMAT: each needs its
+        second-language record), before any model work; with `editor`, also against its model and
+        tokenizer, before statistics or any optimization."""
 
     def check_saved_model(self, layout) -> None:
         """Raise a one-line error when the edited model, saved with save_pretrained, would not reload

@@ -122,6 +122,8 @@ class Memat(Memit):
 
     name = "memat"
     shards_requests = False
+    # Its rounds would change the model's structure (added biases, config flags) under the ledger.
+    edits_in_rounds = False
 
     def __init__(self, records: Union[Sequence[dict], str, Path, None] = None, serial_z: Optional[bool] = None):
         super().__init__(serial_z)
@@ -130,11 +132,24 @@ class Memat(Memit):
         self._additions: Optional[ParameterAdditions] = None
         self._details: dict = {}
 
-    def check_requests(self, editor, requests) -> None:
+    @classmethod
+    def add_arguments(cls, parser) -> list[str]:
+        parser.add_argument("--memat-records", metavar="FILE",
+                            help="--method memat: CounterFact JSON of the same facts in the second language, "
+                                 "with the requests' case_ids")
+        return ["memat_records"]
+
+    @classmethod
+    def from_args(cls, args) -> "Memat":
+        return cls(args.memat_records)
+
+    def check_requests(self, requests, editor=None) -> None:
         if self.l2 is None:
             raise RequestError("method 'memat' needs the second-language records: pass method=Memat(records) "
                                "(API) or --memat-records FILE (CLI)")
         l2 = match_l2(requests, self.l2, self.source)
+        if editor is None:
+            return
         validate_requests(l2, editor.tok)
         editor.layout.check_heads()
         n_heads = editor.layout.n_layers * editor.layout.n_heads
