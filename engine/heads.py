@@ -64,13 +64,14 @@ def head_corrections(layout: ModelLayout, heads: Sequence[Head], omega: torch.Te
         rows = torch.tensor([k for _, k in members])
 
         def pre_hook(_module, args, kwargs):
-            x = args[0] if args else kwargs["input"]
+            key = None if args else next(iter(kwargs))  # the input passed by keyword (Linear: input, Conv1D: x)
+            x = args[0] if args else kwargs[key]
             add = torch.zeros(n_heads, head_dim, dtype=omega.dtype, device=omega.device)
             add = add.index_add(0, index.to(omega.device), omega[rows.to(omega.device)])
             x = x + add.reshape(-1).to(x.device, x.dtype)
             if args:
                 return (x,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "input": x}
+            return args, {**kwargs, key: x}
 
         return pre_hook
 

@@ -5,6 +5,8 @@ Examples:
       --stats-dir stats --out edited
   massedit edit --model gpt2-xl --requests counterfact.json --hparams gpt2-xl.json \\
       --stats-dir data/stats --method memit --batch-size 128 --out out/gpt2xl-edited
+  massedit edit --model ./model --requests edits.json --method memat --memat-records edits_l2.json \\
+      --corpus corpus.txt --stats-dir stats --out edited-memat
 
 Writes OUT/ (model and tokenizer, save_pretrained), OUT/delta.safetensors (low-rank factors,
 revertible) and OUT/report.json (timings in seconds, z losses; with --method memat also the probe

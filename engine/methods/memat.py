@@ -84,11 +84,12 @@ def parse_l2_records(records: Union[Sequence[dict], str, Path], source: str = "m
     if isinstance(records, (str, Path)):
         source, records = str(records), load_l2_records(records)
     try:
-        validate_records(records if isinstance(records, list) else list(records), "counterfact", source)
+        records = records if isinstance(records, list) else list(records)
+        validate_records(records, "counterfact", source)
     except (TypeError, ValueError) as err:
-        raise RequestError(f"{err}") from None
+        raise RequestError(f"{source}: {err}" if source not in str(err) else str(err)) from None
     by_case: dict = {}
-    for i, req in enumerate(parse_records(list(records), source, fmt="counterfact")):
+    for i, req in enumerate(parse_records(records, source, fmt="counterfact")):
         if req.case_id is None:
             raise RequestError(f"{source}, record {i}: has no case_id; MEMAT pairs each request with the L2 record "
                                "of the same case_id")
@@ -255,7 +256,8 @@ def _optimize_omega(editor, l2: list[EditRequest], templates, heads, a0: torch.T
     """ω [K, head_dim] (float32) and the loss of each step (see the module doc, step 3)."""
     hp, layout, model, tok = editor.hp, editor.layout, editor.model, editor.tok
     device = execution_device(layout.attn_out_module(heads[0][0]))
-    a0 = a0.to(device)
+    # A head that never outputs anything gets no room to move rather than a division by zero.
+    a0 = a0.to(device).clamp_min(1e-12)
     omega = torch.zeros(len(heads), layout.head_dim, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([omega], lr=hp.memat_lr)
     flat = [t for group in templates for t in group]  # the NLL is a plain mean over all, as in the z step
