@@ -6,9 +6,16 @@ final norm and the LM head; nothing else branches on `model_type`.
 The key of a layer is the *input* of its rewrite module, read with a forward pre-hook. For gated
 MLPs (Llama, Mistral, Qwen2, Gemma, Phi-3) that input already is act(gate(x)) * up(x), so one rule
 serves every family.
+
+Attention heads (MEMAT) are read the same way: the input of the attention output projection is
+the heads' outputs side by side, n_heads slices of head_dim (query heads: with grouped-query
+attention the key/value heads are shared, the outputs are not), so one rule serves every family
+too; n_heads and head_dim come from the config.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -38,6 +45,9 @@ class ArchSpec:
     # Modules applied between the final norm and the LM head when present (OPT's project_out).
     extra_head_modules: tuple[str, ...] = ()
     n_layers_attr: str = "num_hidden_layers"
+    # The config flag that makes the family build (and from_pretrained load) a bias on the
+    # attention output projection, where it has none by default; None: no such flag.
+    attn_bias_flag: Optional[str] = None
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -78,10 +88,11 @@ REGISTRY: dict[str, ArchSpec] = {
         attn_out_module_tmp="gpt_neox.layers.{}.attention.dense",
         mlp_module_tmp="gpt_neox.layers.{}.mlp",
     ),
-    "llama": _LLAMA_LIKE,
+    # `attention_bias` gives q/k/v/o_proj biases; Mistral and Qwen2 have no flag for o_proj's.
+    "llama": dataclasses.replace(_LLAMA_LIKE, attn_bias_flag="attention_bias"),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
+    "gemma": dataclasses.replace(_LLAMA_LIKE, attn_bias_flag="attention_bias"),
     "phi3": ArchSpec(
         layer_module_tmp="model.layers.{}",
         rewrite_module_tmp="model.layers.{}.mlp.down_proj",
@@ -99,6 +110,7 @@ REGISTRY: dict[str, ArchSpec] = {
         attn_module_tmp="transformer.h.{}.self_attention",
         attn_out_module_tmp="transformer.h.{}.self_attention.dense",
         mlp_module_tmp="transformer.h.{}.mlp",
+        attn_bias_flag="bias",  # gives every linear layer a bias
     ),
     "opt": ArchSpec(
         layer_module_tmp="model.decoder.layers.{}",
@@ -289,3 +301,65 @@ class ModelLayout:
 
     def _name_of(self, module: nn.Module) -> str:
         return next(name for name, m in self.model.named_modules() if m is module)
+
+    # ------------------------------------------------------------------ attention heads (MEMAT)
+
+    @property
+    def n_heads(self) -> int:
+        cfg = self.model.config
+        n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+        if not n:
+            raise UnsupportedModelError(f"{self.model_type}: the config names no number of attention heads "
+                                        "(num_attention_heads / n_head)")
+        return int(n)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.model.config, "head_dim", None) or self.hidden_size // self.n_heads)
+
+    def attn_out_name(self, layer: int) -> str:
+        if not self.spec.attn_out_module_tmp:
+            raise UnsupportedModelError(f"model_type {self.model_type!r} is not in the registry: massedit does "
+                                        "not know its attention output projection")
+        return self.spec.attn_out_module_tmp.format(layer)
+
+    def attn_out_module(self, layer: int) -> nn.Module:
+        return get_module(self.model, self.attn_out_name(layer))
+
+    def attn_out_is_conv1d(self, layer: int) -> bool:
+        return stores_transposed(self.attn_out_module(layer))
+
+    def check_heads(self) -> None:
+        """Every attention output projection takes n_heads · head_dim inputs (the heads side by side)."""
+        width = self.n_heads * self.head_dim
+        for layer in range(self.n_layers):
+            got = in_features(self.attn_out_module(layer))
+            if got != width:
+                raise UnsupportedModelError(
+                    f"{self.attn_out_name(layer)} takes {got} inputs, not n_heads·head_dim = "
+                    f"{self.n_heads}·{self.head_dim}: massedit cannot split its input into heads")
+
+    def attn_out_bias_additions(self) -> Optional[tuple[dict, dict]]:
+        """What a model without attention-output biases needs to carry one: (config values
+        {key: (before, after)}, parameters {name: shape} to add as zeros). None when every layer
+        has the bias. With the family's flag, the parameters are all those the flag creates (a
+        model built from the flagged config on the meta device says which), so that the saved
+        model reloads with plain from_pretrained; without one, only the o_proj biases (in memory)."""
+        named = dict(self.model.named_parameters())
+        missing = [f"{self.attn_out_name(l)}.bias" for l in range(self.n_layers)]
+        missing = [n for n in missing if n not in named]
+        if not missing:
+            return None
+        flag = self.spec.attn_bias_flag
+        if flag is None:
+            return {}, {n: (self.hidden_size,) for n in missing}
+        cfg = copy.deepcopy(self.model.config)
+        setattr(cfg, flag, True)
+        with torch.device("meta"):
+            flagged = type(self.model)(cfg)
+        shapes = {n: tuple(p.shape) for n, p in flagged.named_parameters() if n not in named}
+        absent = [n for n in missing if n not in shapes]
+        if absent:
+            raise UnsupportedModelError(f"{self.model_type}: config flag {flag!r} does not create {absent[0]}; "
+                                        "fix attn_bias_flag in massedit.arch")
+        return {flag: (getattr(self.model.config, flag, None), True)}, shapes

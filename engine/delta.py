@@ -18,25 +18,37 @@ refuses weights that already equal the edited digest (wherever the delta came fr
 refuses weights that equal the base digest. `EditDelta.record(model)` computes the record without
 changing the model (edits made with apply=False carry one too).
 
+A delta may also change 1-D parameters (biases: `WeightDelta(vector=True)`, Δb = u vᵀ read as a
+column, so a sum of per-head contributions is kept as its terms) and may add parameters the model
+lacks (`ParameterAdditions`: MEMAT's correction lives in an output-projection bias that Llama-like
+families do not have). Apply creates those as zeros and sets the config flags that make
+transformers build and load them, then edits them like any weight; revert restores the zeros bit
+for bit, deletes the added parameters and puts the flags back.
+
 File format: a single safetensors file.
   tensors  "weight.<i>.u", "weight.<i>.v"    the factors, as given (float32 typically);
            "fixup.<i>.index", "fixup.<i>.value"  only with a record: int64 flat indices into
                                                  weight i (own layout, row-major) and the base
                                                  values there, in the weight's dtype.
   header   metadata key "massedit.delta", a JSON object:
-           {"format_version": 2, "metadata": {...the caller's metadata...},
-            "weights": [{"name": ..., "transposed": ...}, ...],
+           {"format_version": 3, "metadata": {...the caller's metadata...},
+            "weights": [{"name": ..., "transposed": ..., "vector": ...}, ...],
+            "additions": null, or {"config": {key: [value before, value after]},
+                                   "parameters": [{"name": ..., "shape": [...]}, ...]},
             "record": null, or per weight {"dtype", "sha256_before", "sha256_after", "device"}}
-  Version 1 files (the record under "applied") are read too. Loading checks the header against
+  Version 2 files (no "vector", no "additions") and version 1 files (the record under "applied")
+  are read too. Loading checks the header against
   the tensors (names, counts, shapes, dtypes) and raises DeltaError naming the file and field.
   Read the header with safetensors.safe_open(path, "pt").metadata()["massedit.delta"].
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -48,9 +60,9 @@ from torch import nn
 from massedit import quantized
 from massedit.devices import read_parameter, write_parameter
 
-FORMAT_VERSION = 2
-# Version 1 named the apply record "applied"; its files stay readable.
-_RECORD_KEYS = {1: "applied", 2: "record"}
+FORMAT_VERSION = 3
+# Version 1 named the apply record "applied"; version 3 added bias entries and parameter additions.
+_RECORD_KEYS = {1: "applied", 2: "record", 3: "record"}
 HEADER_KEY = "massedit.delta"
 
 # Bounds every float64 temporary (one chunk of Δ and its companions) regardless of weight size.
@@ -76,6 +88,7 @@ class WeightDelta:
     u: torch.Tensor  # [d_model, n]
     v: torch.Tensor  # [d_ff, n]
     transposed: bool = False  # Conv1D weight stored [in, out]: receives (u vᵀ)ᵀ
+    vector: bool = False  # a 1-D parameter (a bias) of length d_model: receives (u vᵀ)[:, 0], v is [1, n]
 
     def __post_init__(self):
         if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[1]:
@@ -83,17 +96,27 @@ class WeightDelta:
                 f"{self.name}: factors must be u [d_model, n] and v [d_ff, n], got "
                 f"{tuple(self.u.shape)} and {tuple(self.v.shape)}"
             )
+        if self.vector and (self.transposed or self.v.shape[0] != 1):
+            raise DeltaError(f"{self.name}: a vector (bias) delta needs v [1, n] and no transpose, got "
+                             f"v {tuple(self.v.shape)}, transposed={self.transposed}")
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         """The shape of the weight this delta is for, in the weight's own layout."""
+        if self.vector:
+            return (self.u.shape[0],)
+        return self.matrix_shape
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """`shape` as a matrix: a vector is one column."""
         d_model, d_ff = self.u.shape[0], self.v.shape[0]
         return (d_ff, d_model) if self.transposed else (d_model, d_ff)
 
     def dense(self, dtype=torch.float64, device=None) -> torch.Tensor:
         """Δ in the weight's own layout."""
         device = self.u.device if device is None else device
-        return torch.cat([rows for _, rows in _dense_rows(self, device)]).to(dtype)
+        return torch.cat([rows for _, rows in _dense_rows(self, device)]).to(dtype).reshape(self.shape)
 
 
 def _dense_rows(wd: WeightDelta, device) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -104,7 +127,7 @@ def _dense_rows(wd: WeightDelta, device) -> Iterator[tuple[slice, torch.Tensor]]
     left, right = (wd.v, wd.u) if wd.transposed else (wd.u, wd.v)
     left = left.detach().to(device=device, dtype=torch.float64)
     right_t = right.detach().to(device=device, dtype=torch.float64).T
-    n_rows, n_cols = wd.shape
+    n_rows, n_cols = wd.matrix_shape
     step = max(1, _CHUNK_BYTES // (8 * n_cols))
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
@@ -119,6 +142,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _edited(w: torch.Tensor, wd: WeightDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """round(W + Δ) in W's dtype, and the fix-ups (flat indices, values) that let `_restored`
     return exactly W from it."""
+    if wd.vector:
+        new, index, value = _edited(w.reshape(wd.matrix_shape), dataclasses.replace(wd, vector=False))
+        return new.reshape(w.shape), index, value
     new = torch.empty_like(w)
     index, value = [], []
     for rows, d in _dense_rows(wd, w.device):
@@ -139,6 +165,8 @@ def _edited(w: torch.Tensor, wd: WeightDelta) -> tuple[torch.Tensor, torch.Tenso
 
 def _restored(w: torch.Tensor, wd: WeightDelta, index=None, value=None) -> torch.Tensor:
     """round(W' - Δ) in W's dtype, with the fix-ups from `_edited` patched in when given."""
+    if wd.vector:
+        return _restored(w.reshape(wd.matrix_shape), dataclasses.replace(wd, vector=False), index, value).reshape(w.shape)
     old = torch.empty_like(w)
     for rows, d in _dense_rows(wd, w.device):
         old[rows] = (w[rows].double() - d).to(w.dtype)
@@ -185,6 +213,63 @@ def config_hash(model: nn.Module) -> str:
 
 
 @dataclass
+class ParameterAdditions:
+    """Parameters a delta adds to a model that lacks them, as zeros, and config values it sets so
+    that the family builds and loads them after save_pretrained (Llama's `attention_bias` adds the
+    q/k/v/o biases of every layer, so all of them are added). An empty `config` means no flag
+    makes the family load them: the edit then lives in memory and in the delta only."""
+
+    parameters: dict[str, tuple[int, ...]]  # name -> shape; created with the dtype and device of the module's weight
+    config: dict[str, tuple] = field(default_factory=dict)  # key -> (value before, value after)
+
+    @property
+    def reloadable(self) -> bool:
+        return bool(self.config)
+
+    def header(self) -> dict:
+        return {"config": {k: list(v) for k, v in self.config.items()},
+                "parameters": [{"name": n, "shape": list(s)} for n, s in self.parameters.items()]}
+
+    def _owner(self, model: nn.Module, name: str) -> tuple[nn.Module, str]:
+        path, _, leaf = name.rpartition(".")
+        try:
+            return model.get_submodule(path), leaf
+        except AttributeError:
+            raise DeltaError(f"{name}: the delta adds this parameter, but the model has no module {path!r}; "
+                             "was this delta made for another model?") from None
+
+    def add(self, model: nn.Module) -> None:
+        """Create every parameter as zeros and set the config values; refused if one already exists."""
+        owners = [self._owner(model, name) for name in self.parameters]
+        for name, (module, leaf) in zip(self.parameters, owners):
+            if getattr(module, leaf, None) is not None:
+                raise DeltaError(f"{name}: the delta adds this parameter but the model already has it "
+                                 "(is this delta, or another that adds it, already applied?)")
+            ref = getattr(module, "weight", None)
+            if ref is None or ref.device.type == "meta":
+                raise DeltaError(f"{name}: cannot add a parameter beside a missing or offloaded weight; "
+                                 "load the model without offloading")
+        for (name, shape), (module, leaf) in zip(self.parameters.items(), owners):
+            ref = module.weight
+            setattr(module, leaf, nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device),
+                                               requires_grad=ref.requires_grad))
+        for key, (_, after) in self.config.items():
+            setattr(model.config, key, after)
+
+    def remove(self, model: nn.Module) -> None:
+        """Delete the added parameters and put the config values back."""
+        for name in self.parameters:
+            module, leaf = self._owner(model, name)
+            setattr(module, leaf, None)
+        for key, (before, _) in self.config.items():
+            setattr(model.config, key, before)
+
+    def present(self, model: nn.Module) -> bool:
+        named = dict(model.named_parameters())
+        return all(name in named for name in self.parameters)
+
+
+@dataclass
 class _Applied:
     """What apply records for one weight: the digests that say whether it holds the base or the
     edited values, and all that an exact revert needs besides Δ."""
@@ -208,9 +293,11 @@ class _Applied:
 class EditDelta:
     """The weight changes of one edit run, with the record that makes them exactly revertible."""
 
-    def __init__(self, weights: list[WeightDelta], metadata: Optional[dict] = None):
+    def __init__(self, weights: list[WeightDelta], metadata: Optional[dict] = None,
+                 additions: Optional[ParameterAdditions] = None):
         self.weights = list(weights)
         self.metadata = dict(metadata or {})
+        self.additions = additions if additions is not None and additions.parameters else None
         names = [wd.name for wd in self.weights]
         if len(set(names)) != len(names):
             repeated = sorted({n for n in names if names.count(n) > 1})
@@ -236,6 +323,8 @@ class EditDelta:
         if self._record is None:
             return False
         named = dict(model.named_parameters())
+        if any(wd.name not in named for wd in self.weights):
+            return False  # parameters this delta adds are absent
         if any(not named[wd.name].is_floating_point() for wd in self.weights if wd.name in named):
             return False  # a quantized weight holds no edit: edits live in dense stand-ins
         params = self._params(model)
@@ -262,7 +351,7 @@ class EditDelta:
             params.append(p)
         return params
 
-    def _checked_params(self, model: nn.Module, force: bool) -> list[nn.Parameter]:
+    def _check_config_hash(self, model: nn.Module, force: bool) -> None:
         expected = self.metadata.get("config_hash")
         if expected and not force:
             actual = config_hash(model)
@@ -272,6 +361,8 @@ class EditDelta:
                     f"({self.metadata.get('model_name', 'unnamed model')}), this model's is {actual}; "
                     "pass force=True to apply it anyway"
                 )
+
+    def _checked_params(self, model: nn.Module) -> list[nn.Parameter]:
         params = self._params(model)
         for wd in self.weights:
             for factor in (wd.u, wd.v):
@@ -295,18 +386,31 @@ class EditDelta:
         """Compute what apply would record for `model` (digests of the base and the edited weights,
         fix-ups) without changing it, so that a saved unapplied delta knows its base too."""
         names = [wd.name for wd in self.weights]
-        quantized.make_editable(model, names)
+        self._check_config_hash(model, force)
+        added = self._add(model)
         try:
-            params = self._checked_params(model, force)
-            digests = self._refuse_if_applied(model, params)
-            records = []
-            for wd, p, before in zip(self.weights, params, digests):
-                w = read_parameter(model, wd.name)
-                new, index, value = _edited(w, wd)
-                records.append(_Applied(w.dtype, before, _sha256(new), index, value, w.device.type))
+            quantized.make_editable(model, names)
+            try:
+                params = self._checked_params(model)
+                digests = self._refuse_if_applied(model, params)
+                records = []
+                for wd, p, before in zip(self.weights, params, digests):
+                    w = read_parameter(model, wd.name)
+                    new, index, value = _edited(w, wd)
+                    records.append(_Applied(w.dtype, before, _sha256(new), index, value, w.device.type))
+            finally:
+                quantized.restore_unchanged(model, names)
         finally:
-            quantized.restore_unchanged(model, names)
+            if added:
+                self.additions.remove(model)
         self._record = records
+
+    def _add(self, model: nn.Module) -> bool:
+        """Add this delta's parameters (as zeros) when it has some; whether it did."""
+        if self.additions is None:
+            return False
+        self.additions.add(model)
+        return True
 
     def apply(self, model: nn.Module, force: bool = False) -> None:
         """W ← round(W + Δ) for every weight, all or nothing: on any error the weights already
@@ -314,11 +418,13 @@ class EditDelta:
         config hash must match metadata["config_hash"] when the delta has one; force=True skips
         that check."""
         names = [wd.name for wd in self.weights]
-        # Quantized (bitsandbytes) modules take an edit through dense stand-ins (massedit.quantized).
-        quantized.make_editable(model, names)
+        self._check_config_hash(model, force)
+        added = self._add(model)
         done: list[tuple[WeightDelta, _Applied]] = []
         try:
-            params = self._checked_params(model, force)
+            # Quantized (bitsandbytes) modules take an edit through dense stand-ins (massedit.quantized).
+            quantized.make_editable(model, names)
+            params = self._checked_params(model)
             digests = self._refuse_if_applied(model, params)
             for wd, before in zip(self.weights, digests):
                 w = read_parameter(model, wd.name)
@@ -331,6 +437,8 @@ class EditDelta:
                 write_parameter(model, wd.name,
                                 _restored(read_parameter(model, wd.name), wd, record.fix_index, record.fix_value))
             quantized.restore_unchanged(model, names)
+            if added:
+                self.additions.remove(model)
             raise
         self._record = [record for _, record in done]
 
@@ -350,10 +458,12 @@ class EditDelta:
                 "this delta is not applied to this model: its weights equal the base weights "
                 "(already reverted, or never applied); nothing to revert"
             )
+        self._check_additions_unchanged(model)
         if not exact:
             for wd in self.weights:
                 write_parameter(model, wd.name, _restored(read_parameter(model, wd.name), wd))
             quantized.restore_unchanged(model, [wd.name for wd in self.weights])
+            self._remove(model)
             return
         for wd, p, digest, record in zip(self.weights, params, digests, self._record):
             if p.dtype != record.dtype:
@@ -382,6 +492,19 @@ class EditDelta:
         for wd, old in zip(self.weights, originals):
             write_parameter(model, wd.name, old)
         quantized.restore_unchanged(model, [wd.name for wd in self.weights])
+        self._remove(model)
+
+    def _check_additions_unchanged(self, model: nn.Module) -> None:
+        """Added parameters the delta does not edit must still be zeros: removing them loses nothing."""
+        edited = {wd.name for wd in self.weights}
+        for name in (self.additions.parameters if self.additions else {}):
+            if name not in edited and bool(read_parameter(model, name).any()):
+                raise DeltaError(f"{name} was added as zeros by this delta and has changed since (training?); "
+                                 "reverting would delete it. No weight was changed.")
+
+    def _remove(self, model: nn.Module) -> None:
+        if self.additions is not None:
+            self.additions.remove(model)
 
     def save(self, path) -> None:
         """Write the delta (and its apply record, if it has one) to one safetensors file."""
@@ -398,7 +521,8 @@ class EditDelta:
         header = {
             "format_version": FORMAT_VERSION,
             "metadata": self.metadata,
-            "weights": [{"name": wd.name, "transposed": wd.transposed} for wd in self.weights],
+            "weights": [{"name": wd.name, "transposed": wd.transposed, "vector": wd.vector} for wd in self.weights],
+            "additions": None if self.additions is None else self.additions.header(),
             "record": None if self._record is None else [r.header() for r in self._record],
         }
         # Write then rename, so an interrupted save never leaves a truncated delta behind.
@@ -449,6 +573,8 @@ def _parse(path, raw: Optional[str], keys: set, get_tensor) -> EditDelta:
             raise bad(f"'weights'[{i}].name", "is missing or not a non-empty string")
         if not isinstance(entry.get("transposed"), bool):
             raise bad(f"'weights'[{i}].transposed", "is missing or not true/false")
+        if not isinstance(entry.get("vector", False), bool):
+            raise bad(f"'weights'[{i}].vector", "is not true/false")
         factors = []
         for side in ("u", "v"):
             key = f"weight.{i}.{side}"
@@ -461,11 +587,12 @@ def _parse(path, raw: Optional[str], keys: set, get_tensor) -> EditDelta:
                           "expected a 2-D float matrix")
             factors.append(t)
         try:
-            weights.append(WeightDelta(entry["name"], factors[0], factors[1], entry["transposed"]))
+            weights.append(WeightDelta(entry["name"], factors[0], factors[1], entry["transposed"],
+                                       entry.get("vector", False)))
         except DeltaError as err:
             raise bad(f"'weights'[{i}]", f"does not match its tensors ({err})") from None
     try:
-        delta = EditDelta(weights, metadata)
+        delta = EditDelta(weights, metadata, _parse_additions(bad, header.get("additions")))
     except DeltaError as err:
         raise bad("'weights'", f"is invalid ({err})") from None
     if records is not None:
@@ -497,7 +624,7 @@ def _parse_record(bad, field: str, i: int, r, wd: WeightDelta, keys: set, get_te
         if key not in keys:
             raise bad(field, f"has no tensor {key!r} in the file")
     index, value = get_tensor(index_key), get_tensor(value_key)
-    n = wd.shape[0] * wd.shape[1]
+    n = math.prod(wd.shape)
     if index.dtype != torch.int64 or index.dim() != 1:
         raise bad(field, f"has {index_key!r} of dtype {index.dtype} and shape {tuple(index.shape)}; expected int64 [k]")
     if value.dtype != dtype or tuple(value.shape) != tuple(index.shape):
@@ -506,3 +633,23 @@ def _parse_record(bad, field: str, i: int, r, wd: WeightDelta, keys: set, get_te
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
         raise bad(field, f"has {index_key!r} pointing outside the {wd.shape} weight")
     return _Applied(dtype, r["sha256_before"], r["sha256_after"], index, value, r["device"])
+
+
+def _parse_additions(bad, raw) -> Optional[ParameterAdditions]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict) or not isinstance(raw.get("parameters"), list):
+        raise bad("'additions'", 'must be null or {"config": {...}, "parameters": [...]}')
+    config = {}
+    for key, pair in raw["config"].items():
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise bad(f"'additions'.config.{key}", "must be [value before, value after]")
+        config[key] = tuple(pair)
+    parameters = {}
+    for i, entry in enumerate(raw["parameters"]):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]
+                or not isinstance(entry.get("shape"), list)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in entry["shape"])):
+            raise bad(f"'additions'.parameters[{i}]", "must be {\"name\": ..., \"shape\": [positive integers]}")
+        parameters[entry["name"]] = tuple(entry["shape"])
+    return ParameterAdditions(parameters, config)

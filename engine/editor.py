@@ -65,6 +65,7 @@ class EditResult:
     z: torch.Tensor = field(repr=False, default=None)  # [n, hidden] target vectors
     requests: list[EditRequest] = field(repr=False, default=None)
     not_converged_above: float = float("inf")  # z loss above which a request counts as not converged
+    details: dict = field(default_factory=dict)  # method-specific results (MEMAT: probe accuracies, heads, ω norms)
 
     @property
     def not_converged(self) -> int:
@@ -84,6 +85,7 @@ class EditResult:
             },
             "z_steps": {"mean": float(self.z_steps.float().mean()) if len(self.z_steps) else 0.0},
             "layers": self.delta.metadata.get("layers"),
+            **({"details": self.details} if self.details else {}),
         }
 
 
@@ -249,6 +251,7 @@ class MassEditor:
         impl.check(self.hp)
         start = time.perf_counter()
         reqs = self.validate(requests)
+        impl.check_requests(reqs, self)
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
@@ -262,14 +265,14 @@ class MassEditor:
         weights, z = impl.compute(self, reqs, templates, solvers, timings, batch_size)
         for phase in ("z", "keys", "solve"):  # every report has them, whichever phases a method has
             timings.setdefault(phase, 0.0)
-        delta = EditDelta(weights, self._metadata(impl.name, len(reqs), templates))
+        delta = EditDelta(weights, self._metadata(impl.name, len(reqs), templates), impl.additions())
         if apply:
             delta.apply(self.model)
         else:
             delta.record(self.model)
         timings["total"] = time.perf_counter() - start
         result = EditResult(delta, impl.name, len(reqs), timings, z.loss, z.steps, z.z, reqs,
-                            not_converged_above(self.hp.z_early_stop_loss))
+                            not_converged_above(self.hp.z_early_stop_loss), impl.details())
         if result.not_converged:
             warnings.warn(
                 f"{result.not_converged} of {result.n_edits} request(s) did not converge (final z loss above "

@@ -13,6 +13,12 @@ last layer). massedit's own additions: ``batch_size`` (requests per z-optimizati
 not change results, only memory and speed), ``z_early_stop_loss`` (the reference's hard-coded
 5e-2) and ``context_template_length_params`` (see ``context_template_plan``).
 
+MEMAT's keys (``memat_*``, DESIGN §4; used by method "memat" only) default to the MEMAT paper's
+public code (dtamayo-nlp/MEMAT: ``hparams/MEMIT/aguila.json`` and
+``attention_translation/multiple_head_optimization.py``): K = 16 heads, Adam lr 0.2, norm
+penalty λ_ω 1e-3, clamp 0.75·‖a_0‖, KL factor 0.0625, mini-batches of 32 requests, one epoch; the
+probes are scikit-learn's default logistic regression (C = 1) on a 70/30 split.
+
 Keys of EasyEdit (and a few other tools) that massedit does not use are accepted and kept, unused,
 in ``extras`` — see ``EXTRA_KEYS`` for the list. Any other key is an error that lists the valid
 keys and suggests the closest one.
@@ -101,6 +107,15 @@ _KINDS: dict[str, str] = {
     "batch_size": "int",
     "z_early_stop_loss": "float",
     "context_template_length_params": "pairs",
+    "memat_top_k": "int",
+    "memat_lr": "float",
+    "memat_weight_decay": "float",
+    "memat_clamp_norm_factor": "float",
+    "memat_kl_factor": "float",
+    "memat_batch_size": "int",
+    "memat_epochs": "int",
+    "memat_probe_c": "float",
+    "memat_val_fraction": "float",
 }
 
 
@@ -136,6 +151,16 @@ class MEMITHyperParams:
     # `for length, n_gen in context_template_length_params`). MEMIT's hard-coded value is
     # [(10, 5)]: 5 texts of at most 10 tokens, n_gen // 5 = 1 after each of the 5 starters.
     context_template_length_params: list = field(default_factory=lambda: [[10, 5]])
+    # MEMAT (DESIGN §4): heads corrected, and the correction's optimization and probes
+    memat_top_k: int = 16  # K: heads kept, by probe validation accuracy
+    memat_lr: float = 0.2  # Adam learning rate for the ω vectors
+    memat_weight_decay: float = 1e-3  # λ_ω: penalty (λ_ω/K)·Σ‖ω_h‖/‖a_0,h‖²
+    memat_clamp_norm_factor: float = 0.75  # ‖ω_h‖ ≤ factor·‖a_0,h‖
+    memat_kl_factor: float = 0.0625  # weight of KL(P_now ‖ P_before ω) on each request's "{} is a"
+    memat_batch_size: int = 32  # requests per Adam step
+    memat_epochs: int = 1  # passes over the requests
+    memat_probe_c: float = 1.0  # inverse L2 strength of the probes (scikit-learn's C)
+    memat_val_fraction: float = 0.3  # share of the correctly edited facts held out to rank heads
     # keys from other tools' files that massedit does not use (see EXTRA_KEYS)
     extras: dict = field(default_factory=dict)
 
@@ -451,6 +476,16 @@ def _validate(v: dict, source: str) -> None:
             raise err(key, "is empty; give a module path or null for the registry's")
     if v["batch_size"] < 1:
         raise err("batch_size", f"must be >= 1 (requests per z-optimization chunk), got {v['batch_size']}")
+    for key, what in (("memat_top_k", "heads to correct"), ("memat_batch_size", "requests per ω step"),
+                      ("memat_epochs", "passes over the requests")):
+        if v[key] < 1:
+            raise err(key, f"must be >= 1 ({what}), got {v[key]}")
+    for key, strict in (("memat_lr", True), ("memat_weight_decay", False), ("memat_clamp_norm_factor", True),
+                        ("memat_kl_factor", False), ("memat_probe_c", True)):
+        if (v[key] <= 0) if strict else (v[key] < 0):
+            raise err(key, f"must be {'>' if strict else '>='} 0, got {v[key]}")
+    if not 0 < v["memat_val_fraction"] < 1:
+        raise err("memat_val_fraction", f"must be between 0 and 1 (exclusive), e.g. 0.3, got {v['memat_val_fraction']}")
     for i, (length, n_gen) in enumerate(v["context_template_length_params"]):
         if length < 1 or n_gen < 1:
             raise err(

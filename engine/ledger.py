@@ -194,7 +194,7 @@ class Ledger:
         try:
             for d in self.round_dirs():
                 saved = EditDelta.load(d / "delta.safetensors")
-                fresh = EditDelta(saved.weights, saved.metadata)
+                fresh = EditDelta(saved.weights, saved.metadata, saved.additions)
                 fresh.apply(model)
                 applied.append(fresh)
                 self._check_digests(model, d, "sha256_after")
@@ -229,7 +229,7 @@ class Ledger:
                 reverted.append((delta, d))
         except BaseException:
             for delta, d in reversed(reverted):
-                fresh = EditDelta(delta.weights, delta.metadata)
+                fresh = EditDelta(delta.weights, delta.metadata, delta.additions)
                 fresh.apply(model)
             raise
         if drop:

@@ -38,6 +38,9 @@ class SequentialEditor:
                  ledger: Union[Ledger, str, None] = None):
         self.editor = editor
         self.method = get_method(rule)
+        if not self.method.edits_in_rounds:
+            raise ValueError(f"method {self.method.name!r} does not edit in rounds (sequential editing, ledgers); "
+                             "edit all requests in one run")
         self.method.check(editor.hp)
         self.ledger = Ledger(ledger) if ledger is not None and not isinstance(ledger, Ledger) else ledger
         self.preserved: dict[int, torch.Tensor] = {}

@@ -5,9 +5,12 @@ Examples:
       --stats-dir stats --out edited
   massedit edit --model gpt2-xl --requests counterfact.json --hparams gpt2-xl.json \\
       --stats-dir data/stats --method memit --batch-size 128 --out out/gpt2xl-edited
+  massedit edit --model ./model --requests edits.json --method memat --memat-records edits_l2.json \\
+      --corpus corpus.txt --stats-dir stats --out edited-memat
 
 Writes OUT/ (model and tokenizer, save_pretrained), OUT/delta.safetensors (low-rank factors,
-revertible) and OUT/report.json (timings in seconds, z losses). OUT appears all at once when the
+revertible) and OUT/report.json (timings in seconds, z losses; with --method memat also the probe
+accuracy of every layer and head, the corrected heads and their ω norms, under "details"). OUT appears all at once when the
 run finishes (written beside it, then renamed), so an interrupted run leaves OUT as it was; with
 --out equal to --model and --force the original model stays in place until the edited one, with
 its delta, is complete.
@@ -30,7 +33,7 @@ from massedit.editor import MassEditor, check_method
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import default_for, load_hparams
 from massedit.loading import add_model_arguments, check_savable, load_model, options_from_args
-from massedit.methods import get_method, method_names
+from massedit.methods import METHODS, method_names
 from massedit.outdir import check_out, staged
 from massedit.requests import load_requests
 from massedit.writable import check_dir
@@ -48,6 +51,9 @@ def add_arguments(p) -> None:
     p.add_argument("--corpus", help="corpus to compute missing statistics from")
     p.add_argument("--context-templates", help='JSON list of lists, e.g. [["{}"], ["Some text. {}"]]')
     p.add_argument("--method", default="memit", choices=method_names())
+    # Each method's own options; which method owns which is kept for the check in `_method`.
+    p.set_defaults(method_options={name: cls.add_arguments(p) for name, cls in METHODS.items()
+                                   if "add_arguments" in vars(cls)})
     p.add_argument("--batch-size", type=int, help="requests per z-optimization chunk (default: hparams batch_size)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated context templates")
     p.add_argument("--model-name", help="model name in the statistics path (default: the model directory's name); "
@@ -78,6 +84,18 @@ def _check_stats_dir(stats_dir: str, computing: bool) -> None:
         raise ValueError(f"--stats-dir {stats_dir}: exists and is not a directory; give the statistics directory")
 
 
+def _method(args, requests):
+    """The method `--method` names, with its own options, checked against the requests before any
+    model work; another method's option is an error."""
+    for name, dests in args.method_options.items():
+        given = [d for d in dests if getattr(args, d, None) is not None]
+        if given and name != args.method:
+            raise ValueError(f"--{given[0].replace('_', '-')} goes with --method {name}, not --method {args.method}")
+    method = METHODS[args.method].from_args(args)
+    method.check_requests(requests)
+    return method
+
+
 def run(args) -> int:
     out = Path(args.out)
     check_out(out, args.force)
@@ -94,6 +112,7 @@ def run(args) -> int:
     if args.ledger and args.eval:
         raise ValueError("--eval is not available with --ledger; evaluate the written model with massedit eval")
     requests = load_requests(args.requests, zsre_target=args.zsre_target)
+    method = _method(args, requests)
     records = None
     if args.eval:
         try:
@@ -105,19 +124,20 @@ def run(args) -> int:
     model, tok = load_model(args.model, options_from_args(args))
     check_savable(model, args.model)
     records = records if world.main else None
-    hp = hp or default_for(model.config, get_method(args.method).hparams_family)
+    hp = hp or default_for(model.config, method.hparams_family)
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
         model_name=args.model_name, context_templates=templates, seed=args.seed,
         progress=not args.quiet,
     )
+    method.check_saved_model(editor.layout)
     requests = editor.validate(requests)
     if args.ledger:
         from massedit.commands.rounds import edit_in_rounds
 
-        return edit_in_rounds(args, editor, requests, out)
+        return edit_in_rounds(args, editor, requests, out, method)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
-    result = editor.edit(requests, method=args.method, batch_size=args.batch_size)
+    result = editor.edit(requests, method=method, batch_size=args.batch_size)
     if not world.main:
         parallel.barrier()  # returns once rank 0 has written OUT
         return 0

@@ -10,9 +10,9 @@ from massedit.ledger import Ledger
 from massedit.sequential import SequentialEditor, split_rounds
 
 
-def edit_in_rounds(args, editor, requests, out: Path) -> int:
+def edit_in_rounds(args, editor, requests, out: Path, method=None) -> int:
     ledger = Ledger(args.ledger)
-    seq = SequentialEditor(editor, args.method, ledger)
+    seq = SequentialEditor(editor, method or args.method, ledger)
     rounds = split_rounds(requests, args.round_size or len(requests))
     pending = seq.pending(rounds)
     done = len(rounds) - len(pending)

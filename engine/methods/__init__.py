@@ -11,6 +11,6 @@
 neither knows the methods by name. Importing this package registers the built-in methods.
 """
 from massedit.methods.base import METHODS, EditMethod, get_method, method_names, register_method
-from massedit.methods import alphaedit, memit, rome  # noqa: E402,F401 - registers the built-in methods
+from massedit.methods import alphaedit, memat, memit, rome  # noqa: E402,F401 - registers the built-in methods
 
 __all__ = ["METHODS", "EditMethod", "get_method", "method_names", "register_method"]

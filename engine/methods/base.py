@@ -18,16 +18,46 @@ class EditMethod(ABC):
     `default_for` uses for it ("memit" or "rome"). `preserves_keys`: the method's solves use the keys
     of earlier rounds (`preserved`, per layer K_p K_pᵀ), so sequential editing collects them.
     `shards_requests`: it runs under torch.distributed, each rank taking a share of the requests
-    (massedit.parallel); the others are refused with several processes.
+    (massedit.parallel); the others are refused with several processes. `edits_in_rounds`: it may
+    run as one round of sequential editing (massedit.sequential, ledgers).
     """
 
     name: ClassVar[str]
     hparams_family: ClassVar[str] = "memit"
     preserves_keys: ClassVar[bool] = False
     shards_requests: ClassVar[bool] = False
+    edits_in_rounds: ClassVar[bool] = True
 
     def check(self, hp) -> None:
         """Raise a one-line error for hparams this method cannot use, before any work."""
+
+    @classmethod
+    def add_arguments(cls, parser) -> list[str]:
+        """Add this method's own `massedit edit` options; returns their argparse dests."""
+        return []
+
+    @classmethod
+    def from_args(cls, args) -> "EditMethod":
+        """The method configured from `massedit edit`'s parsed arguments (its own options included)."""
+        return cls()
+
+    def check_requests(self, requests: Sequence[EditRequest], editor=None) -> None:
+        """Raise a one-line error for requests this method cannot edit (MEMAT: each needs its
+        second-language record), before any model work; with `editor`, also against its model and
+        tokenizer, before statistics or any optimization."""
+
+    def check_saved_model(self, layout) -> None:
+        """Raise a one-line error when the edited model, saved with save_pretrained, would not reload
+        with the edit in effect (the CLI asks before editing a model it will save)."""
+
+    def additions(self):
+        """Parameters the last `compute` needs added to the model (a `massedit.delta.ParameterAdditions`),
+        or None."""
+        return None
+
+    def details(self) -> dict:
+        """Method-specific results of the last `compute` (JSON-serializable), reported beside the timings."""
+        return {}
 
     def layer_solvers(self, editor, preserved: Optional[dict[int, torch.Tensor]] = None) -> dict:
         """Per edited layer, an object whose `solve(keys [d, n])` returns X [d, n] with Δ = R Xᵀ and whose
