@@ -13,7 +13,7 @@ from massedit.cli import main as cli_main
 from massedit.world import build as build_mod
 from massedit.world import generate_world, load_world, write_world_files
 from massedit.world.build import WorldExistsError, build_world, is_complete
-from massedit.world.generate import DEFAULT_RELATIONS, RELATIONS, counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
+from massedit.world.generate import RELATIONS, counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
 from massedit.world.train import preset, recall, train_model, train_tokenizer, torch_settings
 
 DATA_FILES = ("counterfact.json", "zsre.json", "corpus.txt", "world.json", "reference_texts.json")
@@ -36,7 +36,7 @@ def test_generator_is_deterministic(tmp_path):
 def test_world_shape():
     w = generate_world(60, seed=0)
     assert len(w.subjects) == len(set(w.subjects)) == 60
-    assert [r.id for r in w.relations] == [r[0] for r in RELATIONS if r[0] in DEFAULT_RELATIONS]
+    assert [r.id for r in w.relations] == [r[0] for r in RELATIONS]
     objects = set()
     for r in w.relations:
         assert 8 <= len(r.objects) <= 30
@@ -55,7 +55,7 @@ def test_world_shape():
 
 
 def test_subjects_are_named_from_shared_pools():
-    w = generate_world(600, seed=0)
+    w = generate_world(600, seed=0, names="pooled")
     given, surnames = set(w.given_names), set(w.surnames)
     assert not given & surnames
     by_surname, by_given = {}, {}
@@ -98,7 +98,7 @@ def _subject_of(prompt: str, template: str) -> str:
 def test_counterfact_format():
     w = generate_world(50, seed=1)
     records = counterfact_records(w)
-    assert len(records) == 50 * len(DEFAULT_RELATIONS)
+    assert len(records) == 50 * len(RELATIONS)
     assert [r["case_id"] for r in records] == list(range(len(records)))
     for rec in records:
         rw = rec["requested_rewrite"]
@@ -127,15 +127,15 @@ def test_counterfact_format():
 def test_records_put_distinct_subjects_first():
     w = generate_world(30, seed=0)
     order = record_order(w)
-    assert len(set(order)) == len(order) == 30 * len(DEFAULT_RELATIONS)
-    for k in range(len(DEFAULT_RELATIONS)):
+    assert len(set(order)) == len(order) == 30 * len(RELATIONS)
+    for k in range(len(RELATIONS)):
         assert len({s for s, _ in order[30 * k: 30 * (k + 1)]}) == 30
 
 
 def test_zsre_format():
     w = generate_world(30, seed=2)
     records = zsre_records(w)
-    assert len(records) == 30 * len(DEFAULT_RELATIONS)
+    assert len(records) == 30 * len(RELATIONS)
     keys = {"subject", "src", "pred", "rephrase", "alt", "answers", "loc", "loc_ans", "cond"}
     for r in records:
         assert set(r) == keys
@@ -160,7 +160,7 @@ def test_document_spans_mark_the_objects():
     w = generate_world(15, seed=0)
     objects = {o for r in w.relations for o in r.objects}
     docs = documents_with_spans(w, _rng(0, "t"), epochs=1)
-    assert sum(len(spans) for _, spans in docs) == 15 * len(DEFAULT_RELATIONS)
+    assert sum(len(spans) for _, spans in docs) == 15 * len(RELATIONS)
     for text, spans in docs:
         for a, b in spans:
             assert text[a:b] in objects and text[b] == "." and text[a - 1] == " "
@@ -232,7 +232,7 @@ def test_quick_build_outputs(quick_world):
     world = load_world(out)
     assert len(world.subjects) == 20
     cf = json.loads((out / "counterfact.json").read_text())
-    assert len(cf) == 20 * len(DEFAULT_RELATIONS)
+    assert len(cf) == 20 * len(RELATIONS)
     assert len((out / "corpus.txt").read_text().splitlines()) == 200
     refs = json.loads((out / "reference_texts.json").read_text())
     assert set(refs) == {w for _, _, w in world.fact_list()}

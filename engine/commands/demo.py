@@ -7,8 +7,13 @@ Examples:
   massedit demo --arch llama --world worlds/llama-default
   massedit demo --quick                          # a tiny smoke world, seconds
 
-Writes OUT/report.json (metrics pre/post, timings per phase, hparams), OUT/delta.safetensors and,
-when matplotlib is installed, OUT/metrics.png, all at once when the run finishes. A non-empty OUT
+Before editing, the demo traces a few of the facts (ROME's causal trace, `massedit trace`) to show
+where the model keeps them: the MLP effect at the subject's last token by layer, next to the
+layers the world preset edits.
+
+Writes OUT/report.json (metrics pre/post, timings per phase, hparams, the trace's MLP effects),
+OUT/delta.safetensors and, when matplotlib is installed, OUT/metrics.png and OUT/trace_mlp.png,
+all at once when the run finishes. A non-empty OUT
 is refused unless --force. The world and the statistics (OUT/stats) are cached, so a second run
 (with --force) only edits and evaluates.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from massedit.commands.trace import write_heatmaps
 from massedit.editor import MassEditor
 from massedit.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
@@ -28,11 +34,14 @@ from massedit.loading import add_model_arguments, load_model, options_from_args
 from massedit.methods import method_names
 from massedit.outdir import check_out, staged
 from massedit.requests import parse_records
+from massedit.trace import GROUPS, trace
 from massedit.writable import check_dir
 
 NAME = "demo"
 HELP = "build the knowledge world, edit N facts, evaluate before/after (the two-command quick start)"
 METRICS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
+TRACE_FACTS = 30
+TRACE_SAMPLES = 5
 
 
 def add_arguments(p) -> None:
@@ -43,6 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; must be new or empty unless --force)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out directory (reusing its statistics)")
     p.add_argument("--quick", action="store_true", help="tiny smoke world and few edits")
+    p.add_argument("--trace", type=int, default=TRACE_FACTS,
+                   help=f"facts to trace before editing (default {TRACE_FACTS}; 0 skips the trace)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -56,7 +67,8 @@ def _table(pre: dict, post: dict, timings: dict) -> str:
             lines.append(f"{k:<8}{pre[k]:>9.1f}{post[k]:>9.1f}")
     lines.append("")
     lines.append("phase            seconds")
-    for k in ("world", "covariance", "context_templates", "z", "keys", "solve", "eval_pre", "eval_post", "total"):
+    for k in ("world", "trace", "covariance", "context_templates", "z", "keys", "solve", "eval_pre", "eval_post",
+              "total"):
         if k in timings:
             lines.append(f"{k:<17}{timings[k]:>7.2f}")
     return "\n".join(lines)
@@ -90,6 +102,8 @@ def run(args) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
+    if args.trace < 0:
+        raise ValueError("--trace must be 0 (no trace) or a number of facts")
     out = Path(args.out)
     check_out(out, args.force)
     check_dir(out, "--out")
@@ -98,7 +112,7 @@ def run(args) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     start = time.perf_counter()
     world_dir = Path(args.world + ("-quick" if args.quick and args.world == "worlds/gpt2-default" else ""))
-    say(f"[1/4] knowledge world in {world_dir} (built once, then reused)")
+    say(f"[1/5] knowledge world in {world_dir} (built once, then reused)")
     if not is_complete(world_dir):
         build_world(world_dir, arch=args.arch, quick=args.quick, log=say)
     t_world = time.perf_counter() - start
@@ -111,33 +125,50 @@ def run(args) -> int:
     requests = parse_records(records, str(world_dir / "counterfact.json"), fmt="counterfact")
     hp = world_preset(model.config)
 
-    say(f"[2/4] evaluating {len(records)} facts before editing")
+    traced, t_trace = None, 0.0
+    if args.trace:
+        say(f"[2/5] tracing {min(args.trace, len(requests))} facts: where does the model keep them?")
+        t = time.perf_counter()
+        traced = trace(model, tok, requests[: args.trace], samples=TRACE_SAMPLES, kinds=("mlp",))
+        t_trace = time.perf_counter() - t
+        effect = traced.averaged("mlp")[GROUPS.index("last subject token")].tolist()
+        say("      MLP effect at the subject's last token by layer: "
+            + "  ".join(f"{l}: {v:.2f}" for l, v in enumerate(effect)) + f"  (the preset edits {hp.layers})")
+
+    say(f"[3/5] evaluating {len(records)} facts before editing")
     t = time.perf_counter()
     pre = summary(evaluate(model, tok, records))
     t_pre = time.perf_counter() - t
 
-    say(f"[3/4] editing {len(requests)} facts with {args.method} (layers {hp.layers}; statistics cached in {out / 'stats'})")
+    say(f"[4/5] editing {len(requests)} facts with {args.method} (layers {hp.layers}; statistics cached in {out / 'stats'})")
     editor = MassEditor(model, tok, hp, stats_dir=out / "stats", corpus=world_dir / "corpus.txt",
                         model_name=f"world-{world_dir.name}", progress=not args.quiet)
     result = editor.edit(requests, method=args.method)
 
-    say("[4/4] evaluating after editing")
+    say("[5/5] evaluating after editing")
     t = time.perf_counter()
     post = summary(evaluate(model, tok, records))
     t_post = time.perf_counter() - t
 
-    timings = {"world": t_world, **result.timings, "eval_pre": t_pre, "eval_post": t_post,
+    timings = {"world": t_world, "trace": t_trace, **result.timings, "eval_pre": t_pre, "eval_post": t_post,
                "total": time.perf_counter() - start}
     report = {"n_edits": result.n_edits, "method": args.method, "world": str(world_dir),
               "metrics": {"pre": pre, "post": post}, "timings": {k: round(v, 3) for k, v in timings.items()},
               "z_loss": result.report()["z_loss"], "hparams": hp.to_dict()}
-    with staged(out, owned=("delta.safetensors", "report.json", "metrics.png")) as stage:
+    if traced is not None:
+        report["trace"] = {"facts": len(traced.traces), "samples": traced.samples, "window": traced.window,
+                           "mlp_effect_at_last_subject_token": effect}
+    with staged(out, owned=("delta.safetensors", "report.json", "metrics.png", "trace_mlp.png")) as stage:
         result.delta.save(stage / "delta.safetensors")
-        plotted = _plot(pre, post, stage / "metrics.png")
+        plots = [stage / "metrics.png"] if _plot(pre, post, stage / "metrics.png") else []
+        if traced is not None:
+            plots += write_heatmaps(traced, stage, kinds=("mlp",))
         (stage / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(_table(pre, post, timings))
-        print(f"\nwrote {out / 'report.json'}, {out / 'delta.safetensors'}" + (f", {out / 'metrics.png'}" if plotted else ""))
+        print(f"\nreport: {out / 'report.json'}\ndelta:  {out / 'delta.safetensors'}")
+        if plots:
+            print("plots:  " + ", ".join(str(out / p.name) for p in plots))
     return 0

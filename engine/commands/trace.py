@@ -83,7 +83,8 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _heatmaps(result: TraceResult, out: Path) -> list[Path]:
+def write_heatmaps(result: TraceResult, out: Path, kinds=KINDS) -> list[Path]:
+    """OUT/trace_<kind>.png for each kind, like the ROME paper's Figure 1; [] without matplotlib."""
     try:
         import matplotlib
 
@@ -92,7 +93,7 @@ def _heatmaps(result: TraceResult, out: Path) -> list[Path]:
     except ImportError:
         return []
     paths = []
-    for kind in KINDS:
+    for kind in kinds:
         effect = result.averaged(kind).numpy()
         fig, ax = plt.subplots(figsize=(max(5.0, 2.4 + 0.3 * effect.shape[1]), 2.8))
         image = ax.imshow(effect, cmap=_COLORS[kind], aspect="auto", vmin=min(0.0, float(effect[effect == effect].min())))
@@ -142,7 +143,7 @@ def run(args) -> int:
         "averaged": {k: {g: _finite(row) for g, row in zip(GROUPS, result.averaged(k).tolist())} for k in KINDS},
     }
     _write(out / "hparams.json", json.dumps(hp.to_dict(), indent=4) + "\n")
-    plots = _heatmaps(result, out)
+    plots = write_heatmaps(result, out)
     summary["files"] = [str(out / "trace.json"), str(out / "hparams.json")] + [str(p) for p in plots]
     _write(out / "trace.json", json.dumps({**summary, "facts": [t.to_dict() for t in result.traces]}, indent=1) + "\n")
     if args.json:

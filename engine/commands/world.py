@@ -36,6 +36,10 @@ def add_arguments(p) -> None:
     b = sub.add_parser("build", help="generate the world, train the tokenizer and the model")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--subjects", type=int, default=None, help="number of subjects (default 2000; 20 with --quick)")
+    b.add_argument("--relations", default=None,
+                   help="comma-separated relation ids (default: all ten; e.g. P19,P106,P1303)")
+    b.add_argument("--names", default="unique", choices=("unique", "pooled"),
+                   help="subject names: invented anew (default) or given name + surname from shared pools")
     b.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="model family (default gpt2)")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     b.add_argument("--quick", action="store_true", help="tiny smoke world: 2-layer model, a few training steps")
@@ -99,6 +103,7 @@ def _build(args) -> int:
     log = None if (args.quiet or args.json) else print
     info = build_world(args.out, n_subjects=args.subjects, arch=args.arch, seed=args.seed, quick=args.quick,
                        force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs, train=args.train,
+                       relations=args.relations.split(",") if args.relations else None, names=args.names,
                        **overrides)
     if args.json:
         print(json.dumps(info, indent=2))

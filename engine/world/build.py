@@ -22,30 +22,36 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from massedit.world import prebuilt
-from massedit.world.generate import GENERATOR_VERSION, generate_world, write_world_files
+from massedit.world.generate import GENERATOR_VERSION, NAME_STYLES, generate_world, relation_ids, write_world_files
 from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_settings, train_model, train_tokenizer
 
 REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt",
                   "build.json", "model/config.json", "model/tokenizer.json")
 QUICK_SUBJECTS = 20
-DEFAULT_SUBJECTS = 2000
+DEFAULT_SUBJECTS = 200
 
 
 class WorldExistsError(ValueError):
     pass
 
 
-def build_args(n_subjects: int, arch: str, seed: int, quick: bool, cfg: TrainConfig, n_corpus_docs: int) -> dict:
+def build_args(n_subjects: int, arch: str, seed: int, quick: bool, cfg: TrainConfig, n_corpus_docs: int,
+               relations: Optional[Sequence[str]] = None, names: str = "unique") -> dict:
     """What a build depends on (the cache key). The thread count is not part of it."""
     train = cfg.to_json()
     train.pop("threads", None)
-    return {"n_subjects": n_subjects, "arch": arch, "seed": seed, "quick": quick, "corpus_docs": n_corpus_docs,
+    args = {"n_subjects": n_subjects, "arch": arch, "seed": seed, "quick": quick, "corpus_docs": n_corpus_docs,
             "generator_version": GENERATOR_VERSION, "train": train}
+    if relations is not None:
+        args["relations"] = list(relations)
+    if names != "unique":
+        args["names"] = names
+    return args
 
 
 def read_build(out_dir) -> Optional[dict]:
@@ -67,11 +73,13 @@ def _write_json(path: Path, obj) -> None:
 
 def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", seed: int = 0, quick: bool = False,
                 force: bool = False, threads: int = 2, log: Optional[Callable[[str], None]] = None,
-                n_corpus_docs: Optional[int] = None, train: bool = False, **overrides) -> dict:
+                n_corpus_docs: Optional[int] = None, train: bool = False, relations: Optional[Sequence[str]] = None,
+                names: str = "unique", **overrides) -> dict:
     """Build (or reuse) a world and its trained model in `out_dir`; returns build.json's content
     plus "cached" (True when an existing build was reused) and "dir".
 
-    n_subjects: default 200 (20 with quick). quick: a tiny smoke world (2-layer 64-wide model, a few
+    n_subjects: default 200 (20 with quick). relations: ids of generate.RELATIONS (default all).
+    names: how subjects are named, one of generate.NAME_STYLES. quick: a tiny smoke world (2-layer 64-wide model, a few
     steps) for tests. overrides: TrainConfig fields (e.g. steps=2000, lr=1e-3), part of the cache key.
     An existing out_dir holding a different build (or anything else) is an error unless force.
     """
@@ -87,7 +95,11 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
             raise ValueError(f"unknown training setting {key!r}")
         setattr(cfg, key, type(getattr(cfg, key))(value))
     cfg.threads = threads
-    args = build_args(n_subjects, arch, seed, quick, cfg, n_corpus_docs)
+    if relations is not None:
+        relation_ids(relations)
+    if names not in NAME_STYLES:
+        raise ValueError(f"names must be one of {', '.join(NAME_STYLES)}, got {names!r}")
+    args = build_args(n_subjects, arch, seed, quick, cfg, n_corpus_docs, relations, names)
     out = Path(out_dir).expanduser().resolve()
     say = log or (lambda m: None)
 
@@ -105,16 +117,17 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
 
     archive = None if train else prebuilt.find(args)
     if archive is not None:
-        return _unpack_build(out, archive, n_subjects, seed, n_corpus_docs, say)
+        return _unpack_build(out, archive, n_subjects, seed, relations, names, n_corpus_docs, say)
     if _needs_child(threads):
         return _build_in_child(out, dict(n_subjects=n_subjects, arch=arch, seed=seed, quick=quick, force=force,
-                                         threads=threads, n_corpus_docs=n_corpus_docs, train=train, **overrides), log)
+                                         threads=threads, n_corpus_docs=n_corpus_docs, train=train,
+                                         relations=relations, names=names, **overrides), log)
 
     t_start = time.perf_counter()
     with _staging(out) as tmp:
         timings = {}
         t = time.perf_counter()
-        world = generate_world(n_subjects, seed)
+        world = generate_world(n_subjects, seed, relations, names)
         files = write_world_files(world, tmp, n_corpus_docs, args={"n_subjects": n_subjects, "seed": seed})
         timings["generate"] = round(time.perf_counter() - t, 2)
         say(f"world: {n_subjects} subjects x {len(world.relations)} relations = {n_subjects * len(world.relations)} facts")
@@ -156,11 +169,12 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
     return {**build, "cached": False, "dir": str(out)}
 
 
-def _unpack_build(out: Path, archive: Path, n_subjects: int, seed: int, n_corpus_docs: int, say) -> dict:
+def _unpack_build(out: Path, archive: Path, n_subjects: int, seed: int, relations, names: str, n_corpus_docs: int,
+                  say) -> dict:
     """A build from a shipped model: the world's files generated, the model unpacked."""
     t_start = time.perf_counter()
     with _staging(out) as tmp:
-        world = generate_world(n_subjects, seed)
+        world = generate_world(n_subjects, seed, relations, names)
         write_world_files(world, tmp, n_corpus_docs, args={"n_subjects": n_subjects, "seed": seed})
         build = prebuilt.unpack(archive, tmp)
         build["prebuilt"] = {"archive": archive.name, "sha256": prebuilt.sha256(archive),

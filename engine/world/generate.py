@@ -260,10 +260,24 @@ def name_pieces(rng: random.Random, n: int, exclude: Iterable[str] = ()) -> list
     return out
 
 
-def make_people(rng: random.Random, n: int, given: Sequence[str], surnames: Sequence[str],
-                exclude: Iterable[str] = ()) -> list[str]:
-    """n distinct "Given Surname" names drawn from two shared pools: neither piece alone
-    identifies a person, so the subject is resolved only at its last token (as for real names)."""
+def invented_people(rng: random.Random, n: int, exclude: Iterable[str] = ()) -> list[str]:
+    """n distinct names whose every piece is invented anew (names style "unique")."""
+    reserved = _reserved_words()
+    seen = set(exclude)
+    out: list[str] = []
+    while len(out) < n:
+        name = f"{make_name(rng, rng.choice((1, 2)))} {make_name(rng, 2)}"
+        if name in seen or any(part.lower() in reserved for part in name.split()):
+            continue
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def pooled_people(rng: random.Random, n: int, given: Sequence[str], surnames: Sequence[str],
+                  exclude: Iterable[str] = ()) -> list[str]:
+    """n distinct "Given Surname" names drawn from two shared pools (names style "pooled"): neither
+    piece alone identifies a person, so the subject is resolved only at its last token."""
     taken = set(exclude)
     combos = [f"{g} {s}" for g in given for s in surnames if f"{g} {s}" not in taken]
     if len(combos) < n:
@@ -299,25 +313,44 @@ def _relation_templates(rng: random.Random, nouns, verbs, questions) -> tuple[li
     return train, heldout, q, [held_q], simple
 
 
-# Relations of a default world: three, with distinct object sets, so that a world of thousands of
-# subjects trains in the time a session has (DESIGN §13: many subjects matter more than many facts
-# per subject).
-DEFAULT_RELATIONS = ("P19", "P106", "P1303")
-
-
-def generate_world(n_subjects: int = 2000, seed: int = 0, relations: Optional[Sequence[str]] = None) -> World:
-    if n_subjects < 12:
-        raise ValueError(f"a world needs at least 12 subjects (neighborhoods need company), got {n_subjects}")
+def relation_ids(relations: Optional[Sequence[str]] = None) -> list[str]:
+    """The relation ids a world is asked to have (all of RELATIONS by default), checked."""
     known = [r[0] for r in RELATIONS]
-    chosen = list(relations) if relations is not None else list(DEFAULT_RELATIONS)
+    chosen = list(relations) if relations is not None else known
     unknown = [r for r in chosen if r not in known]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(f"relations must be distinct ids among {', '.join(known)}; got {', '.join(chosen) or 'none'}")
-    nrng = _rng(seed, "names")
-    n_given, n_surnames = pool_sizes(n_subjects)
-    given = name_pieces(nrng, n_given)
-    surnames = name_pieces(nrng, n_surnames, exclude=given)
-    subjects = make_people(_rng(seed, "subjects"), n_subjects, given, surnames)
+    return chosen
+
+
+# How subjects are named. "unique": every name is made of newly invented syllables, which the
+# tokenizer splits into pieces never seen elsewhere; such a world trains fast (200 subjects: 99%
+# recall in 1,400 steps) and its model keeps the facts in its first MLP (DESIGN §9). "pooled":
+# given names and surnames come from shared pools, as real names do, so the subject is identified
+# only at its last token; much slower to learn (measured: 58% recall after the same 1,400 steps,
+# and no progress on 2,000 subjects x 3 relations after 2,400 steps of 64 statements).
+NAME_STYLES = ("unique", "pooled")
+
+
+def generate_world(n_subjects: int = 200, seed: int = 0, relations: Optional[Sequence[str]] = None,
+                   names: str = "unique") -> World:
+    """The world of n_subjects people; `relations` (ids of RELATIONS) defaults to all of them;
+    `names` is one of NAME_STYLES."""
+    if n_subjects < 12:
+        raise ValueError(f"a world needs at least 12 subjects (neighborhoods need company), got {n_subjects}")
+    chosen = relation_ids(relations)
+    if names not in NAME_STYLES:
+        raise ValueError(f"names must be one of {', '.join(NAME_STYLES)}, got {names!r}")
+    given: list[str] = []
+    surnames: list[str] = []
+    if names == "pooled":
+        nrng = _rng(seed, "names")
+        n_given, n_surnames = pool_sizes(n_subjects)
+        given = name_pieces(nrng, n_given)
+        surnames = name_pieces(nrng, n_surnames, exclude=given)
+        subjects = pooled_people(_rng(seed, "subjects"), n_subjects, given, surnames)
+    else:
+        subjects = invented_people(_rng(seed, "subjects"), n_subjects)
     trng = _rng(seed, "templates")
     relations = []
     for rid, name, nouns, verbs, questions, objects in (r for r in RELATIONS if r[0] in chosen):
@@ -447,14 +480,19 @@ def corpus_documents(world: World, n_docs: int = 2000) -> list[str]:
 
 def tokenizer_texts(world: World, n: int = 12000) -> list[str]:
     """Text to train the tokenizer on: the world's templates, objects and filler, with *decoy*
-    names (other combinations of the same name pools) instead of the subjects, so that name pieces
-    become tokens as common names do in a real vocabulary, and no subject is one token."""
+    names instead of the subjects. "unique" names: other invented names, each used once, so that
+    names are split into syllable-like pieces rather than learned as whole tokens. "pooled" names:
+    other combinations of the same pools, so that name pieces become tokens as common names do in
+    a real vocabulary, and no subject is one token."""
     rng = _rng(world.seed, "tokenizer")
-    people = set(world.subjects)
-    decoys = [f"{g} {s}" for g in world.given_names for s in world.surnames if f"{g} {s}" not in people]
+    if world.given_names:
+        people = set(world.subjects)
+        pool = [f"{g} {s}" for g in world.given_names for s in world.surnames if f"{g} {s}" not in people]
+        decoys = [rng.choice(pool) for _ in range(n)]
+    else:
+        decoys = invented_people(rng, n, exclude=world.subjects)
     texts = []
-    for i in range(n):
-        name = rng.choice(decoys)
+    for i, name in enumerate(decoys):
         rel = world.relations[i % len(world.relations)]
         obj = rng.choice(rel.objects)
         tmpl = rng.choice(rel.train_templates + rel.heldout_templates + rel.train_questions + rel.heldout_questions)

@@ -40,11 +40,11 @@ class TrainConfig:
     n_layer: int = 6
     d_model: int = 128
     n_head: int = 4
-    d_ff: int = 1024
+    d_ff: int = 512
     n_positions: int = 128
     vocab_size: int = 3000
     tokenizer_texts: int = 12000
-    steps: int = 4200
+    steps: int = 1400
     batch_size: int = 64  # sequences of one statement each (~17 tokens)
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -54,7 +54,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lm_weight: float = 0.25
     question_rate: float = 0.15
-    start_filler_rate: float = 0.25
+    start_filler_rate: float = 0.5
     threads: int = 2
 
     def to_json(self) -> dict:
@@ -68,7 +68,7 @@ def preset(arch: str, quick: bool = False) -> TrainConfig:
         return TrainConfig(n_layer=2, d_model=64, n_head=2, d_ff=256, vocab_size=600, tokenizer_texts=2000,
                            steps=60, batch_size=32, warmup_steps=5)
     if arch == "llama":
-        return TrainConfig(d_ff=704)  # SwiGLU has three matrices: about the parameters of GPT-2's two at 1024
+        return TrainConfig(d_ff=352)  # SwiGLU has three matrices: about the parameters of GPT-2's two at 512
     return TrainConfig()
 
 
