@@ -159,6 +159,7 @@ class Tracer:
         logits = self.layout.logits(last_hidden[:, -1]).float()
         return torch.softmax(logits, dim=-1)[:, prompt.answer_id].cpu()
 
+    @torch.no_grad()
     def corrupted_run(self, prompt: TracePrompt, noise: torch.Tensor) -> "CorruptedRun":
         outputs: list = [None] * self.n_layers
 
