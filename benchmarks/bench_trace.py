@@ -7,7 +7,9 @@ the world's tokenizer), on the world generator's CounterFact prompts; random wei
 timing, the work per forward does not depend on them. Two references: one restoration per forward
 with the noise samples as its batch, as ROME's code does, and one restoration of one noise sample
 per forward. Each fact runs all three in turn so that machine load hits them alike; their effects
-are checked to agree to 1e-5.
+are checked to agree to 1e-5. Besides the seconds it counts the work: the (row, position) pairs
+each mode runs through each block, summed over blocks, and the rows that reach the LM head, so
+that a ratio of seconds can be read against the ratio of arithmetic it is bounded by.
 Writes benchmarks/results/bench_trace-<timestamp>.json.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.suites.common import RESULTS_DIR, machine_info, stamp, write_json
+from massedit.hooks import hidden_of, hooks
 from massedit.requests import parse_records
 from massedit.trace import BATCH_TOKENS, KINDS, Tracer, default_window, make_noise, prepare, trace_fact, trace_fact_serial
 
@@ -34,6 +37,22 @@ def _setup(smoke: bool):
     model = make_model("gpt2", tok, cfg, seed=0).eval()
     records = counterfact_records(world)
     return model, tok, parse_records(records, "world generator", fmt="counterfact"), cfg
+
+
+def _counting(tracer, counts: dict):
+    """Adds to counts["block positions"] the rows × positions of every block call, and to
+    counts["head rows"] the rows of every LM-head call."""
+
+    def block(_module, args, kwargs):
+        x = hidden_of(args[0] if args else next(iter(kwargs.values())))
+        counts["block positions"] += x.shape[0] * x.shape[1]
+
+    def head(_module, args):
+        counts["head rows"] += args[0].shape[0]
+
+    blocks = [tracer.layout.block(l) for l in range(tracer.n_layers)]
+    return hooks(lambda: [b.register_forward_pre_hook(block, with_kwargs=True) for b in blocks]
+                 + [tracer.layout.ln_f.register_forward_pre_hook(head)])
 
 
 def main(argv=None) -> dict:
@@ -67,6 +86,7 @@ def main(argv=None) -> dict:
 
     seconds = dict.fromkeys(modes, 0.0)
     cpu_seconds = dict.fromkeys(modes, 0.0)  # on a shared machine, less disturbed by load than wall time
+    work = {name: {"block positions": 0, "head rows": 0} for name in modes}
     max_diff = 0.0
     for i, prompt in enumerate(prompts):
         noise = make_noise(samples, prompt.subject[1] - prompt.subject[0], cfg.d_model, sigma, seed=i)
@@ -76,6 +96,8 @@ def main(argv=None) -> dict:
             results[name] = run(prompt, noise)
             seconds[name] += time.perf_counter() - t
             cpu_seconds[name] += time.process_time() - c
+            with _counting(tracer, work[name]):  # counted in an untimed rerun: the hooks cost time
+                run(prompt, noise)
         max_diff = max([max_diff] + [float((r.effects[k] - results["batched"].effects[k]).abs().max())
                                      for r in results.values() for k in KINDS])
     if max_diff > 1e-5:
@@ -94,13 +116,18 @@ def main(argv=None) -> dict:
         "speedup": {f"{name} / batched": {"wall": round(seconds[name] / seconds["batched"], 2),
                                           "cpu": round(cpu_seconds[name] / cpu_seconds["batched"], 2)}
                     for name in modes if name != "batched"},
+        "work": work,
+        "work_ratio": {f"{name} / batched": {k: round(v / work["batched"][k], 2) for k, v in work[name].items()}
+                       for name in modes if name != "batched"},
         "max_abs_difference": max_diff,
         "machine": {**machine, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
-    print(f"{'mode':<26}{'wall s':>9}{'ratio':>8}{'CPU s':>9}{'ratio':>8}")
+    print(f"{'mode':<26}{'wall s':>9}{'ratio':>8}{'CPU s':>9}{'ratio':>8}{'block pos.':>12}{'ratio':>8}")
     for name in modes:
+        positions = work[name]["block positions"]
         print(f"{name:<26}{seconds[name]:>9.2f}{seconds[name] / seconds['batched']:>7.1f}x"
-              f"{cpu_seconds[name]:>9.2f}{cpu_seconds[name] / cpu_seconds['batched']:>7.1f}x")
+              f"{cpu_seconds[name]:>9.2f}{cpu_seconds[name] / cpu_seconds['batched']:>7.1f}x"
+              f"{positions:>12}{positions / work['batched']['block positions']:>7.1f}x")
     print(f"{len(prompts)} facts, {restorations} restorations x {samples} noise "
           f"samples, window {window}, {cfg.n_layer} layers x {cfg.d_model}; max |difference| {max_diff:.1e}; "
           f"load average {machine.get('load_average_at_start')} -> {report['machine']['load_average_at_end']}")

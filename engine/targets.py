@@ -171,10 +171,18 @@ class _Chunk:
         return self.subject_col, self.batch.input_ids.shape[1]
 
 
-def _kv_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def kv_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(cache, "layers"):  # transformers >= 4.56
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache))
+
+
+def filled_cache(pairs) -> DynamicCache:
+    """A DynamicCache holding the given (keys, values) of every layer, as a forward would leave it."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(pairs):
+        cache.update(k, v, i)
+    return cache
 
 
 class _PlainForward:
@@ -237,7 +245,7 @@ class _PrefixForward:
                     h.remove()
         h_suffix = hidden_of(raw[opt.s.layer])[:, S:].detach()
         structs = {l: with_hidden(out, None) for l, out in raw.items()}
-        kv = [(k[:, :, :S], v[:, :, :S]) for k, v in _kv_pairs(cache)]
+        kv = [(k[:, :, :S], v[:, :, :S]) for k, v in kv_pairs(cache)]
         return h_suffix, structs, kv
 
     @staticmethod
@@ -267,9 +275,7 @@ class _PrefixForward:
         dev = h.device
         values = delta.to(dev, h.dtype)[chunk.subj_req.to(dev)]
         edited = h.index_put((chunk.subj_row.to(dev), chunk.subj_col.to(dev) - S), values, accumulate=True)
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(self.kv):
-            cache.update(k, v, i)
+        cache = filled_cache(self.kv)
         replays = {l: with_hidden(struct, edited if l == opt.s.layer else h) for l, struct in self.structs.items()}
         b = chunk.batch
         store: dict = {}
@@ -321,9 +327,7 @@ def supports_prefix_reuse(model) -> bool:
         cache = DynamicCache()
         model(input_ids=ids[:, :2], attention_mask=mask[:, :2], position_ids=positions[:, :2],
               **cache_inputs(model, cache))
-        fresh = DynamicCache()
-        for i, (k, v) in enumerate(_kv_pairs(cache)):
-            fresh.update(k, v, i)
+        fresh = filled_cache(kv_pairs(cache))
         rest = model(input_ids=ids[:, 2:], attention_mask=mask, position_ids=positions[:, 2:],
                      **cache_inputs(model, fresh)).logits
         ok = torch.allclose(rest.float(), full[:, 2:].float(), rtol=1e-3, atol=1e-3)

@@ -6,11 +6,13 @@ stream, kind "hidden") or a window of consecutive MLP or attention outputs ("mlp
 that token measures the state's indirect effect P_restored(o) − P_corrupted(o), o the first token
 of the true object, averaged over the noise samples.
 
-All restorations of a prompt are independent runs of the same corrupted input, so `trace_fact`
-lays every (kind, layer, token) × noise sample along the batch dimension and runs them in a few
-forwards of at most `batch_tokens` tokens. `trace_fact_serial` runs one restoration per forward
-(its noise samples in the batch, as ROME's code does): the reference for the tests and for
-benchmarks/bench_trace.py.
+A restoration at (layer l, token t) leaves every state before l, and every state at a position
+before t, equal to the corrupted run's. So `trace_fact` keeps the corrupted run's block outputs
+and keys/values, and computes each restoration only from its first changed block on and only at
+positions ≥ t, attending to the corrupted keys/values before t; the restorations sharing a first
+block and token, × noise samples, run as the rows of one forward (of at most `batch_tokens`
+tokens). `trace_fact_serial` runs one whole restoration per forward (its noise samples in the
+batch, as ROME's code does): the reference for the tests and for benchmarks/bench_trace.py.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from massedit.devices import execution_device
 from massedit.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
 from massedit.quantized import cpu_repacking_off
 from massedit.requests import EditRequest
+from massedit.targets import cache_inputs, filled_cache, kv_pairs, supports_prefix_reuse
 
 KINDS = ("hidden", "mlp", "attn")
 # Token groups of the averaged heat maps (ROME's Figure 1); tokens before the subject are left
@@ -139,69 +142,128 @@ class Tracer:
         store: dict = {}
         with capture_outputs(modules, store):
             p = self.answer_probs(prompt, 1)
-        return {key: h[0] for key, h in store.items()}, float(p[0])
+        return {key: _by_row(h, 1)[0] for key, h in store.items()}, float(p[0])
 
     def answer_probs(self, prompt: TracePrompt, rows: int) -> torch.Tensor:
-        """P(answer) after the prompt for each of `rows` identical inputs, under the active hooks.
+        """P(answer) after the prompt for each of `rows` identical inputs, under the active hooks."""
+        return self._final_probs(prompt, input_ids=self.input_ids(prompt, rows), use_cache=False)
 
-        The forward stops after the last block and the LM head runs at the last position only."""
+    def _final_probs(self, prompt: TracePrompt, **inputs) -> torch.Tensor:
+        """The forward stops after the last block and the LM head runs at the last position only."""
         store: dict = {}
         with capture_outputs({"last": self.last_block}, store):
-            run_until(self.model, self.last_block, input_ids=self.input_ids(prompt, rows), use_cache=False)
-        logits = self.layout.logits(store["last"][:, -1]).float()
+            run_until(self.model, self.last_block, **inputs)
+        return self._probs_at_end(prompt, store["last"])
+
+    def _probs_at_end(self, prompt: TracePrompt, last_hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.layout.logits(last_hidden[:, -1]).float()
         return torch.softmax(logits, dim=-1)[:, prompt.answer_id].cpu()
 
-    def corrupted_run(self, prompt: TracePrompt, noise: torch.Tensor) -> tuple[list, float]:
-        """The corrupted run's block outputs, as the blocks returned them, and its mean P(answer)."""
+    @torch.no_grad()
+    def corrupted_run(self, prompt: TracePrompt, noise: torch.Tensor) -> "CorruptedRun":
         outputs: list = [None] * self.n_layers
 
         def keep(layer):
             return lambda _module, _args, output: outputs.__setitem__(layer, output)
 
+        reuse = supports_prefix_reuse(self.model)
+        cache = filled_cache([]) if reuse else None
+        inputs = cache_inputs(self.model, cache) if reuse else {"use_cache": False}
         blocks = [self.layout.block(l) for l in range(self.n_layers)]
         with hooks(lambda: [b.register_forward_hook(keep(l)) for l, b in enumerate(blocks)]), \
                 self.corrupted(prompt, noise):
-            p = self.answer_probs(prompt, noise.shape[0])
-        return outputs, float(p.double().mean())
+            p = self._final_probs(prompt, input_ids=self.input_ids(prompt, noise.shape[0]), **inputs)
+        return CorruptedRun(outputs, kv_pairs(cache) if reuse else None, float(p.double().mean()))
+
+    def resumed_probs(self, prompt: TracePrompt, clean: dict, run: "CorruptedRun", noise: torch.Tensor,
+                      first: int, start: int, row_cells: Sequence[tuple], sample_of_row: torch.Tensor) -> torch.Tensor:
+        """P(answer) of rows that each restore one cell (kind, layer, token, modules) of noise sample
+        sample_of_row[r], computed from block `first` on at positions ≥ `start` only.
+
+        Blocks before `first` replay the corrupted run's block first − 1 output (a replayed block
+        ignores its input, so only the last one's output matters), in which a "hidden" cell of
+        layer first − 1 puts its clean value; positions before `start` are the corrupted run's
+        keys/values. Every cell's restored token must be ≥ start, and its first changed block
+        ≥ first."""
+        n_tokens, rows = len(prompt.ids), len(row_cells)
+        plan: dict = {}
+        for r, (kind, _, token, modules) in enumerate(row_cells):
+            for key in ([] if kind == "hidden" else modules):
+                plan.setdefault(key, ([], []))
+                plan[key][0].append(r)
+                plan[key][1].append(token)
+        with contextlib.ExitStack() as stack:
+            if first > 0:
+                raw = run.outputs[first - 1]
+                corrupted = hidden_of(raw)
+                hidden = corrupted[sample_of_row.to(corrupted.device), start:]
+                restored = [(r, token) for r, (kind, _, token, _) in enumerate(row_cells) if kind == "hidden"]
+                if restored:
+                    r, toks = (torch.tensor(x) for x in zip(*restored))
+                    value = clean[("hidden", first - 1)].to(hidden.device, hidden.dtype)[toks.to(hidden.device)]
+                    hidden[r.to(hidden.device), (toks - start).to(hidden.device)] = value
+                if first == self.n_layers:
+                    return self._probs_at_end(prompt, hidden)
+                stack.enter_context(replayed(self.layout, {l: with_hidden(raw, hidden) for l in range(first)}))
+            else:
+                stack.enter_context(self.corrupted(prompt, noise[sample_of_row], start))
+            stack.enter_context(self.restored(clean, {k: (torch.tensor(r), torch.tensor(t)) for k, (r, t) in plan.items()},
+                                              rows, start))
+            ids = self.input_ids(prompt, rows)
+            if start == 0:
+                return self._final_probs(prompt, input_ids=ids, use_cache=False)
+            cache = filled_cache([(k[sample_of_row.to(k.device), :, :start], v[sample_of_row.to(v.device), :, :start])
+                                  for k, v in run.kv])
+            positions = torch.arange(start, n_tokens, device=ids.device).expand(rows, -1)
+            return self._final_probs(prompt, input_ids=ids[:, start:], attention_mask=torch.ones_like(ids),
+                                     position_ids=positions, **cache_inputs(self.model, cache))
 
     @contextlib.contextmanager
-    def replaying(self, corrupted_outputs: list, first: int, sample_of_row: torch.Tensor):
-        """Blocks 0 … first − 1 replaced by the corrupted run's block first − 1 output, row r taking
-        noise sample sample_of_row[r]'s (a replayed block ignores its input, so only the last one's
-        output matters)."""
-        if first == 0:
-            yield
-            return
-        raw = corrupted_outputs[first - 1]
-        hidden = hidden_of(raw)
-        output = with_hidden(raw, hidden[sample_of_row.to(hidden.device)])
-        with replayed(self.layout, {layer: output for layer in range(first)}):
-            yield
-
-    @contextlib.contextmanager
-    def corrupted(self, prompt: TracePrompt, noise: torch.Tensor):
-        """Adds noise[row] to the subject's token embeddings of each row."""
+    def corrupted(self, prompt: TracePrompt, noise: torch.Tensor, start: int = 0):
+        """Adds noise[row] to the subject's token embeddings of each row, the input holding the
+        prompt's positions from `start` on."""
         a, b = prompt.subject
+        lo = max(a, start)
 
         def add(e: torch.Tensor) -> torch.Tensor:
+            if lo >= b:
+                return e
             e = e.clone()
-            e[:, a:b] += noise.to(e.device, e.dtype)
+            e[:, lo - start:b - start] += noise[:, lo - a:].to(e.device, e.dtype)
             return e
 
         with edit_output(self.embed, add):
             yield
 
     @contextlib.contextmanager
-    def restored(self, clean: dict, plan: dict):
-        """plan {(kind, layer): (rows, tokens)}: those rows' outputs at those tokens set to clean."""
+    def restored(self, clean: dict, plan: dict, n_rows: int, start: int = 0):
+        """plan {(kind, layer): (rows, tokens)}: those rows' outputs at those tokens set to clean,
+        in a forward of `n_rows` rows whose input holds the prompt's positions from `start` on."""
         with contextlib.ExitStack() as stack:
             for key, (rows, toks) in plan.items():
                 def put(h, key=key, rows=rows, toks=toks):
                     value = clean[key].to(h.device, h.dtype)[toks.to(h.device)]
-                    return h.index_put((rows.to(h.device), toks.to(h.device)), value)
+                    edited = _by_row(h, n_rows).index_put((rows.to(h.device), (toks - start).to(h.device)), value)
+                    return edited.view(h.shape)
 
                 stack.enter_context(edit_output(self.module(*key), put))
             yield
+
+
+def _by_row(h: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """A module output as [rows, positions, width]: OPT's MLP works on rows × positions flattened."""
+    return h.reshape(n_rows, -1, h.shape[-1])
+
+
+@dataclass
+class CorruptedRun:
+    """The corrupted run of one prompt: each block's output as the block returned it (rows: noise
+    samples), each layer's (keys, values) or None where the model cannot continue from a cache
+    (targets.supports_prefix_reuse), and the mean P(answer)."""
+
+    outputs: list
+    kv: Optional[list]
+    p: float
 
 
 def _restorations(kinds: Sequence[str], n_layers: int, n_tokens: int, window: int) -> list[tuple]:
@@ -234,40 +296,35 @@ def _result(tracer: Tracer, tok, prompt: TracePrompt, p_clean: float, p_corrupte
 @torch.no_grad()
 def trace_fact(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Tensor, kinds: Sequence[str] = KINDS,
                window: int = 1, batch_tokens: int = BATCH_TOKENS) -> FactTrace:
-    """Every restoration × noise sample of `prompt` as rows of a few batched forwards.
+    """Every restoration × noise sample of `prompt`, each computed only where it differs from the
+    corrupted run (Tracer.resumed_probs), those sharing a first block and token as rows of one
+    forward of at most `batch_tokens` tokens.
 
-    Two shortcuts save work and keep the result exact: restorations at tokens before the subject
-    are not run (the noise cannot reach them under causal attention, so clean and corrupted states
-    are equal there and the effect is 0), and rows are ordered by the first layer they restore so
-    that a forward whose rows all start at layer l0 replays the corrupted run's block l0 − 1 output
-    instead of computing blocks 0 … l0 − 1."""
+    A "hidden" cell at layer l first changes block l + 1's input, an MLP or attention window
+    first changes its first layer's block. Restorations at tokens before the subject are not run:
+    the noise cannot reach them under causal attention, so their effect is exactly 0. A model that
+    cannot continue from a key/value cache recomputes every position of its restorations."""
     _check_kinds(kinds)
     samples, n_tokens = noise.shape[0], len(prompt.ids)
     clean, p_clean = tracer.clean_states(prompt, kinds)
-    corrupted_outputs, p_corrupted = tracer.corrupted_run(prompt, noise)
+    run = tracer.corrupted_run(prompt, noise)
     cells = _restorations(kinds, tracer.n_layers, n_tokens, window)
-    todo = sorted((i for i, cell in enumerate(cells) if cell[2] >= prompt.subject[0]), key=lambda i: cells[i][3][0][1])
-    rows_per_forward = max(1, batch_tokens // n_tokens)
-    n_rows = len(todo) * samples
-    row_probs = torch.empty(n_rows, dtype=torch.float64)
-    for start in range(0, n_rows, rows_per_forward):
-        stop = min(n_rows, start + rows_per_forward)
-        plan: dict = {}
-        for r in range(start, stop):
-            _, _, token, modules = cells[todo[r // samples]]
-            for key in modules:
-                rows, toks = plan.setdefault(key, ([], []))
-                rows.append(r - start)
-                toks.append(token)
-        plan = {key: (torch.tensor(rows), torch.tensor(toks)) for key, (rows, toks) in plan.items()}
-        sample_of_row = torch.arange(start, stop) % samples
-        first = min(layer for _, layer in plan)
-        with tracer.corrupted(prompt, noise[sample_of_row]), tracer.restored(clean, plan), \
-                tracer.replaying(corrupted_outputs, first, sample_of_row):
-            row_probs[start:stop] = tracer.answer_probs(prompt, stop - start).double()
-    probs = torch.full((len(cells),), p_corrupted, dtype=torch.float64)
-    probs[torch.tensor(todo, dtype=torch.long)] = row_probs.view(len(todo), samples).mean(dim=1)
-    return _result(tracer, tok, prompt, p_clean, p_corrupted, cells, probs.tolist(), kinds)
+    groups: dict = {}
+    for i, (kind, layer, token, modules) in enumerate(cells):
+        if token >= prompt.subject[0]:
+            first = layer + 1 if kind == "hidden" else modules[0][1]
+            groups.setdefault((first, token if run.kv is not None else 0), []).append(i)
+    probs = torch.full((len(cells),), run.p, dtype=torch.float64)
+    for (first, start), members in groups.items():
+        row_cells = [cells[i] for i in members for _ in range(samples)]
+        row_probs = torch.empty(len(row_cells), dtype=torch.float64)
+        step = max(1, batch_tokens // (n_tokens - start))
+        for a in range(0, len(row_cells), step):
+            b = min(len(row_cells), a + step)
+            row_probs[a:b] = tracer.resumed_probs(prompt, clean, run, noise, first, start, row_cells[a:b],
+                                                  torch.arange(a, b) % samples).double()
+        probs[torch.tensor(members)] = row_probs.view(len(members), samples).mean(dim=1)
+    return _result(tracer, tok, prompt, p_clean, run.p, cells, probs.tolist(), kinds)
 
 
 @torch.no_grad()
@@ -286,7 +343,7 @@ def trace_fact_serial(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Ten
             part = noise[s:s + step]
             rows = torch.arange(part.shape[0])
             plan = {key: (rows, torch.full_like(rows, token)) for key in modules}
-            with tracer.corrupted(prompt, part), tracer.restored(clean, plan):
+            with tracer.corrupted(prompt, part), tracer.restored(clean, plan, part.shape[0]):
                 total += float(tracer.answer_probs(prompt, part.shape[0]).double().sum())
         return total / samples
 

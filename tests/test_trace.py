@@ -72,11 +72,15 @@ def test_mlp_effect_at_the_subjects_last_token_peaks_at_the_planted_layer(plante
         assert t.effects["hidden"].shape == (len(t.prompt.ids), 4) and "".join(t.tokens) == t.prompt.text
 
 
+def _noise(tracer, prompt):
+    sigma = 3 * tracer.embedding_std([prompt])
+    return make_noise(3, prompt.subject[1] - prompt.subject[0], tracer.embed.weight.shape[-1], sigma, seed=1)
+
+
 def _agree(model, tok, req, window, batch_tokens):
     tracer = Tracer(model)
     prompt = prepare(tok, req)
-    sigma = 3 * tracer.embedding_std([prompt])
-    noise = make_noise(3, prompt.subject[1] - prompt.subject[0], tracer.embed.weight.shape[-1], sigma, seed=1)
+    noise = _noise(tracer, prompt)
     batched = trace_fact(tracer, tok, prompt, noise, KINDS, window, batch_tokens)
     serial = trace_fact_serial(tracer, tok, prompt, noise, KINDS, window)
     assert batched.p_corrupted == pytest.approx(serial.p_corrupted, abs=1e-5)
@@ -95,6 +99,45 @@ def test_batched_trace_equals_one_restoration_per_forward_on_the_planted_model(p
 def test_batched_trace_equals_serial_on_other_architectures(model_type):
     model, tok = make_model(model_type)
     _agree(model, tok, EditRequest("Michael Jordan", "{} plays the sport of", "chess", "basketball"), 2, 64)
+
+
+MID_SUBJECT = EditRequest("Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("batch_tokens", [1, 1024])
+def test_restorations_resume_from_the_corrupted_keys_and_values(model_type, batch_tokens):
+    """Learned (GPT-2) and rotary (Llama) positions; a subject in mid-prompt, so restorations start
+    at tokens inside and after it; one row per forward or whole groups per forward."""
+    model, tok = make_model(model_type)
+    tracer = Tracer(model)
+    prompt = prepare(tok, MID_SUBJECT)
+    assert prompt.subject[0] > 0 and prompt.subject[1] < len(prompt.ids)
+    assert tracer.corrupted_run(prompt, _noise(tracer, prompt)).kv is not None
+    _agree(model, tok, MID_SUBJECT, 3, batch_tokens)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_a_model_that_cannot_continue_from_a_cache_recomputes_every_position(model_type, monkeypatch):
+    import massedit.trace as trace_module
+
+    monkeypatch.setattr(trace_module, "supports_prefix_reuse", lambda _model: False)
+    model, tok = make_model(model_type)
+    tracer = Tracer(model)
+    prompt = prepare(tok, MID_SUBJECT)
+    assert tracer.corrupted_run(prompt, _noise(tracer, prompt)).kv is None
+    _agree(model, tok, MID_SUBJECT, 2, 64)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_clean_states_hold_one_vector_per_token(model_type):
+    """OPT's MLP output comes flattened over rows × positions; the states are per token all the same."""
+    model, tok = make_model(model_type)
+    tracer = Tracer(model)
+    prompt = prepare(tok, MID_SUBJECT)
+    clean, _ = tracer.clean_states(prompt, KINDS)
+    width = tracer.embed.weight.shape[-1]
+    assert {tuple(h.shape) for h in clean.values()} == {(len(prompt.ids), width)}
 
 
 def test_windows_clamp_at_the_ends_like_rome():
