@@ -105,7 +105,10 @@ def test_weight_deltas_batched_equal_serial(model_type, tmp_path):
     requests = make_requests(64, seed=2)
     batched = editor.edit(requests, method="memit", batch_size=16, apply=False)
     serial = editor.edit(requests, method="memit-serial", apply=False)
-    assert _rel(batched.z, serial.z) <= 1e-4
+    # Llama's batches are left-padded, so its masked attention sums in another order than a single
+    # prompt's; Adam's per-coordinate normalization turns those ulp-level gradient differences into
+    # ~3e-4 relative after 20 steps (measured), where GPT-2's right-padded batches stay below 1e-5.
+    assert _rel(batched.z, serial.z) <= (1e-3 if model_type == "llama" else 1e-4)
     for wb, ws in zip(batched.delta.weights, serial.delta.weights):
         assert wb.name == ws.name
         db, ds = wb.dense(), ws.dense()
