@@ -8,6 +8,9 @@ Layout of a build directory DIR:
   DIR/reference_texts.json {object: [texts]} for RS
   DIR/corpus.txt           one document per line, for covariance statistics
   DIR/build.json           args, timings, training info, recall figures
+With two languages (`languages=2`, see `languages`) also DIR/world.l2.json, DIR/counterfact.l2.json
+and DIR/zsre.l2.json (the same edits phrased in L2); corpus.txt and the training hold both languages,
+and build.json reports recall in each ("l2_" splits) and the subjects' token overlap.
 
 A build is written into a sibling temporary directory and renamed into place at the end, so an
 interrupted build never leaves a half-written DIR. Calling again with the same arguments returns
@@ -26,10 +29,12 @@ from typing import Callable, Optional
 import torch
 
 from massedit.world.generate import GENERATOR_VERSION, generate_world, write_world_files
+from massedit.world.languages import check_languages, second_language, subject_token_jaccard
 from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_settings, train_model, train_tokenizer
 
 REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt",
                   "build.json", "model/config.json", "model/tokenizer.json")
+L2_FILES = ("world.l2.json", "counterfact.l2.json", "zsre.l2.json")
 QUICK_SUBJECTS = 20
 
 
@@ -37,12 +42,14 @@ class WorldExistsError(ValueError):
     pass
 
 
-def build_args(n_subjects: int, arch: str, seed: int, quick: bool, cfg: TrainConfig, n_corpus_docs: int) -> dict:
-    """What a build depends on (the cache key). The thread count is not part of it."""
+def build_args(n_subjects: int, arch: str, seed: int, quick: bool, cfg: TrainConfig, n_corpus_docs: int,
+               languages: int = 1) -> dict:
+    """What a build depends on (the cache key). The thread count is not part of it; the language
+    count only when it is 2, so that one-language builds keep their keys."""
     train = cfg.to_json()
     train.pop("threads", None)
     return {"n_subjects": n_subjects, "arch": arch, "seed": seed, "quick": quick, "corpus_docs": n_corpus_docs,
-            "generator_version": GENERATOR_VERSION, "train": train}
+            "generator_version": GENERATOR_VERSION, "train": train, **({"languages": 2} if languages == 2 else {})}
 
 
 def read_build(out_dir) -> Optional[dict]:
@@ -53,9 +60,10 @@ def read_build(out_dir) -> Optional[dict]:
         return None
 
 
-def is_complete(out_dir) -> bool:
+def is_complete(out_dir, languages: int = 1) -> bool:
     out = Path(out_dir)
-    return all((out / f).exists() for f in REQUIRED_FILES) and any((out / "model").glob("*.safetensors"))
+    files = REQUIRED_FILES + (L2_FILES if languages == 2 else ())
+    return all((out / f).exists() for f in files) and any((out / "model").glob("*.safetensors"))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -64,16 +72,17 @@ def _write_json(path: Path, obj) -> None:
 
 def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", seed: int = 0, quick: bool = False,
                 force: bool = False, threads: int = 2, log: Optional[Callable[[str], None]] = None,
-                n_corpus_docs: Optional[int] = None, **overrides) -> dict:
+                n_corpus_docs: Optional[int] = None, languages: int = 1, **overrides) -> dict:
     """Build (or reuse) a world and its trained model in `out_dir`; returns build.json's content
     plus "cached" (True when an existing build was reused) and "dir".
 
     n_subjects: default 200 (20 with quick). quick: a tiny smoke world (2-layer 64-wide model, a few
-    steps) for tests. overrides: TrainConfig fields (e.g. steps=2000, lr=1e-3), part of the cache key.
+    steps) for tests. languages: 1, or 2 for a bilingual world (`languages`). overrides: TrainConfig fields (e.g. steps=2000, lr=1e-3), part of the cache key.
     An existing out_dir holding a different build (or anything else) is an error unless force.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown world arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    check_languages(languages)
     n_subjects = n_subjects if n_subjects is not None else (QUICK_SUBJECTS if quick else 200)
     n_corpus_docs = n_corpus_docs if n_corpus_docs is not None else (200 if quick else 2000)
     if n_corpus_docs < 1:
@@ -84,13 +93,13 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
             raise ValueError(f"unknown training setting {key!r}")
         setattr(cfg, key, type(getattr(cfg, key))(value))
     cfg.threads = threads
-    args = build_args(n_subjects, arch, seed, quick, cfg, n_corpus_docs)
+    args = build_args(n_subjects, arch, seed, quick, cfg, n_corpus_docs, languages)
     out = Path(out_dir).expanduser().resolve()
     say = log or (lambda m: None)
 
     if out.exists() and not force:
         prev = read_build(out)
-        if prev is not None and prev.get("args") == args and is_complete(out):
+        if prev is not None and prev.get("args") == args and is_complete(out, languages):
             say(f"reusing the build in {out}")
             return {**prev, "cached": True, "dir": str(out)}
         if prev is not None:
@@ -102,7 +111,8 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
 
     if _needs_child(threads):
         return _build_in_child(out, dict(n_subjects=n_subjects, arch=arch, seed=seed, quick=quick, force=force,
-                                         threads=threads, n_corpus_docs=n_corpus_docs, **overrides), log)
+                                         threads=threads, n_corpus_docs=n_corpus_docs, languages=languages,
+                                         **overrides), log)
 
     t_start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,22 +123,23 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
         timings = {}
         t = time.perf_counter()
         world = generate_world(n_subjects, seed)
-        files = write_world_files(world, tmp, n_corpus_docs, args={"n_subjects": n_subjects, "seed": seed})
+        world_args = {"n_subjects": n_subjects, "seed": seed, **({"languages": 2} if languages == 2 else {})}
+        files = write_world_files(world, tmp, n_corpus_docs, args=world_args, languages=languages)
         timings["generate"] = round(time.perf_counter() - t, 2)
         say(f"world: {n_subjects} subjects x {len(world.relations)} relations = {n_subjects * len(world.relations)} facts")
 
         t = time.perf_counter()
-        tok = train_tokenizer(world, arch, cfg.vocab_size, cfg.tokenizer_texts)
+        tok = train_tokenizer(world, arch, cfg.vocab_size, cfg.tokenizer_texts, languages)
         timings["tokenizer"] = round(time.perf_counter() - t, 2)
 
         with torch_settings(threads):
             t = time.perf_counter()
             wall0, cpu0 = time.perf_counter(), time.process_time()
-            model, info = train_model(world, arch, tok, cfg, seed, log=say)
+            model, info = train_model(world, arch, tok, cfg, seed, log=say, languages=languages)
             timings["train"] = round(time.perf_counter() - wall0, 2)
             timings["train_cpu"] = round(time.process_time() - cpu0, 2)
             t = time.perf_counter()
-            figures = recall_all(model, tok, world)
+            figures = recall_all(model, tok, world, languages=languages)
             timings["recall"] = round(time.perf_counter() - t, 2)
 
         model_dir = tmp / "model"
@@ -145,6 +156,8 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
                       "d_ff": cfg.d_ff, "vocab_size": len(tok), "parameters": n_params},
             "training": info,
             "recall": figures,
+            **({"languages": {"count": 2, "subject_token_jaccard": round(
+                subject_token_jaccard(tok, world, second_language(world)), 4)}} if languages == 2 else {}),
             "files": {name: name for name in sorted(Path(f).name for f in files.values())} | {"model": "model"},
             "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                          "tokenizers": _version("tokenizers"), "python": platform.python_version()},
