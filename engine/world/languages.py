@@ -13,6 +13,11 @@ ids and object ids), computed from the L1 world alone, so nothing new needs stor
 Its CounterFact and zsRE records are the L1 records' edits (same case_ids, same target_new and
 target_true objects) phrased in L2 (`l2_counterfact_records`, `l2_zsre_records`). Filler text
 (prefix sentences) stays in the shared filler grammar of `generate`.
+
+Training in two languages halves each language's exposures per step. Measured (400 subjects x 4
+relations, default 6 x 128 GPT-2, 2 shared cores): rewrite recall L1 / L2 was 38% / 25% after
+1400 steps and 51% / 43% after 1800, the object loss still falling steadily at the end, so a
+bilingual world needs several times the one-language steps (`--steps`).
 """
 from __future__ import annotations
 
