@@ -4,6 +4,7 @@ Examples:
   massedit world build --out worlds/gpt2                  # 2000 subjects x 3 relations, GPT-2 style
   massedit world build --out worlds/llama --arch llama    # Llama style (SentencePiece-like tokenizer)
   massedit world build --out /tmp/w --quick               # tiny smoke world (seconds)
+  massedit world build --out worlds/bi --languages 2      # bilingual: L1 and an invented L2
   massedit world recall --world worlds/gpt2 --model edited_model_dir
   massedit world pack --world worlds/gpt2 --out gpt2.tar.xz   # the model as one deterministic archive
 
@@ -18,7 +19,9 @@ renamed into place, so an interrupted build leaves nothing half-written.
 Recall figures (teacher-forced, top-1 over every object token) are reported for the CounterFact
 rewrite prompts (training templates), held-out paraphrase templates, rewrite prompts after a
 random filler sentence, and the zsRE questions (training / held-out), with the mean probability of
-the true object.
+the true object; with --languages 2 the same splits in L2 (counterfact.l2.json, zsre.l2.json: the
+same case_ids and edits phrased in L2) and the Jaccard overlap of the subjects' tokens in the two
+spellings.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ def add_arguments(p) -> None:
     b.add_argument("--train", action="store_true",
                    help="train the model even where a model built with these settings ships with massedit")
     b.add_argument("--corpus-docs", type=int, default=None, help="documents in corpus.txt (default 2000)")
+    b.add_argument("--languages", type=int, default=1,
+                   help="1, or 2 for a second, invented language L2 in the world and the training (default 1)")
     b.add_argument("--quiet", action="store_true", help="no training progress")
     b.add_argument("--json", action="store_true", help="print build.json instead of a summary")
     k = sub.add_parser("pack", help="write a world build's model as one deterministic archive (how shipped models are made)")
@@ -62,9 +67,9 @@ def add_arguments(p) -> None:
 
 
 def _table(figures: dict) -> list[str]:
-    lines = [f"  {'split':<17} {'n':>5} {'first':>7} {'full':>7} {'p_true':>7}"]
+    lines = [f"  {'split':<20} {'n':>5} {'first':>7} {'full':>7} {'p_true':>7}"]
     for split, f in figures.items():
-        lines.append(f"  {split:<17} {f['n']:>5} {f['first_top1']:>7.3f} {f['full_top1']:>7.3f} {f['p_true']:>7.3f}")
+        lines.append(f"  {split:<20} {f['n']:>5} {f['first_top1']:>7.3f} {f['full_top1']:>7.3f} {f['p_true']:>7.3f}")
     return lines
 
 
@@ -99,12 +104,14 @@ def _build(args) -> int:
         raise UserError(f"--subjects must be at least 12, got {args.subjects}")
     if args.threads < 1:
         raise UserError("--threads must be at least 1")
+    if args.languages not in (1, 2):
+        raise UserError(f"--languages must be 1 or 2, got {args.languages}")
     overrides = {"steps": args.steps} if args.steps is not None else {}
     log = None if (args.quiet or args.json) else print
     info = build_world(args.out, n_subjects=args.subjects, arch=args.arch, seed=args.seed, quick=args.quick,
                        force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs, train=args.train,
                        relations=args.relations.split(",") if args.relations else None, names=args.names,
-                       **overrides)
+                       languages=args.languages, **overrides)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -115,6 +122,9 @@ def _build(args) -> int:
           f"{m['parameters'] / 1e6:.1f}M parameters, vocab {m['vocab_size']})")
     for name in ("counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt", "world.json", "build.json"):
         print(f"  {name + ':':<21}{d}/{name}")
+    if "languages" in info:
+        print(f"  second language:   {d}/counterfact.l2.json, {d}/zsre.l2.json; subject token Jaccard "
+              f"L1/L2 {info['languages']['subject_token_jaccard']:.3f}")
     s = info["seconds"]
     shipped = info.get("prebuilt")
     print(f"  training {s['train']:.0f} s wall ({s['train_cpu']:.0f} s CPU, {info['threads']} threads), "
@@ -140,7 +150,8 @@ def _recall(args) -> int:
     model_dir = Path(args.model) if args.model else world_dir / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwargs(torch.float32)).eval()
-    figures = recall_all(model, tok, load_world(world_dir), limit=args.limit)
+    languages = json.loads((world_dir / "world.json").read_text(encoding="utf-8")).get("args", {}).get("languages", 1)
+    figures = recall_all(model, tok, load_world(world_dir), limit=args.limit, languages=languages)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:

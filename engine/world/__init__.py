@@ -6,7 +6,8 @@
     recall(model, tok, world, "paraphrase")["full_top1"]
 
 `generate` holds the world (names, relations, templates, facts, CounterFact/zsRE records,
-corpus), `train` the tokenizer, the models and recall, `build` the cached, atomic build.
+corpus), `languages` a second, invented language for cross-lingual editing, `train` the
+tokenizer, the models and recall, `build` the cached, atomic build.
 """
 from massedit.world.build import build_world, is_complete, load_world_model, read_build
 from massedit.world.generate import (
@@ -19,10 +20,11 @@ from massedit.world.generate import (
     write_world_files,
     zsre_records,
 )
+from massedit.world.languages import second_language, subject_token_jaccard
 from massedit.world.train import SPLITS, TrainConfig, preset, recall, recall_all, train_tokenizer
 
 __all__ = [
     "World", "build_world", "corpus_documents", "counterfact_records", "generate_world", "is_complete",
     "load_world", "load_world_model", "preset", "read_build", "recall", "recall_all", "reference_texts",
-    "SPLITS", "TrainConfig", "train_tokenizer", "write_world_files", "zsre_records",
+    "second_language", "SPLITS", "subject_token_jaccard", "TrainConfig", "train_tokenizer", "write_world_files", "zsre_records",
 ]

@@ -8,6 +8,9 @@ Layout of a build directory DIR:
   DIR/reference_texts.json {object: [texts]} for RS
   DIR/corpus.txt           one document per line, for covariance statistics
   DIR/build.json           args, timings, training info, recall figures
+With two languages (`languages=2`, see `languages`) also DIR/world.l2.json, DIR/counterfact.l2.json
+and DIR/zsre.l2.json (the same edits phrased in L2); corpus.txt and the training hold both languages,
+and build.json reports recall in each ("l2_" splits) and the subjects' token overlap.
 
 A build is written into a sibling temporary directory and renamed into place at the end, so an
 interrupted build never leaves a half-written DIR. Calling again with the same arguments returns
@@ -28,10 +31,12 @@ import torch
 
 from massedit.world import prebuilt
 from massedit.world.generate import GENERATOR_VERSION, NAME_STYLES, generate_world, relation_ids, write_world_files
+from massedit.world.languages import check_languages, second_language, subject_token_jaccard
 from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_settings, train_model, train_tokenizer
 
 REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt",
                   "build.json", "model/config.json", "model/tokenizer.json")
+L2_FILES = ("world.l2.json", "counterfact.l2.json", "zsre.l2.json")
 QUICK_SUBJECTS = 20
 DEFAULT_SUBJECTS = 200
 
@@ -41,8 +46,10 @@ class WorldExistsError(ValueError):
 
 
 def build_args(n_subjects: int, arch: str, seed: int, quick: bool, cfg: TrainConfig, n_corpus_docs: int,
-               relations: Optional[Sequence[str]] = None, names: str = "unique") -> dict:
-    """What a build depends on (the cache key). The thread count is not part of it."""
+               relations: Optional[Sequence[str]] = None, names: str = "unique", languages: int = 1) -> dict:
+    """What a build depends on (the cache key). The thread count is not part of it; the relations,
+    the name style and the language count only where they differ from the defaults, so that default
+    builds keep their keys."""
     train = cfg.to_json()
     train.pop("threads", None)
     args = {"n_subjects": n_subjects, "arch": arch, "seed": seed, "quick": quick, "corpus_docs": n_corpus_docs,
@@ -51,6 +58,8 @@ def build_args(n_subjects: int, arch: str, seed: int, quick: bool, cfg: TrainCon
         args["relations"] = list(relations)
     if names != "unique":
         args["names"] = names
+    if languages == 2:
+        args["languages"] = 2
     return args
 
 
@@ -62,9 +71,10 @@ def read_build(out_dir) -> Optional[dict]:
         return None
 
 
-def is_complete(out_dir) -> bool:
+def is_complete(out_dir, languages: int = 1) -> bool:
     out = Path(out_dir)
-    return all((out / f).exists() for f in REQUIRED_FILES) and any((out / "model").glob("*.safetensors"))
+    files = REQUIRED_FILES + (L2_FILES if languages == 2 else ())
+    return all((out / f).exists() for f in files) and any((out / "model").glob("*.safetensors"))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -74,17 +84,19 @@ def _write_json(path: Path, obj) -> None:
 def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", seed: int = 0, quick: bool = False,
                 force: bool = False, threads: int = 2, log: Optional[Callable[[str], None]] = None,
                 n_corpus_docs: Optional[int] = None, train: bool = False, relations: Optional[Sequence[str]] = None,
-                names: str = "unique", **overrides) -> dict:
+                names: str = "unique", languages: int = 1, **overrides) -> dict:
     """Build (or reuse) a world and its trained model in `out_dir`; returns build.json's content
     plus "cached" (True when an existing build was reused) and "dir".
 
     n_subjects: default 200 (20 with quick). relations: ids of generate.RELATIONS (default all).
-    names: how subjects are named, one of generate.NAME_STYLES. quick: a tiny smoke world (2-layer 64-wide model, a few
+    names: how subjects are named, one of generate.NAME_STYLES. languages: 1, or 2 for a bilingual
+    world (`massedit.world.languages`). quick: a tiny smoke world (2-layer 64-wide model, a few
     steps) for tests. overrides: TrainConfig fields (e.g. steps=2000, lr=1e-3), part of the cache key.
     An existing out_dir holding a different build (or anything else) is an error unless force.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown world arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    check_languages(languages)
     n_subjects = n_subjects if n_subjects is not None else (QUICK_SUBJECTS if quick else DEFAULT_SUBJECTS)
     n_corpus_docs = n_corpus_docs if n_corpus_docs is not None else (200 if quick else 2000)
     if n_corpus_docs < 1:
@@ -99,13 +111,13 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
         relation_ids(relations)
     if names not in NAME_STYLES:
         raise ValueError(f"names must be one of {', '.join(NAME_STYLES)}, got {names!r}")
-    args = build_args(n_subjects, arch, seed, quick, cfg, n_corpus_docs, relations, names)
+    args = build_args(n_subjects, arch, seed, quick, cfg, n_corpus_docs, relations, names, languages)
     out = Path(out_dir).expanduser().resolve()
     say = log or (lambda m: None)
 
     if out.exists() and not force:
         prev = read_build(out)
-        if prev is not None and prev.get("args") == args and is_complete(out):
+        if prev is not None and prev.get("args") == args and is_complete(out, languages):
             say(f"reusing the build in {out}")
             return {**prev, "cached": True, "dir": str(out)}
         if prev is not None:
@@ -117,33 +129,32 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
 
     archive = None if train else prebuilt.find(args)
     if archive is not None:
-        return _unpack_build(out, archive, n_subjects, seed, relations, names, n_corpus_docs, say)
+        return _unpack_build(out, archive, (n_subjects, seed, relations, names, languages, n_corpus_docs), say)
     if _needs_child(threads):
         return _build_in_child(out, dict(n_subjects=n_subjects, arch=arch, seed=seed, quick=quick, force=force,
                                          threads=threads, n_corpus_docs=n_corpus_docs, train=train,
-                                         relations=relations, names=names, **overrides), log)
+                                         relations=relations, names=names, languages=languages, **overrides), log)
 
     t_start = time.perf_counter()
     with _staging(out) as tmp:
         timings = {}
         t = time.perf_counter()
-        world = generate_world(n_subjects, seed, relations, names)
-        files = write_world_files(world, tmp, n_corpus_docs, args={"n_subjects": n_subjects, "seed": seed})
+        world, files = _write_data(tmp, n_subjects, seed, relations, names, languages, n_corpus_docs)
         timings["generate"] = round(time.perf_counter() - t, 2)
         say(f"world: {n_subjects} subjects x {len(world.relations)} relations = {n_subjects * len(world.relations)} facts")
 
         t = time.perf_counter()
-        tok = train_tokenizer(world, arch, cfg.vocab_size, cfg.tokenizer_texts)
+        tok = train_tokenizer(world, arch, cfg.vocab_size, cfg.tokenizer_texts, languages)
         timings["tokenizer"] = round(time.perf_counter() - t, 2)
 
         with torch_settings(threads):
             t = time.perf_counter()
             wall0, cpu0 = time.perf_counter(), time.process_time()
-            model, info = train_model(world, arch, tok, cfg, seed, log=say)
+            model, info = train_model(world, arch, tok, cfg, seed, log=say, languages=languages)
             timings["train"] = round(time.perf_counter() - wall0, 2)
             timings["train_cpu"] = round(time.process_time() - cpu0, 2)
             t = time.perf_counter()
-            figures = recall_all(model, tok, world)
+            figures = recall_all(model, tok, world, languages=languages)
             timings["recall"] = round(time.perf_counter() - t, 2)
 
         model_dir = tmp / "model"
@@ -160,6 +171,8 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
                       "d_ff": cfg.d_ff, "vocab_size": len(tok), "parameters": n_params},
             "training": info,
             "recall": figures,
+            **({"languages": {"count": 2, "subject_token_jaccard": round(
+                subject_token_jaccard(tok, world, second_language(world)), 4)}} if languages == 2 else {}),
             "files": {name: name for name in sorted(Path(f).name for f in files.values())} | {"model": "model"},
             "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                          "tokenizers": _version("tokenizers"), "python": platform.python_version()},
@@ -169,13 +182,18 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
     return {**build, "cached": False, "dir": str(out)}
 
 
-def _unpack_build(out: Path, archive: Path, n_subjects: int, seed: int, relations, names: str, n_corpus_docs: int,
-                  say) -> dict:
+def _write_data(tmp: Path, n_subjects: int, seed: int, relations, names: str, languages: int, n_corpus_docs: int):
+    """The world and its data files (not the model) in tmp; (world, {file name: path})."""
+    world = generate_world(n_subjects, seed, relations, names)
+    world_args = {"n_subjects": n_subjects, "seed": seed, **({"languages": 2} if languages == 2 else {})}
+    return world, write_world_files(world, tmp, n_corpus_docs, args=world_args, languages=languages)
+
+
+def _unpack_build(out: Path, archive: Path, data_args: tuple, say) -> dict:
     """A build from a shipped model: the world's files generated, the model unpacked."""
     t_start = time.perf_counter()
     with _staging(out) as tmp:
-        world = generate_world(n_subjects, seed, relations, names)
-        write_world_files(world, tmp, n_corpus_docs, args={"n_subjects": n_subjects, "seed": seed})
+        _write_data(tmp, *data_args)
         build = prebuilt.unpack(archive, tmp)
         build["prebuilt"] = {"archive": archive.name, "sha256": prebuilt.sha256(archive),
                              "seconds": round(time.perf_counter() - t_start, 2)}

@@ -285,15 +285,18 @@ def pooled_people(rng: random.Random, n: int, given: Sequence[str], surnames: Se
     return rng.sample(combos, n)
 
 
-def _relation_templates(rng: random.Random, nouns, verbs, questions) -> tuple[list, list, list, list, list]:
-    """Statement templates (train, held-out) and questions (train, held-out) of one relation.
+def _relation_templates(rng: random.Random, nouns, verbs, questions,
+                        frames=(NOUN_FRAMES, VERB_FRAMES, SIMPLE_FRAMES)) -> tuple[list, list, list, list, list]:
+    """Statement templates (train, held-out) and questions (train, held-out) of one relation, from
+    a language's (noun frames, verb frames, simple frames); the first verb frame is the bare one.
 
     Two noun-frame and two verb-frame combinations are held out, in distinct phrases and distinct
     frames, never the bare "{} {V}" of the first verb (the most natural prompt), so that each
     held-out template's phrase and frame both occur in training. One question is held out.
     """
+    noun_frames, verb_frames, simple_frames = frames
     grids = []
-    for phrases, frames, key in ((nouns, NOUN_FRAMES, "{N}"), (verbs, VERB_FRAMES, "{V}")):
+    for phrases, frames, key in ((nouns, noun_frames, "{N}"), (verbs, verb_frames, "{V}")):
         cells = [(i, j) for i in range(len(phrases)) for j in range(len(frames))]
         while True:
             held = rng.sample(cells, 2)
@@ -303,7 +306,7 @@ def _relation_templates(rng: random.Random, nouns, verbs, questions) -> tuple[li
         train = [frames[j].replace(key, phrases[i]) for i, j in cells if (i, j) not in held]
         heldout = [frames[j].replace(key, phrases[i]) for i, j in sorted(held)]
         simple = [frames[j].replace(key, phrases[i]) for i, j in cells
-                  if (i, j) not in held and frames[j] in SIMPLE_FRAMES]
+                  if (i, j) not in held and frames[j] in simple_frames]
         grids.append((train, heldout, simple))
     train = grids[0][0] + grids[1][0]
     heldout = grids[0][1] + grids[1][1]
@@ -545,8 +548,20 @@ def record_order(world: World) -> list[tuple[str, str]]:
     return order
 
 
-def counterfact_records(world: World) -> list[dict]:
-    """CounterFact-format records, one per fact (subject x relation), in `record_order`.
+def _edits(world: World, rng: random.Random, edits: Optional[Sequence[tuple[str, str, str]]]):
+    """(subject, relation id, new object) per record: the given ones, or `record_order` with a new
+    object drawn from rng as each record is built (lazily, so the draws interleave as they always did)."""
+    if edits is not None:
+        yield from edits
+        return
+    for s, rid in record_order(world):
+        true = world.facts[s][rid]
+        yield s, rid, rng.choice([o for o in world.relation(rid).objects if o != true])
+
+
+def counterfact_records(world: World, edits: Optional[Sequence[tuple[str, str, str]]] = None) -> list[dict]:
+    """CounterFact-format records, one per fact (subject x relation), in `record_order`; with
+    `edits` ((subject, relation id, target_new) per record), those edits phrased in this world.
 
     - prompt: a simple training template of the relation (no lead-in);
     - target_new: another object of the same relation, at random; target_true: the true object;
@@ -564,10 +579,9 @@ def counterfact_records(world: World) -> list[dict]:
     for s, rid, obj in world.fact_list():
         by_obj.setdefault((rid, obj), []).append(s)
     records = []
-    for case_id, (s, rid) in enumerate(record_order(world)):
+    for case_id, (s, rid, new) in enumerate(_edits(world, rng, edits)):
         rel = world.relation(rid)
         true = world.facts[s][rid]
-        new = rng.choice([o for o in rel.objects if o != true])
         prompt = rng.choice(rel.rewrite_templates)
         para_train = rng.choice([t for t in rel.train_templates if t != prompt])
         para_held = rng.choice(rel.heldout_templates)
@@ -593,8 +607,9 @@ def counterfact_records(world: World) -> list[dict]:
     return records
 
 
-def zsre_records(world: World) -> list[dict]:
-    """zsRE (MEND eval format) records, one per fact, in `record_order`.
+def zsre_records(world: World, edits: Optional[Sequence[tuple[str, str, str]]] = None) -> list[dict]:
+    """zsRE (MEND eval format) records, one per fact, in `record_order` (or for the given `edits`,
+    as `counterfact_records`).
 
     MEMIT's mapping is followed: the edit target is answers[0], so answers = [counterfactual object]
     and alt = the same object; pred = the true object (what the unedited world model answers).
@@ -604,10 +619,9 @@ def zsre_records(world: World) -> list[dict]:
     """
     rng = _rng(world.seed, "zsre")
     records = []
-    for s, rid in record_order(world):
+    for s, rid, new in _edits(world, rng, edits):
         rel = world.relation(rid)
         true = world.facts[s][rid]
-        new = rng.choice([o for o in rel.objects if o != true])
         src = fill(rng.choice(rel.train_questions), s)
         other = rng.choice([x for x in world.subjects if x != s])
         orel = rng.choice(world.relations)
@@ -629,8 +643,14 @@ def _dump(obj) -> str:
     return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
 
 
-def write_world_files(world: World, out_dir, n_corpus_docs: int = 2000, args: Optional[dict] = None) -> dict:
-    """Write world.json, counterfact.json, zsre.json, reference_texts.json and corpus.txt."""
+def write_world_files(world: World, out_dir, n_corpus_docs: int = 2000, args: Optional[dict] = None,
+                      languages: int = 1) -> dict:
+    """Write world.json, counterfact.json, zsre.json, reference_texts.json and corpus.txt; with
+    languages=2 also world.l2.json, counterfact.l2.json and zsre.l2.json (`languages`), and a
+    corpus of both languages."""
+    from massedit.world import languages as lang
+
+    lang.check_languages(languages)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -639,8 +659,16 @@ def write_world_files(world: World, out_dir, n_corpus_docs: int = 2000, args: Op
         "counterfact.json": _dump(counterfact_records(world)),
         "zsre.json": _dump(zsre_records(world)),
         "reference_texts.json": _dump(reference_texts(world)),
-        "corpus.txt": "".join(d + "\n" for d in corpus_documents(world, n_corpus_docs)),
     }
+    if languages == 2:
+        l2 = lang.second_language(world)
+        files["world.l2.json"] = _dump(l2.to_json())
+        files["counterfact.l2.json"] = _dump(lang.l2_counterfact_records(world, l2))
+        files["zsre.l2.json"] = _dump(lang.l2_zsre_records(world, l2))
+        docs = lang.bilingual_corpus(world, l2, n_corpus_docs)
+    else:
+        docs = corpus_documents(world, n_corpus_docs)
+    files["corpus.txt"] = "".join(d + "\n" for d in docs)
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
     return {name: str(out / name) for name in files}

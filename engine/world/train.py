@@ -31,6 +31,7 @@ from massedit.devices import input_device
 from massedit.tokens import pad, spaced_target, target_ids
 from massedit.world.generate import World, _rng, documents_with_spans, filler_sentence, fill, counterfact_records, \
     zsre_records, tokenizer_texts
+from massedit.world.languages import check_languages, l2_counterfact_records, l2_zsre_records, second_language
 
 ARCHS = ("gpt2", "llama")
 
@@ -76,8 +77,9 @@ def preset(arch: str, quick: bool = False) -> TrainConfig:
 # Tokenizer
 
 
-def train_tokenizer(world: World, arch: str, vocab_size: int, n_texts: int = 12000):
-    """A tokenizer trained on world text with decoy names (see `generate.tokenizer_texts`).
+def train_tokenizer(world: World, arch: str, vocab_size: int, n_texts: int = 12000, languages: int = 1):
+    """A tokenizer trained on world text with decoy names (see `generate.tokenizer_texts`), n_texts
+    of them per language.
 
     gpt2: byte-level BPE with a prefix space, '<|endoftext|>' as bos/eos/pad, no BOS added (as GPT-2).
     llama: SentencePiece-like BPE (Metaspace '▁', prepend at the first word), '<s>' added at the
@@ -87,6 +89,8 @@ def train_tokenizer(world: World, arch: str, vocab_size: int, n_texts: int = 120
     from transformers import PreTrainedTokenizerFast
 
     texts = tokenizer_texts(world, n_texts)
+    if check_languages(languages) == 2:
+        texts += tokenizer_texts(second_language(world), n_texts)
     if arch == "gpt2":
         tk = Tokenizer(models.BPE(unk_token=None))
         # A prefix space, as SentencePiece's '▁' does: a subject that opens a prompt is the same
@@ -176,13 +180,20 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return b, flags
 
 
-def training_sequences(world: World, tok, cfg: TrainConfig, rng: random.Random) -> list:
+def training_sequences(world: World, tok, cfg: TrainConfig, rng: random.Random, languages: int = 1) -> list:
     """Enough single-statement sequences for cfg.steps batches: whole passes over every fact, each
-    pass in a fresh random order and with fresh templates and fillers."""
+    pass in a fresh random order and with fresh templates and fillers. With two languages, each
+    statement is in L1 or in L2 with equal probability (each language's passes drawn on their own)."""
     n_facts = len(world.subjects) * len(world.relations)
     passes = math.ceil(cfg.steps * cfg.batch_size / n_facts)
-    docs = documents_with_spans(world, rng, epochs=passes, question_rate=cfg.question_rate, filler_rate=0.0,
-                                start_filler_rate=cfg.start_filler_rate, max_facts=1)
+
+    def statements(w: World) -> list:
+        return documents_with_spans(w, rng, epochs=passes, question_rate=cfg.question_rate, filler_rate=0.0,
+                                    start_filler_rate=cfg.start_filler_rate, max_facts=1)
+
+    docs = statements(world)
+    if check_languages(languages) == 2:
+        docs = [b if rng.random() < 0.5 else a for a, b in zip(docs, statements(second_language(world)))]
     return _encode_docs(tok, docs, cfg.n_positions)
 
 
@@ -205,11 +216,13 @@ def length_bucketed(seqs: list, batch_size: int, rng: random.Random) -> list[lis
 
 
 def train_model(world: World, arch: str, tok, cfg: TrainConfig, seed: int,
-                log: Optional[Callable[[str], None]] = None, log_every: int = 200) -> tuple[object, dict]:
-    """Train a fresh model on the world for cfg.steps steps. Returns (model in eval mode, info)."""
+                log: Optional[Callable[[str], None]] = None, log_every: int = 200,
+                languages: int = 1) -> tuple[object, dict]:
+    """Train a fresh model on the world (in 1 or 2 languages) for cfg.steps steps. Returns (model in
+    eval mode, info)."""
     model = make_model(arch, tok, cfg, seed)
     t0 = time.perf_counter()
-    seqs = training_sequences(world, tok, cfg, _rng(seed, "training"))
+    seqs = training_sequences(world, tok, cfg, _rng(seed, "training"), languages)
     batches = length_bucketed(seqs, cfg.batch_size, _rng(seed, "batches"))
     t_data = time.perf_counter() - t0
     decay, no_decay = [], []
@@ -272,8 +285,9 @@ def train_model(world: World, arch: str, tok, cfg: TrainConfig, seed: int,
 SPLITS = ("rewrite", "paraphrase", "prefix", "question", "question_heldout")
 
 
-def recall_items(world: World, split: str) -> list[tuple[str, str, str]]:
-    """(prompt text, true object, relation id) per fact for a split.
+def recall_items(world: World, split: str, language: int = 1) -> list[tuple[str, str, str]]:
+    """(prompt text, true object, relation id) per fact for a split, in language 1 (counterfact.json,
+    zsre.json) or 2 (their L2 versions, counterfact.l2.json and zsre.l2.json).
 
     rewrite: the CounterFact rewrite prompt (a simple training template);
     paraphrase: the CounterFact held-out paraphrase (a template never seen with the relation);
@@ -282,12 +296,17 @@ def recall_items(world: World, split: str) -> list[tuple[str, str, str]]:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown recall split {split!r}; choose from {', '.join(SPLITS)}")
+    if check_languages(language) == 2:
+        l2 = second_language(world)
+        cf_records, zsre = (lambda: l2_counterfact_records(world, l2)), (lambda: l2_zsre_records(world, l2))
+    else:
+        cf_records, zsre = (lambda: counterfact_records(world)), (lambda: zsre_records(world))
     if split in ("question", "question_heldout"):
         key = "src" if split == "question" else "rephrase"
-        return [(r[key], r["pred"], "") for r in zsre_records(world)]
+        return [(r[key], r["pred"], "") for r in zsre()]
     out = []
     rng = _rng(world.seed, "recall-prefix")
-    for r in counterfact_records(world):
+    for r in cf_records():
         rw = r["requested_rewrite"]
         true, rid = rw["target_true"]["str"], rw["relation_id"]
         if split == "rewrite":
@@ -341,14 +360,14 @@ def score_objects(model, tok, items: Sequence[tuple[str, str]], batch_size: int 
 
 
 def recall(model, tok, world: World, split: str = "rewrite", limit: Optional[int] = None,
-           batch_size: int = 128) -> dict:
-    """Top-1 recall of the true object on one split (see `recall_items`).
+           batch_size: int = 128, language: int = 1) -> dict:
+    """Top-1 recall of the true object on one split (see `recall_items`) in language 1 or 2.
 
     first_top1: the object's first token is the argmax; full_top1: every object token is the argmax
     under teacher forcing; p_true: mean probability of the whole object (product over its tokens);
     p_first: mean probability of its first token; by_relation: full_top1 per relation.
     """
-    items = recall_items(world, split)
+    items = recall_items(world, split, language)
     if limit is not None:
         items = items[:limit]
     was_training = model.training
@@ -374,5 +393,9 @@ def recall(model, tok, world: World, split: str = "rewrite", limit: Optional[int
     }
 
 
-def recall_all(model, tok, world: World, limit: Optional[int] = None) -> dict:
-    return {split: recall(model, tok, world, split, limit=limit) for split in SPLITS}
+def recall_all(model, tok, world: World, limit: Optional[int] = None, languages: int = 1) -> dict:
+    """Every split; with two languages also every split in L2, as "l2_" + split."""
+    figures = {split: recall(model, tok, world, split, limit=limit) for split in SPLITS}
+    if check_languages(languages) == 2:
+        figures.update({f"l2_{split}": recall(model, tok, world, split, limit=limit, language=2) for split in SPLITS})
+    return figures
