@@ -126,10 +126,12 @@ def _build(args) -> int:
         print(f"  second language:   {d}/counterfact.l2.json, {d}/zsre.l2.json; subject token Jaccard "
               f"L1/L2 {info['languages']['subject_token_jaccard']:.3f}")
     s = info["seconds"]
-    shipped = info.get("prebuilt")
-    print(f"  training {s['train']:.0f} s wall ({s['train_cpu']:.0f} s CPU, {info['threads']} threads), "
-          f"total {s['total']:.0f} s" + (f"; shipped as {shipped['archive']}, unpacked in {shipped['seconds']:.0f} s"
-                                         if shipped else ""))
+    if info.get("prebuilt"):
+        print(f"  model shipped with massedit ({info['prebuilt']['archive']}, trained with {info['threads']} threads), "
+              f"unpacked in {s['total']:.0f} s; --train trains it here")
+    else:
+        print(f"  training {s['train']:.0f} s wall ({s['train_cpu']:.0f} s CPU, {info['threads']} threads), "
+              f"total {s['total']:.0f} s")
     print("recall of the true object (top-1, teacher forced):")
     print("\n".join(_table(info["recall"])))
     return 0

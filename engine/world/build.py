@@ -195,8 +195,9 @@ def _unpack_build(out: Path, archive: Path, data_args: tuple, say) -> dict:
     with _staging(out) as tmp:
         _write_data(tmp, *data_args)
         build = prebuilt.unpack(archive, tmp)
-        build["prebuilt"] = {"archive": archive.name, "sha256": prebuilt.sha256(archive),
-                             "seconds": round(time.perf_counter() - t_start, 2)}
+        build["prebuilt"] = {"archive": archive.name, "sha256": prebuilt.sha256(archive)}
+        build["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        build["seconds"] = {"total": round(time.perf_counter() - t_start, 2)}
         _write_json(tmp / "build.json", build)
     say(f"unpacked the shipped model {archive.name} into {out} (trained with these settings; "
         "`--train` trains it again)")

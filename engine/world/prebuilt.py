@@ -26,6 +26,17 @@ PREBUILT_DIR = Path(__file__).with_name("prebuilt")
 BUILD_MEMBER = "build.json"
 MODEL_MEMBER = "model"
 _XZ_PRESET = 6
+# Entries of build.json that differ between two runs of the same build (clock readings), left out
+# of the archive so that a rebuild packs to the same bytes.
+_VOLATILE = ("built_at", "seconds")
+_VOLATILE_TRAINING = ("data_seconds", "train_seconds")
+
+
+def _stable_build_json(build: dict) -> bytes:
+    stable = {k: v for k, v in build.items() if k not in _VOLATILE}
+    if isinstance(stable.get("training"), dict):
+        stable["training"] = {k: v for k, v in stable["training"].items() if k not in _VOLATILE_TRAINING}
+    return (json.dumps(stable, indent=1) + "\n").encode("utf-8")
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -48,7 +59,7 @@ def pack(world_dir, out_file) -> str:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
         # build.json first: reading the build arguments stops after one member.
-        tar.addfile(*_member(BUILD_MEMBER, build.read_bytes()))
+        tar.addfile(*_member(BUILD_MEMBER, _stable_build_json(json.loads(build.read_text(encoding="utf-8")))))
         for path in sorted(p for p in model.rglob("*") if p.is_file()):
             tar.addfile(*_member(f"{MODEL_MEMBER}/{path.relative_to(model).as_posix()}", path.read_bytes()))
     data = lzma.compress(raw.getvalue(), preset=_XZ_PRESET)
