@@ -159,6 +159,36 @@ def world_facts(world: Path) -> dict:
     }
 
 
+def key_transfer(editor, records: dict, delta) -> dict:
+    """Per edited layer, how much of MEMIT's edit an L2 prompt reaches: the MLP key k at the subject's
+    last token of each rewrite prompt in L1 and L2, their cosine for the same fact and for different
+    facts (L1 fact i against L2 fact i+1), and the median over facts of ‖Δk_L2‖/‖Δk_L1‖ with
+    Δk = u (vᵀk) the edit's change of that layer's output."""
+    from massedit.keys import collect_at_subject
+    from massedit.tokens import encode_prompt
+
+    layers = editor.hp.layers
+    keys = {}
+    for lang, recs in records.items():
+        enc = [encode_prompt(editor.tok, r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"])
+               for r in recs]
+        found = collect_at_subject(editor.model, editor.layout, editor.tok, enc, key_layers=layers)
+        keys[lang] = {l: found[("key", l)].double() for l in layers}
+    by_name = {wd.name: wd for wd in delta.weights}
+    out = {}
+    for l in layers:
+        wd = by_name[editor.layout.rewrite_weight_name(l)]
+        u, v = wd.u.double().cpu(), wd.v.double().cpu()
+        k1, k2 = keys["L1"][l], keys["L2"][l]
+        reach = (k2 @ v @ u.T).norm(dim=1) / (k1 @ v @ u.T).norm(dim=1).clamp_min(1e-30)
+        cos = torch.nn.functional.cosine_similarity
+        out[str(l)] = {"cos_same_fact": float(cos(k1, k2).mean()),
+                       "cos_other_fact": float(cos(k1, k2.roll(-1, 0)).mean()),
+                       "cos_l1_other_fact": float(cos(k1, k1.roll(-1, 0)).mean()),
+                       "edit_reach_l2_over_l1_median": float(reach.median())}
+    return out
+
+
 def run(args) -> dict:
     from massedit.methods.memat import Memat
 
@@ -181,6 +211,7 @@ def run(args) -> dict:
     memit, memit_cases = _evaluate(model, tok, records)
     memit_digests = {d["name"]: d["sha256_after"] for d in edited.delta.digests()}
     edited.delta.revert(model)
+    result["key_transfer"] = key_transfer(editor, records, edited.delta)
     right = _right_in_l2(memit_cases["L2"])
     result["memit"] = {"metrics": memit, "timings": edited.report()["timings"], "restored": _unchanged(model, snapshot),
                        "l2_right": sum(right)}

@@ -28,6 +28,9 @@ def test_memat_benchmark_smoke(bilingual_world, tmp_path, capsys):
             assert set(part[lang]) == set(B.METRICS)
             assert part[lang]["ES"]["n"] == 6
     assert data["memit"]["restored"] is True
+    for layer in data["hparams"]["layers"]:
+        keys = data["key_transfer"][str(layer)]
+        assert -1 <= keys["cos_same_fact"] <= 1 and keys["edit_reach_l2_over_l1_median"] >= 0
     assert [r["k"] for r in data["memat"]] == [1, 2]
     for run in data["memat"]:
         assert run["restored"] is True and run["memit_phase_identical"] is True
