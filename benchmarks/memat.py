@@ -210,6 +210,7 @@ def run(args) -> dict:
     edited = editor.edit(requests, method="memit")
     memit, memit_cases = _evaluate(model, tok, records)
     memit_digests = {d["name"]: d["sha256_after"] for d in edited.delta.digests()}
+    memit_dense = {wd.name: wd.dense() for wd in edited.delta.weights}
     edited.delta.revert(model)
     result["key_transfer"] = key_transfer(editor, records, edited.delta)
     right = _right_in_l2(memit_cases["L2"])
@@ -233,6 +234,7 @@ def run(args) -> dict:
             "l2_em_gain_by_transfer": _split_gain(cases["L2"], memit_cases["L2"], right),
             "timings": edited.report()["timings"],
             "memit_phase_identical": all(digests.get(n) == d for n, d in memit_digests.items()),
+            "memit_phase_rel_diff": _rel_diff(edited.delta, memit_dense),
             "restored": _unchanged(model, snapshot),
             "details": {key: details[key] for key in ("facts", "facts_right", "n_train_facts", "n_val_facts",
                                                       "best_val_accuracy", "heads", "omega_norms", "a0_norms")},
@@ -242,6 +244,13 @@ def run(args) -> dict:
         _print_rows(f"memat K={k}", metrics)
     editor.hp = base_hp
     return result
+
+
+def _rel_diff(delta, reference: dict) -> float:
+    """max |Δ − Δ_ref| / max |Δ_ref| over the weights in `reference` ({name: dense Δ})."""
+    mine = {wd.name: wd for wd in delta.weights}
+    return max(float((mine[name].dense() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+               for name, ref in reference.items())
 
 
 def _right_in_l2(cases: list[dict]) -> list[bool]:
@@ -297,7 +306,9 @@ def plot(result: dict, path: Path) -> None:
     ax_map.set_ylabel("layer")
     ax_map.set_xticks(range(result["n_heads"]))
     ax_map.set_yticks(range(result["n_layers"]))
-    ax_map.set_title(f"probe validation accuracy (best {float(accuracy.max()):.2f})")
+    n_val = result["memat"][0]["details"]["n_val_facts"]
+    ax_map.set_title(f"probe validation accuracy (best {float(accuracy.max()):.2f}, {n_val} validation facts)",
+                     fontsize=9)
     fig.colorbar(im, ax=ax_map)
     ks = [r["k"] for r in result["memat"]]
     for lang, style in (("L2", "-o"), ("L1", "--s")):
