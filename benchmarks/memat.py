@@ -1,0 +1,354 @@
+"""MEMAT vs MEMIT on a bilingual knowledge world (issue 12, item 3; README "MEMAT on the bilingual world").
+
+    python -m benchmarks.memat --world DIR [--n 100] [--k 4,8,16,32] [--threads T]
+        [--stats-dir DIR] [--out-dir DIR]
+
+- The world must be bilingual (`massedit world build --languages 2`): counterfact.json (L1) and
+  counterfact.l2.json (L2, the same case_ids).
+- Edits: the first --n L1 records with distinct subjects (the world lists them first), made with
+  MEMIT and with MEMAT (L2 records of the same case_ids) for each K. Each run starts from the
+  unedited model: its delta is reverted after the evaluation and the weights are checked bit for
+  bit against a snapshot. MEMAT's API always runs its own MEMIT phase, so that phase is rerun for
+  each K; whether it gives the same weights as the MEMIT run is checked (digests) and reported.
+- Metrics: ES, PS, NS, EM, PM, NM with 95% intervals (massedit.evaluate) on the edited L1 records
+  and on the L2 records of the same case_ids, before the edit and after each run.
+- Gains: relative change of MEMAT's EM and PM over MEMIT's, (MEMAT − MEMIT)/|MEMIT|, and the
+  difference in NS points, per K and language.
+- Probes: the validation accuracy of every (layer, head) probe (heat map), the best one, the
+  corrected heads; timings of MEMAT's phases (memit, memat_features, memat_probes, memat_omega).
+- World: what the transfer to L2 rests on, measured: recall per language and the subject-token
+  Jaccard overlap (from the world's build.json), how many edited facts MEMIT already gets right in
+  L2, and MEMAT's L2 EM gain split by that.
+
+K values above the model's number of heads are an error; without --k, the default 4,8,16,32 keeps
+those below the head count and adds the head count itself when 32 exceeds it.
+
+Writes <out-dir>/memat-<timestamp>.json and .png (probe accuracy heat map, gain vs K).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from benchmarks.sequential import _editor, _model, _requests
+from benchmarks.suites.common import RESULTS_DIR, machine_info
+
+DEFAULT_K = (4, 8, 16, 32)
+METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
+LANGUAGES = ("L1", "L2")
+PHASES = ("memit", "memat_features", "memat_probes", "memat_omega")
+GAIN_METRICS = ("EM", "PM")
+
+
+def _parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", required=True, help="a bilingual world directory (massedit world build --languages 2)")
+    p.add_argument("--n", type=int, default=100, help="edits (capped at the world's distinct subjects)")
+    p.add_argument("--k", help="comma-separated head counts K (default: 4,8,16,32 up to the model's heads)")
+    p.add_argument("--steps", type=int, help="override v_num_grad_steps (smoke runs)")
+    p.add_argument("--samples", type=int, help="override mom2_n_samples (smoke runs)")
+    p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats)")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    args = p.parse_args(argv)
+    try:
+        args.k_list = None if args.k is None else [int(k) for k in args.k.split(",")]
+    except ValueError:
+        p.error(f"--k: comma-separated integers, e.g. 4,8,16, got {args.k!r}")
+    if args.n < 1 or (args.k_list is not None and min(args.k_list) < 1):
+        p.error("--n and every --k must be >= 1")
+    world = Path(args.world)
+    for name in ("counterfact.json", "counterfact.l2.json", "model"):
+        if not (world / name).exists():
+            p.error(f"--world {world}: no {name}; build a bilingual world with "
+                    "`massedit world build --languages 2 --out DIR`")
+    return args
+
+
+def k_values(asked: Optional[list[int]], n_heads: int) -> list[int]:
+    """The K of each MEMAT run: `asked` if every one fits the model, else an error; without `asked`,
+    DEFAULT_K below n_heads, plus n_heads when a default exceeds it."""
+    if asked is not None:
+        over = [k for k in asked if k > n_heads]
+        if over:
+            raise SystemExit(f"--k {','.join(map(str, over))}: the model has {n_heads} heads in all; "
+                             f"give values up to {n_heads}")
+        return list(dict.fromkeys(asked))
+    ks = [k for k in DEFAULT_K if k < n_heads]
+    return ks + [n_heads] if max(DEFAULT_K) >= n_heads else ks
+
+
+def l2_records(world: Path, l1: list[dict]) -> list[dict]:
+    """The L2 record of each L1 record, by case_id, in the same order."""
+    from massedit.evaluate import load_records
+
+    _, records = load_records(world / "counterfact.l2.json")
+    by_case = {rec["case_id"]: rec for rec in records}
+    missing = [rec["case_id"] for rec in l1 if rec["case_id"] not in by_case]
+    if missing:
+        raise SystemExit(f"{world / 'counterfact.l2.json'}: no record for case_ids {missing[:10]}; "
+                         "rebuild the world with --languages 2")
+    return [by_case[rec["case_id"]] for rec in l1]
+
+
+def _evaluate(model, tok, records: dict) -> tuple[dict, dict]:
+    """Metrics ({language: {metric: stat}}) and the per-case values of each language."""
+    from massedit.evaluate import evaluate
+
+    metrics, per_case = {}, {}
+    for lang, recs in records.items():
+        ev = evaluate(model, tok, recs)
+        metrics[lang] = {m: ev["metrics"][m] for m in METRICS}
+        per_case[lang] = ev["per_case"]
+    return metrics, per_case
+
+
+def _snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+def _unchanged(model, snapshot: dict) -> bool:
+    state = model.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+def relative_gain(memat: Optional[float], memit: Optional[float]) -> Optional[float]:
+    """(memat − memit)/|memit| in percent; None when either is missing or memit is 0."""
+    if memat is None or memit is None or memit == 0:
+        return None
+    return 100.0 * (memat - memit) / abs(memit)
+
+
+def gains(memat: dict, memit: dict) -> dict:
+    """Per language: relative EM and PM gains (percent), their differences and NS's (points)."""
+    out = {}
+    for lang in LANGUAGES:
+        a, b = memat[lang], memit[lang]
+        row = {f"{m}_gain_pct": relative_gain(a[m]["mean"], b[m]["mean"]) for m in GAIN_METRICS}
+        for m in GAIN_METRICS + ("NS",):
+            row[f"{m}_diff"] = None if a[m]["mean"] is None or b[m]["mean"] is None else a[m]["mean"] - b[m]["mean"]
+        out[lang] = row
+    return out
+
+
+def _split_gain(memat_cases: list[dict], memit_cases: list[dict], right: list[bool]) -> dict:
+    """MEMAT's L2 EM minus MEMIT's (points), over the facts MEMIT gets right in L2 and over the others."""
+    out = {}
+    for name, keep in (("right_after_memit", True), ("wrong_after_memit", False)):
+        diffs = [a["EM"] - b["EM"] for a, b, r in zip(memat_cases, memit_cases, right) if r == keep]
+        out[name] = {"n": len(diffs), "EM_diff": 100.0 * sum(diffs) / len(diffs) if diffs else None}
+    return out
+
+
+def world_facts(world: Path) -> dict:
+    """Recall per language and subject-token overlap, as the world's build recorded them."""
+    build = json.loads((world / "build.json").read_text(encoding="utf-8"))
+    recall = build.get("recall", {})
+    return {
+        "model": build.get("model"),
+        "steps": build.get("args", {}).get("train", {}).get("steps"),
+        "recall_full_top1": {lang: recall.get(key, {}).get("full_top1")
+                             for lang, key in (("L1", "rewrite"), ("L2", "l2_rewrite"))},
+        "subject_token_jaccard": build.get("languages", {}).get("subject_token_jaccard"),
+    }
+
+
+def key_transfer(editor, records: dict, delta) -> dict:
+    """Per edited layer, how much of MEMIT's edit an L2 prompt reaches: the MLP key k at the subject's
+    last token of each rewrite prompt in L1 and L2, their cosine for the same fact and for different
+    facts (L1 fact i against L2 fact i+1), and the median over facts of ‖Δk_L2‖/‖Δk_L1‖ with
+    Δk = u (vᵀk) the edit's change of that layer's output."""
+    from massedit.keys import collect_at_subject
+    from massedit.tokens import encode_prompt
+
+    layers = editor.hp.layers
+    keys = {}
+    for lang, recs in records.items():
+        enc = [encode_prompt(editor.tok, r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"])
+               for r in recs]
+        found = collect_at_subject(editor.model, editor.layout, editor.tok, enc, key_layers=layers)
+        keys[lang] = {l: found[("key", l)].double() for l in layers}
+    by_name = {wd.name: wd for wd in delta.weights}
+    out = {}
+    for l in layers:
+        wd = by_name[editor.layout.rewrite_weight_name(l)]
+        u, v = wd.u.double().cpu(), wd.v.double().cpu()
+        k1, k2 = keys["L1"][l], keys["L2"][l]
+        reach = (k2 @ v @ u.T).norm(dim=1) / (k1 @ v @ u.T).norm(dim=1).clamp_min(1e-30)
+        cos = torch.nn.functional.cosine_similarity
+        out[str(l)] = {"cos_same_fact": float(cos(k1, k2).mean()),
+                       "cos_other_fact": float(cos(k1, k2.roll(-1, 0)).mean()),
+                       "cos_l1_other_fact": float(cos(k1, k1.roll(-1, 0)).mean()),
+                       "edit_reach_l2_over_l1_median": float(reach.median())}
+    return out
+
+
+def run(args) -> dict:
+    from massedit.methods.memat import Memat
+
+    world = Path(args.world)
+    model, tok = _model(world)
+    l1, requests = _requests(world, args.n)
+    records = {"L1": l1, "L2": l2_records(world, l1)}
+    editor = _editor(model, tok, args, world)
+    n_heads = editor.layout.n_layers * editor.layout.n_heads
+    ks = k_values(args.k_list, n_heads)
+    base_hp = editor.hp
+    snapshot = _snapshot(model)
+
+    pre, pre_cases = _evaluate(model, tok, records)
+    result = {"benchmark": "memat", "world": str(world), "world_facts": world_facts(world), "n": len(requests),
+              "k": ks, "n_layers": editor.layout.n_layers, "n_heads": editor.layout.n_heads,
+              "hparams": base_hp.to_dict(), "machine": machine_info(), "pre": pre}
+
+    edited = editor.edit(requests, method="memit")
+    memit, memit_cases = _evaluate(model, tok, records)
+    memit_digests = {d["name"]: d["sha256_after"] for d in edited.delta.digests()}
+    memit_dense = {wd.name: wd.dense() for wd in edited.delta.weights}
+    edited.delta.revert(model)
+    result["key_transfer"] = key_transfer(editor, records, edited.delta)
+    right = _right_in_l2(memit_cases["L2"])
+    result["memit"] = {"metrics": memit, "timings": edited.report()["timings"], "restored": _unchanged(model, snapshot),
+                       "l2_right": sum(right)}
+    result["pre_l2_right"] = sum(_right_in_l2(pre_cases["L2"]))
+    _print_rows("memit", memit)
+
+    result["memat"] = []
+    for k in ks:
+        editor.hp = base_hp.replace(memat_top_k=k)
+        edited = editor.edit(requests, method=Memat(records["L2"]))
+        metrics, cases = _evaluate(model, tok, records)
+        digests = {d["name"]: d["sha256_after"] for d in edited.delta.digests()}
+        edited.delta.revert(model)
+        details = edited.details
+        result["memat"].append({
+            "k": k,
+            "metrics": metrics,
+            "gains": gains(metrics, memit),
+            "l2_em_gain_by_transfer": _split_gain(cases["L2"], memit_cases["L2"], right),
+            "timings": edited.report()["timings"],
+            "memit_phase_identical": all(digests.get(n) == d for n, d in memit_digests.items()),
+            "memit_phase_rel_diff": _rel_diff(edited.delta, memit_dense),
+            "restored": _unchanged(model, snapshot),
+            "details": {key: details[key] for key in ("facts", "facts_right", "n_train_facts", "n_val_facts",
+                                                      "best_val_accuracy", "heads", "omega_norms", "a0_norms")},
+            "omega_loss_first_last": [details["omega_loss"][0], details["omega_loss"][-1]],
+            "probe_accuracy": details["probe_accuracy"],
+        })
+        _print_rows(f"memat K={k}", metrics)
+    editor.hp = base_hp
+    return result
+
+
+def _rel_diff(delta, reference: dict) -> float:
+    """max |Δ − Δ_ref| / max |Δ_ref| over the weights in `reference` ({name: dense Δ})."""
+    mine = {wd.name: wd for wd in delta.weights}
+    return max(float((mine[name].dense() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+               for name, ref in reference.items())
+
+
+def _right_in_l2(cases: list[dict]) -> list[bool]:
+    """Whether each L2 rewrite prompt prefers the new object (ES = 1)."""
+    return [bool(c.get("ES")) for c in cases]
+
+
+def _fmt(stat: dict) -> str:
+    if stat["mean"] is None:
+        return f"{'-':>12}"
+    half = "" if stat["ci95"] is None else f"±{(stat['ci95'][1] - stat['ci95'][0]) / 2:.1f}"
+    return f"{stat['mean']:6.1f}{half:>6}"
+
+
+def _print_rows(label: str, metrics: dict) -> None:
+    for lang in LANGUAGES:
+        print(f"{label:>11} {lang}  " + " ".join(_fmt(metrics[lang][m]) for m in METRICS), flush=True)
+
+
+def table(result: dict) -> str:
+    """The metric table (mean ± 95% half-width) and the per-K gains, as Markdown."""
+    head = "| run | lang | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS) + "\n"
+    rows = [("pre-edit", result["pre"]), ("MEMIT", result["memit"]["metrics"])]
+    rows += [(f"MEMAT K={r['k']}", r["metrics"]) for r in result["memat"]]
+    body = "".join(f"| {label} | {lang} | " + " | ".join(_fmt(m[lang][x]).strip() for x in METRICS) + " |\n"
+                   for label, m in rows for lang in LANGUAGES)
+    gain_head = ("\n| K | L2 EM gain % | L2 PM gain % | L2 NS diff | L1 EM gain % | L1 PM gain % | L1 NS diff "
+                 "| best probe acc | " + " | ".join(f"{p} s" for p in PHASES) + " |\n|" + "---|" * (8 + len(PHASES)) + "\n")
+
+    def num(x, digits=1):
+        return "-" if x is None else f"{x:+.{digits}f}"
+
+    gain_rows = "".join(
+        f"| {r['k']} | " + " | ".join(num(r["gains"][lang][key]) for lang in ("L2", "L1")
+                                      for key in ("EM_gain_pct", "PM_gain_pct", "NS_diff"))
+        + f" | {r['details']['best_val_accuracy']:.3f} | "
+        + " | ".join(f"{r['timings'].get(p, 0.0):.1f}" for p in PHASES) + " |\n"
+        for r in result["memat"])
+    return head + body + gain_head + gain_rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_map, ax_gain) = plt.subplots(1, 2, figsize=(11, 4.2))
+    accuracy = torch.tensor(result["memat"][0]["probe_accuracy"])
+    im = ax_map.imshow(accuracy.numpy(), aspect="auto", cmap="viridis", vmin=min(0.5, float(accuracy.min())),
+                       vmax=1.0)
+    ax_map.set_xlabel("head")
+    ax_map.set_ylabel("layer")
+    ax_map.set_xticks(range(result["n_heads"]))
+    ax_map.set_yticks(range(result["n_layers"]))
+    n_val = result["memat"][0]["details"]["n_val_facts"]
+    ax_map.set_title(f"probe validation accuracy (best {float(accuracy.max()):.2f}, {n_val} validation facts)",
+                     fontsize=9)
+    fig.colorbar(im, ax=ax_map)
+    ks = [r["k"] for r in result["memat"]]
+    for lang, style in (("L2", "-o"), ("L1", "--s")):
+        for metric in GAIN_METRICS:
+            ys = [r["gains"][lang][f"{metric}_gain_pct"] for r in result["memat"]]
+            ax_gain.plot(ks, [float("nan") if y is None else y for y in ys], style, label=f"{metric} {lang}")
+    ax_gain.axhline(0, color="black", linewidth=0.8)
+    ax_gain.axhline(10, color="grey", linestyle=":", linewidth=0.8, label="+10%")
+    ax_gain.set_xscale("log", base=2)
+    ax_gain.set_xticks(ks, [str(k) for k in ks])
+    ax_gain.set_xlabel("K (corrected heads)")
+    ax_gain.set_ylabel("relative gain over MEMIT (%)")
+    ax_gain.set_title(f"MEMAT vs MEMIT, {result['n']} edits from L1")
+    ax_gain.grid(True, alpha=0.3)
+    ax_gain.legend(fontsize=8)
+    fig.suptitle(f"MEMAT on {Path(result['world']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list] = None) -> dict:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{'':>11} lang " + " ".join(f"{m:>12}" for m in METRICS))
+    result = run(args)
+    text = table(result)
+    print(text)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"memat-{time.strftime('%Y%m%d-%H%M%S')}"
+    plot(result, stem.with_suffix(".png"))
+    result["plot"] = str(stem.with_suffix(".png"))
+    result["table"] = text
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    result["json"] = str(stem.with_suffix(".json"))
+    print(f"wrote {result['json']} and {result['plot']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
