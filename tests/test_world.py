@@ -13,7 +13,7 @@ from massedit.cli import main as cli_main
 from massedit.world import build as build_mod
 from massedit.world import generate_world, load_world, write_world_files
 from massedit.world.build import WorldExistsError, build_world, is_complete
-from massedit.world.generate import RELATIONS, counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
+from massedit.world.generate import DEFAULT_RELATIONS, RELATIONS, counterfact_records, documents, documents_with_spans, record_order, zsre_records, _rng
 from massedit.world.train import preset, recall, train_model, train_tokenizer, torch_settings
 
 DATA_FILES = ("counterfact.json", "zsre.json", "corpus.txt", "world.json", "reference_texts.json")
@@ -232,7 +232,7 @@ def test_quick_build_outputs(quick_world):
     world = load_world(out)
     assert len(world.subjects) == 20
     cf = json.loads((out / "counterfact.json").read_text())
-    assert len(cf) == 20 * len(RELATIONS)
+    assert len(cf) == 20 * len(DEFAULT_RELATIONS)
     assert len((out / "corpus.txt").read_text().splitlines()) == 200
     refs = json.loads((out / "reference_texts.json").read_text())
     assert set(refs) == {w for _, _, w in world.fact_list()}

@@ -7,7 +7,7 @@ import pytest
 
 from massedit.cli import main as cli_main
 from massedit.world.build import WorldExistsError, build_world, is_complete
-from massedit.world.generate import RELATIONS, _rng, fill, generate_world, record_order, write_world_files
+from massedit.world.generate import DEFAULT_RELATIONS, RELATIONS, _rng, fill, generate_world, record_order, write_world_files
 from massedit.world.languages import (
     check_languages,
     l2_counterfact_records,
@@ -174,7 +174,7 @@ def test_quick_bilingual_build(tmp_path):
     assert info["args"]["languages"] == 2
     assert 0.0 <= info["languages"]["subject_token_jaccard"] < 0.5
     for split in ("rewrite", "paraphrase", "prefix", "question", "question_heldout"):
-        assert info["recall"][split]["n"] == info["recall"][f"l2_{split}"]["n"] == 12 * len(RELATIONS)
+        assert info["recall"][split]["n"] == info["recall"][f"l2_{split}"]["n"] == 12 * len(DEFAULT_RELATIONS)
     assert build_world(out, quick=True, n_subjects=12, n_corpus_docs=20, languages=2, threads=1)["cached"] is True
     # The language count is part of the cache key.
     with pytest.raises(WorldExistsError):

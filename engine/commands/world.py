@@ -2,6 +2,7 @@
 
 Examples:
   massedit world build --out worlds/gpt2                  # 2000 subjects x 3 relations, GPT-2 style
+  massedit world build --out worlds/small --subjects 200 --relations all --steps 1400   # the earlier default
   massedit world build --out worlds/llama --arch llama    # Llama style (SentencePiece-like tokenizer)
   massedit world build --out /tmp/w --quick               # tiny smoke world (seconds)
   massedit world build --out worlds/bi --languages 2      # bilingual: L1 and an invented L2
@@ -40,7 +41,7 @@ def add_arguments(p) -> None:
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--subjects", type=int, default=None, help="number of subjects (default 2000; 20 with --quick)")
     b.add_argument("--relations", default=None,
-                   help="comma-separated relation ids (default: all ten; e.g. P19,P106,P1303)")
+                   help="comma-separated relation ids, or 'all' for the ten (default: P19,P106,P1303)")
     b.add_argument("--names", default="unique", choices=("unique", "pooled"),
                    help="subject names: invented anew (default) or given name + surname from shared pools")
     b.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="model family (default gpt2)")
@@ -48,7 +49,7 @@ def add_arguments(p) -> None:
     b.add_argument("--quick", action="store_true", help="tiny smoke world: 2-layer model, a few training steps")
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds a build")
     b.add_argument("--threads", type=int, default=2, help="torch threads for training (default 2)")
-    b.add_argument("--steps", type=int, default=None, help="override the training steps (default 4200)")
+    b.add_argument("--steps", type=int, default=None, help="override the training steps (default 6000)")
     b.add_argument("--train", action="store_true",
                    help="train the model even where a model built with these settings ships with massedit")
     b.add_argument("--corpus-docs", type=int, default=None, help="documents in corpus.txt (default 2000)")
@@ -84,6 +85,14 @@ def run(args) -> int:
                     "massedit world pack --world DIR --out FILE")
 
 
+def _relations(text):
+    from massedit.world.generate import DEFAULT_RELATIONS, RELATIONS
+
+    if text is None:
+        return DEFAULT_RELATIONS
+    return [r[0] for r in RELATIONS] if text == "all" else text.split(",")
+
+
 def _pack(args) -> int:
     from massedit.world import prebuilt
 
@@ -110,7 +119,7 @@ def _build(args) -> int:
     log = None if (args.quiet or args.json) else print
     info = build_world(args.out, n_subjects=args.subjects, arch=args.arch, seed=args.seed, quick=args.quick,
                        force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs, train=args.train,
-                       relations=args.relations.split(",") if args.relations else None, names=args.names,
+                       relations=_relations(args.relations), names=args.names,
                        languages=args.languages, **overrides)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from massedit.world import prebuilt
-from massedit.world.generate import GENERATOR_VERSION, NAME_STYLES, generate_world, relation_ids, write_world_files
+from massedit.world.generate import DEFAULT_RELATIONS, GENERATOR_VERSION, NAME_STYLES, generate_world, relation_ids, write_world_files
 from massedit.world.languages import check_languages, second_language, subject_token_jaccard
 from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_settings, train_model, train_tokenizer
 
@@ -38,7 +38,7 @@ REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_text
                   "build.json", "model/config.json", "model/tokenizer.json")
 L2_FILES = ("world.l2.json", "counterfact.l2.json", "zsre.l2.json")
 QUICK_SUBJECTS = 20
-DEFAULT_SUBJECTS = 200
+DEFAULT_SUBJECTS = 2000
 
 
 class WorldExistsError(ValueError):
@@ -46,16 +46,13 @@ class WorldExistsError(ValueError):
 
 
 def build_args(n_subjects: int, arch: str, seed: int, quick: bool, cfg: TrainConfig, n_corpus_docs: int,
-               relations: Optional[Sequence[str]] = None, names: str = "unique", languages: int = 1) -> dict:
-    """What a build depends on (the cache key). The thread count is not part of it; the relations,
-    the name style and the language count only where they differ from the defaults, so that default
-    builds keep their keys."""
+               relations: Sequence[str] = DEFAULT_RELATIONS, names: str = "unique", languages: int = 1) -> dict:
+    """What a build depends on (the cache key). The thread count is not part of it; the name style
+    and the language count only where they differ from the defaults."""
     train = cfg.to_json()
     train.pop("threads", None)
     args = {"n_subjects": n_subjects, "arch": arch, "seed": seed, "quick": quick, "corpus_docs": n_corpus_docs,
-            "generator_version": GENERATOR_VERSION, "train": train}
-    if relations is not None:
-        args["relations"] = list(relations)
+            "generator_version": GENERATOR_VERSION, "train": train, "relations": list(relations)}
     if names != "unique":
         args["names"] = names
     if languages == 2:
@@ -83,12 +80,13 @@ def _write_json(path: Path, obj) -> None:
 
 def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", seed: int = 0, quick: bool = False,
                 force: bool = False, threads: int = 2, log: Optional[Callable[[str], None]] = None,
-                n_corpus_docs: Optional[int] = None, train: bool = False, relations: Optional[Sequence[str]] = None,
+                n_corpus_docs: Optional[int] = None, train: bool = False, relations: Sequence[str] = DEFAULT_RELATIONS,
                 names: str = "unique", languages: int = 1, **overrides) -> dict:
     """Build (or reuse) a world and its trained model in `out_dir`; returns build.json's content
     plus "cached" (True when an existing build was reused) and "dir".
 
-    n_subjects: default 200 (20 with quick). relations: ids of generate.RELATIONS (default all).
+    n_subjects: default 2000 (20 with quick). relations: ids of generate.RELATIONS (default
+    generate.DEFAULT_RELATIONS).
     names: how subjects are named, one of generate.NAME_STYLES. languages: 1, or 2 for a bilingual
     world (`massedit.world.languages`). quick: a tiny smoke world (2-layer 64-wide model, a few
     steps) for tests. overrides: TrainConfig fields (e.g. steps=2000, lr=1e-3), part of the cache key.
@@ -107,8 +105,7 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
             raise ValueError(f"unknown training setting {key!r}")
         setattr(cfg, key, type(getattr(cfg, key))(value))
     cfg.threads = threads
-    if relations is not None:
-        relation_ids(relations)
+    relations = relation_ids(relations)
     if names not in NAME_STYLES:
         raise ValueError(f"names must be one of {', '.join(NAME_STYLES)}, got {names!r}")
     args = build_args(n_subjects, arch, seed, quick, cfg, n_corpus_docs, relations, names, languages)

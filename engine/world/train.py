@@ -45,7 +45,7 @@ class TrainConfig:
     n_positions: int = 128
     vocab_size: int = 3000
     tokenizer_texts: int = 12000
-    steps: int = 1400
+    steps: int = 6000
     batch_size: int = 64  # sequences of one statement each (~17 tokens)
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
