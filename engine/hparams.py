@@ -721,8 +721,8 @@ def world_preset(model_config: Any, algorithm: str = "memit") -> MEMITHyperParam
       earlier 200-subject world the same held (layers [0] / [0, 1] / [1, 2]: ES 36.4 / 38.8 / 35.6).
     - z: such models are sure of their facts (p(true) ≈ 0.995 on the default world), so the
       reference's clamp (0.75·‖h‖) and 20-25 steps stop z short of overturning one: with them the
-      default world reaches ES 9 / PS 6 at n = 100, against ES 71 / PS 75 / NS 94.4 with 100 steps
-      and clamp 10.
+      default world reaches ES 26 / PS 24 at n = 100, against ES 71 / PS 75 / NS 94.4 with 100
+      steps and clamp 10.
     - λ 200 rather than GPT-J's 15000 (the world's statistics come from 2,000 short documents):
       on the 200-subject world at n = 100, λ 1000 gives ES 36 / NS 98 and λ 5000 ES 1 / NS 99.6,
       against ES 80 / NS 88.
