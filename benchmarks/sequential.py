@@ -121,10 +121,15 @@ def run_rule(rule: str, args, world: Path, rounds: list, records: list, template
             "ES_first_round": 100.0 * sum(early) / max(1, len(early)),
         })
         print(f"{rule:>15} round {i:>3}: {done:>5} edits  {result.timings['total']:7.2f} s  "
-              + "  ".join(f"{m} {metrics[m]:5.1f}" for m in METRICS)
+              + "  ".join(f"{m} {_pct(metrics[m])}" for m in METRICS)
               + f"  ES(round 1) {out['rounds'][-1]['ES_first_round']:5.1f}", flush=True)
     out["templates"] = editor.context_templates()
     return out
+
+
+def _pct(value) -> str:
+    """A metric for the table; n/a where the records cannot give it (e.g. no neighborhood prompts)."""
+    return "  n/a" if value is None else f"{value:5.1f}"
 
 
 def run_serial(args, world: Path, rounds: list, templates) -> list[float]:

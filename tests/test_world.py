@@ -230,9 +230,9 @@ def test_quick_build_outputs(quick_world):
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.model_type == "gpt2" and model.config.vocab_size == len(tok)
     world = load_world(out)
-    assert len(world.subjects) == 20
+    assert len(world.subjects) == build_mod.QUICK_SUBJECTS
     cf = json.loads((out / "counterfact.json").read_text())
-    assert len(cf) == 20 * len(DEFAULT_RELATIONS)
+    assert len(cf) == build_mod.QUICK_SUBJECTS * len(DEFAULT_RELATIONS)
     assert len((out / "corpus.txt").read_text().splitlines()) == 200
     refs = json.loads((out / "reference_texts.json").read_text())
     assert set(refs) == {w for _, _, w in world.fact_list()}

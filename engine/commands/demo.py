@@ -64,7 +64,7 @@ def _table(pre: dict, post: dict, timings: dict) -> str:
     lines = [f"{'metric':<8}{'pre':>9}{'post':>9}"]
     for k in METRICS:
         if k in pre:
-            lines.append(f"{k:<8}{pre[k]:>9.1f}{post[k]:>9.1f}")
+            lines.append(f"{k:<8}" + "".join("      n/a" if v is None else f"{v:>9.1f}" for v in (pre[k], post.get(k))))
     lines.append("")
     lines.append("phase            seconds")
     for k in ("world", "trace", "covariance", "context_templates", "z", "keys", "solve", "eval_pre", "eval_post",
@@ -82,7 +82,7 @@ def _plot(pre: dict, post: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = [k for k in ("ES", "PS", "NS", "S") if k in pre]
+    names = [k for k in ("ES", "PS", "NS", "S") if pre.get(k) is not None and post.get(k) is not None]
     xs = range(len(names))
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.bar([x - 0.2 for x in xs], [pre[k] for k in names], width=0.4, label="pre-edit", color="#bbbbbb")

@@ -37,7 +37,8 @@ from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_s
 REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt",
                   "build.json", "model/config.json", "model/tokenizer.json")
 L2_FILES = ("world.l2.json", "counterfact.l2.json", "zsre.l2.json")
-QUICK_SUBJECTS = 20
+# Enough people that most objects of the default relations have two holders (neighborhood prompts).
+QUICK_SUBJECTS = 40
 DEFAULT_SUBJECTS = 2000
 
 
