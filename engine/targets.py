@@ -109,7 +109,7 @@ def frozen_eval(model) -> Iterator[None]:
         model.train(was_training)
 
 
-class _Chunk:
+class PromptChunk:
     """Index tensors that place a set of requests' prompts into one padded batch.
 
     `side` is "left"/"right", or "subject": every row is shifted so that its subject token sits in
@@ -188,10 +188,10 @@ def filled_cache(pairs) -> DynamicCache:
 class _PlainForward:
     """Each step runs the whole model on every position (the reference's arithmetic)."""
 
-    def __init__(self, opt: "TargetOptimizer", chunk: _Chunk):
+    def __init__(self, opt: "TargetOptimizer", chunk: PromptChunk):
         self.opt, self.chunk = opt, chunk
 
-    def select(self, chunk: _Chunk, rows: torch.Tensor) -> "_PlainForward":
+    def select(self, chunk: PromptChunk, rows: torch.Tensor) -> "_PlainForward":
         return _PlainForward(self.opt, chunk)
 
     def __call__(self, delta: torch.Tensor):
@@ -217,7 +217,7 @@ class _PrefixForward:
     attending to the recorded prefix keys/values.
     """
 
-    def __init__(self, opt: "TargetOptimizer", chunk: _Chunk, state=None):
+    def __init__(self, opt: "TargetOptimizer", chunk: PromptChunk, state=None):
         self.opt, self.chunk = opt, chunk
         self.S = chunk.subject_col
         if state is None:
@@ -262,7 +262,7 @@ class _PrefixForward:
 
         return fn
 
-    def select(self, chunk: _Chunk, rows: torch.Tensor) -> "_PrefixForward":
+    def select(self, chunk: PromptChunk, rows: torch.Tensor) -> "_PrefixForward":
         def pick(t):
             return t[rows.to(t.device)]
 
@@ -369,8 +369,8 @@ class TargetOptimizer:
     def prompts(self, requests: Sequence[EditRequest]) -> list[ZPrompts]:
         return [build_prompts(self.tok, r, self.templates) for r in requests]
 
-    def _chunk(self, prompts, frame=None) -> _Chunk:
-        return _Chunk(prompts, self.pad_id, "subject" if self.reuse_prefix else self.side, self.device, frame)
+    def _chunk(self, prompts, frame=None) -> PromptChunk:
+        return PromptChunk(prompts, self.pad_id, "subject" if self.reuse_prefix else self.side, self.device, frame)
 
     def _losses(self, forward, delta: torch.Tensor, kl_init, h_norm_sq):
         """One forward: per-request total loss, block-L subject states, KL log-probs."""

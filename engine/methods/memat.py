@@ -59,7 +59,7 @@ from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
 from massedit.probes import fit_logistic
 from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
-from massedit.targets import _Chunk, build_prompts
+from massedit.targets import PromptChunk, build_prompts
 from massedit.tokens import pad_id_of, padding_side, spaced_target
 
 # The fewest right facts that leave one for training and one for validation.
@@ -267,7 +267,7 @@ def _optimize_omega(editor, l2: list[EditRequest], templates, heads, a0: torch.T
     losses = []
     for _ in range(hp.memat_epochs):
         for start in range(0, len(prompts), hp.memat_batch_size):
-            chunk = _Chunk(prompts[start : start + hp.memat_batch_size], pad_id, side, device)
+            chunk = PromptChunk(prompts[start : start + hp.memat_batch_size], pad_id, side, device)
             rows = torch.cat([chunk.lbl_row, chunk.kl_row])
             cols = torch.cat([chunk.lbl_col, chunk.kl_col])
             n_lbl = len(chunk.lbl_row)
