@@ -116,6 +116,8 @@ _KINDS: dict[str, str] = {
     "memat_epochs": "int",
     "memat_probe_c": "float",
     "memat_val_fraction": "float",
+    "nullspace_threshold": "float",
+    "L2": "float",
 }
 
 
@@ -161,6 +163,9 @@ class MEMITHyperParams:
     memat_epochs: int = 1  # passes over the requests
     memat_probe_c: float = 1.0  # inverse L2 strength of the probes (scikit-learn's C)
     memat_val_fraction: float = 0.3  # share of the correctly edited facts held out to rank heads
+    # AlphaEdit (DESIGN §11), under the key names of its public hparams files, with their values
+    nullspace_threshold: float = 2e-2  # eigenvalues of C below it span the null space updates go to
+    L2: float = 10.0  # weight of the identity term in AlphaEdit's solve
     # keys from other tools' files that massedit does not use (see EXTRA_KEYS)
     extras: dict = field(default_factory=dict)
 
@@ -486,6 +491,11 @@ def _validate(v: dict, source: str) -> None:
             raise err(key, f"must be {'>' if strict else '>='} 0, got {v[key]}")
     if not 0 < v["memat_val_fraction"] < 1:
         raise err("memat_val_fraction", f"must be between 0 and 1 (exclusive), e.g. 0.3, got {v['memat_val_fraction']}")
+    if v["nullspace_threshold"] <= 0:
+        raise err("nullspace_threshold", "must be > 0 (AlphaEdit projects onto the eigenvectors of C with eigenvalues "
+                  f"below it; its public files use 2e-2), got {v['nullspace_threshold']}")
+    if v["L2"] < 0:
+        raise err("L2", f"must be >= 0 (AlphaEdit's regularizer; its public files use 10), got {v['L2']}")
     for i, (length, n_gen) in enumerate(v["context_template_length_params"]):
         if length < 1 or n_gen < 1:
             raise err(
@@ -497,10 +507,10 @@ def _validate(v: dict, source: str) -> None:
 def _check_alg_name(alg: Any, source: str) -> None:
     if alg is None:
         return
-    if not isinstance(alg, str) or alg.upper() not in ("MEMIT", "ROME", "MEMAT"):
+    if not isinstance(alg, str) or alg.upper() not in ("MEMIT", "ROME", "MEMAT", "ALPHAEDIT"):
         raise HParamsError(
-            f'{_key(source, "alg_name")}: {alg!r} is not an algorithm massedit implements (MEMIT, ROME, MEMAT); '
-            "use a MEMIT or ROME hparams file"
+            f'{_key(source, "alg_name")}: {alg!r} is not an algorithm massedit implements (MEMIT, ROME, MEMAT, '
+            "AlphaEdit); use a MEMIT, ROME or AlphaEdit hparams file"
         )
 
 

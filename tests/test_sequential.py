@@ -141,6 +141,43 @@ def test_alphaedit_rounds_on_a_model_equal_public_formula(tmp_path, fixed_z):
     assert projector_file(stats, threshold).is_file()
 
 
+def test_alphaedit_takes_threshold_and_l2_from_its_public_hparams_keys(tmp_path, fixed_z):
+    """A file in the shape of AlphaEdit's own hparams files ("nullspace_threshold", "L2",
+    alg_name "AlphaEdit") loads, and `AlphaEdit()` uses its values; arguments given override them."""
+    import json
+
+    from massedit.hparams import HParamsError, load_hparams
+
+    model, tok = _float64_model(tmp_path)
+    editor = _editor(model, tok, tmp_path)
+    layer = editor.hp.layers[0]
+    cov = editor.covariances()[layer]
+    threshold = _between(cov, cov.shape[0] // 3)
+    path = tmp_path / "alphaedit.json"
+    path.write_text(json.dumps({**editor.hp.to_dict(), "alg_name": "AlphaEdit", "nullspace_threshold": threshold,
+                                "L2": 3.0}))
+    hp = load_hparams(path)
+    assert (hp.nullspace_threshold, hp.L2) == (threshold, 3.0)
+    editor.hp = hp
+    method = AlphaEdit()
+    assert method.settings(editor) == (threshold, 3.0)
+    assert round(float(method.projectors(editor)[layer].trace())) == cov.shape[0] // 3
+    batch = REQUESTS[:2]
+    layer_ks = subject_keys(model, editor.layout, tok, batch, TEMPLATES, layer).double().T
+    cur_zs = subject_hidden(model, editor.layout, tok, batch, layer).double().T
+    w = _weight(model, editor)
+    before = w.detach().clone()
+    SequentialEditor(editor, method).edit_round(batch)
+    zs = torch.stack([fixed_z[r.subject] for r in batch], 1)
+    expected = _public_update(_public_projector(cov, threshold), layer_ks, 0 * cov, zs - cur_zs, 3.0)
+    assert _rel(w.detach() - before, expected) < 1e-6
+    assert AlphaEdit(nullspace_threshold=1e-3, l2=0.5).settings(editor) == (1e-3, 0.5)
+    for key, value, words in (("nullspace_threshold", 0, "must be > 0"), ("L2", -1, "must be >= 0")):
+        path.write_text(json.dumps({**hp.to_dict(), key: value}))
+        with pytest.raises(HParamsError, match=f'"{key}".*{words}'):
+            load_hparams(path)
+
+
 def test_projector_cache_is_reused_and_recomputed_when_statistics_change(tmp_path):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(8, 8, generator=g, dtype=torch.float64)

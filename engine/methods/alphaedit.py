@@ -11,7 +11,9 @@ What its public code (jianghoucheng/AlphaEdit: AlphaEdit_main.py, experiments/ev
   layers), R the residual spread over the layers left, and K_p K_pᵀ the sum of the earlier rounds'
   keys' outer products (read on the model after each round):
       Δᵀ = solve(P (K Kᵀ + K_p K_pᵀ) + L2·I, P K Rᵀ)
-  with no λC term (P already removes C's range) and L2 = 10 in all its hparams files.
+  with no λC term (P already removes C's range) and L2 = 10 in all its hparams files. Both settings
+  are hparams keys under the public files' names ("nullspace_threshold", "L2"), so those files load
+  as they are; `AlphaEdit(nullspace_threshold=..., l2=...)` overrides them.
 Here X = (P (K Kᵀ + K_p K_pᵀ) + L2·I)⁻¹ P K [d, n] is solved in float64 and Δ = R Xᵀ is kept as
 its two factors, like every delta. Its code optimizes z one request at a time; here z is batched
 (method "memit"'s optimizer), or serial with `AlphaEdit(serial_z=True)` for comparisons.
@@ -35,8 +37,6 @@ from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
 from massedit.stats import stats_file
 
-NULLSPACE_THRESHOLD = 2e-2
-L2 = 10.0
 _HEADER_KEY = "massedit.nullspace"
 
 
@@ -113,28 +113,39 @@ class AlphaEdit(Memit):
     preserves_keys = True
     shards_requests = False
 
-    def __init__(self, serial_z: Optional[bool] = None, nullspace_threshold: float = NULLSPACE_THRESHOLD,
-                 l2: float = L2):
+    def __init__(self, serial_z: Optional[bool] = None, nullspace_threshold: Optional[float] = None,
+                 l2: Optional[float] = None):
+        """nullspace_threshold and l2 default to the editor's hparams (keys "nullspace_threshold" and
+        "L2", as in AlphaEdit's own hparams files)."""
         super().__init__(serial_z)
-        if nullspace_threshold <= 0 or l2 < 0:
+        if (nullspace_threshold is not None and nullspace_threshold <= 0) or (l2 is not None and l2 < 0):
             raise ValueError(f"AlphaEdit needs nullspace_threshold > 0 and l2 >= 0, got {nullspace_threshold}, {l2}")
-        self.threshold, self.l2 = float(nullspace_threshold), float(l2)
-        self._projectors: dict[int, torch.Tensor] = {}
+        self.threshold = None if nullspace_threshold is None else float(nullspace_threshold)
+        self.l2 = None if l2 is None else float(l2)
+        self._projectors: dict[tuple[int, float], torch.Tensor] = {}
         self._editor = None
 
+    def settings(self, editor) -> tuple[float, float]:
+        """(nullspace_threshold, L2) this method uses with `editor`."""
+        return (self.threshold if self.threshold is not None else editor.hp.nullspace_threshold,
+                self.l2 if self.l2 is not None else editor.hp.L2)
+
     def projectors(self, editor) -> dict[int, torch.Tensor]:
-        """P per edited layer, on the layer's covariance device (computed once per editor and layer)."""
+        """P per edited layer, on the layer's covariance device (computed once per editor, layer and
+        threshold)."""
         if self._editor is not editor:
             self._projectors, self._editor = {}, editor
-        missing = [l for l in editor.hp.layers if l not in self._projectors]
+        threshold = self.settings(editor)[0]
+        missing = [l for l in editor.hp.layers if (l, threshold) not in self._projectors]
         covs = editor.covariances() if missing else {}
         for layer in missing:
             path = stats_file(editor.stats_dir, editor.model_name, editor.hp.mom2_dataset,
                               editor.layout.rewrite_name(layer), editor.hp.mom2_dtype, editor.hp.mom2_n_samples)
-            basis = cached_basis(path, covs[layer], self.threshold)
-            self._projectors[layer] = basis @ basis.T
-        return {l: self._projectors[l] for l in editor.hp.layers}
+            basis = cached_basis(path, covs[layer], threshold)
+            self._projectors[layer, threshold] = basis @ basis.T
+        return {l: self._projectors[l, threshold] for l in editor.hp.layers}
 
     def layer_solvers(self, editor, preserved=None):
         preserved = preserved or {}
-        return {l: NullSpaceSolver(p, preserved.get(l), self.l2) for l, p in self.projectors(editor).items()}
+        l2 = self.settings(editor)[1]
+        return {l: NullSpaceSolver(p, preserved.get(l), l2) for l, p in self.projectors(editor).items()}
