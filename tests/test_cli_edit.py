@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import massedit.cli as cli
 import massedit.stats as stats_mod
 from massedit.delta import EditDelta
+from massedit.hparams import MEMITHyperParams
 from massedit.tokens import fill, target_ids
 from tiny import MODEL_TYPES, WORDS, make_model, make_tokenizer
 
@@ -121,6 +122,7 @@ def test_edit_cli_every_architecture(kind, tmp_path, capsys):
     assert {"context_templates", "z", "keys", "covariance", "solve", "total"} <= set(report["timings"])
     assert all(v >= 0 for v in report["timings"].values())
     assert set(report["z_loss"]) >= {"mean", "max"} and report["z_loss"]["max"] >= report["z_loss"]["mean"]
+    assert MEMITHyperParams.from_dict(report["hparams"]).layers == [1, 2]  # a rerun can take them as they are
     delta = EditDelta.load(out / "delta.safetensors")
     assert delta.is_applied(AutoModelForCausalLM.from_pretrained(out)) and delta.metadata["n_requests"] == 3 and delta.metadata["layers"] == [1, 2]
     assert delta.metadata["model_type"] == kind

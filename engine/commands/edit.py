@@ -141,7 +141,7 @@ def run(args) -> int:
     if not world.main:
         parallel.barrier()  # returns once rank 0 has written OUT
         return 0
-    report = result.report()
+    report = {**result.report(), "hparams": editor.hp.to_dict()}  # the settings that made the delta, for reruns
     if records:
         report["metrics"] = {"pre": pre, "post": summary(evaluate(model, tok, records, zsre_target=args.zsre_target))}
     t0 = time.perf_counter()
