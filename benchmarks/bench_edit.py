@@ -16,7 +16,7 @@ model is never changed; this is checked):
 * The update phase (keys + solve) against the public reference implementation's figure of 16.5 s
   for 200 requests with one thread on this machine kind (keys 15.4 s + h^L 0.9 s + solves 0.2 s,
   DESIGN §9). That figure is quoted, not measured here.
-* The statistics pass: ``massedit.stats.second_moments`` with all edited layers in one forward
+* The statistics pass: ``massedit.compute.stats.second_moments`` with all edited layers in one forward
   (stopped after the deepest one) against one pass per layer (``second_moments`` called once per
   layer, each stopped after its own layer). The reference's ``layer_stats`` (kmeng01/memit,
   rome/layer_stats.py) also stops each pass at the traced module (``Trace(..., stop=True)``), so
@@ -278,8 +278,8 @@ def _random_setup(args) -> dict:
 def _dir_setup(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from massedit.corpus import read_corpus
-    from massedit.requests import load_requests
+    from massedit.inputs.corpus import read_corpus
+    from massedit.inputs.requests import load_requests
 
     d = Path(args.model)
     # A world build directory holds the model in model/ beside counterfact.json and corpus.txt.
@@ -344,7 +344,7 @@ def _parse(argv) -> argparse.Namespace:
 
 
 def _time_stats(model, layout, tok, texts, layers, progress: bool) -> dict:
-    from massedit.stats import second_moments
+    from massedit.compute.stats import second_moments
 
     # One pass per layer first, then the fused pass, so that any warm-up favours the baseline.
     t = time.perf_counter()
@@ -372,7 +372,7 @@ def _time_stats(model, layout, tok, texts, layers, progress: bool) -> dict:
         "speedup_vs_reference_published": _ratio(REFERENCE_STATS_S, fused_s),
         "note_reference": "the reference's published ~50 s for 2,000 short documents and three layers on this "
                           "machine kind (DESIGN §9); another corpus, not measured in this run",
-        "note": "baseline: massedit.stats.second_moments called once per layer, each pass stopped after its own "
+        "note": "baseline: massedit.compute.stats.second_moments called once per layer, each pass stopped after its own "
                 "layer. The public reference's layer_stats also stops each pass at the traced module "
                 "(Trace(..., stop=True)) and computes one layer per pass, so this is its pass structure; it "
                 "does not include the reference's other costs (float64 accumulation by default, data loading).",
@@ -396,7 +396,7 @@ def _phase(res) -> dict:
 
 def z_workload(model, layout, tok, hp, reqs, templates) -> dict:
     """Token positions run per z step: serial (each request padded alone) vs batched (chunks of batch_size)."""
-    from massedit.targets import TargetOptimizer, ZSettings
+    from massedit.compute.targets import TargetOptimizer, ZSettings
 
     opt = TargetOptimizer(model, layout, tok, ZSettings.from_hparams(hp, layout), templates)
     prompts = opt.prompts(reqs)
@@ -426,7 +426,7 @@ def interleaved_z(model, layout, tok, hp, reqs, templates, reps: int, **opt_kwar
     the same machine load; on a shared machine this ratio is steadier than that of two long runs."""
     import statistics
 
-    from massedit.targets import TargetOptimizer, ZSettings
+    from massedit.compute.targets import TargetOptimizer, ZSettings
 
     opt = TargetOptimizer(model, layout, tok, ZSettings.from_hparams(hp, layout), templates, **opt_kwargs)
     times: dict[str, list[float]] = {"serial": [], "batched": []}
@@ -453,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
 
-    from massedit.arch import ModelLayout
+    from massedit.model.arch import ModelLayout
     from massedit.editor import MassEditor
     from massedit.hparams import default_for
 

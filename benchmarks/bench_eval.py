@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from massedit import tokens as T
-from massedit.evaluate import evaluate, load_records, score_continuations, summary
+from massedit.inputs import tokens as T
+from massedit.evaluation.evaluate import evaluate, load_records, score_continuations, summary
 
 
 def _pairs(records):

@@ -31,7 +31,7 @@ Phases, per approach (bytes; w = the model dtype's bytes per element):
 * keys: one no-grad batch of prompts (massedit 256 requests × 7 prompts, reference 128 contexts)
   plus the keys of all n requests in float32 (n·d·4); the reference also keeps them in float64
   for the solve.
-* solve: one edited layer. massedit (engine/solve.py): the factor of λC is built in one d×d
+* solve: one edited layer. massedit (engine/solve/cholesky.py): the factor of λC is built in one d×d
   buffer (E of them kept where `solve_device` says: host memory by default; the table also shows
   `solve_device="layer"`, all factors on the GPU), then per layer on
   the layer's device the keys (4dn), their working copy M and the result (2·8dn), the Gram
@@ -69,10 +69,10 @@ ROWS_PER_REQUEST = REWRITE_PROMPTS + 1  # and the KL prompt
 PROMPT_TOKENS = 24  # template prefix (~10) + prompt (~10) + target but its last token
 SUFFIX_TOKENS = 8  # from the subject's last token on
 TARGET_TOKENS = 3
-MASSEDIT_STATS_TOKENS = 8192  # massedit.stats.second_moments batch_tokens
-MASSEDIT_KEY_REQUESTS = 256  # massedit.keys.LayerStates batch_size
+MASSEDIT_STATS_TOKENS = 8192  # massedit.compute.stats.second_moments batch_tokens
+MASSEDIT_KEY_REQUESTS = 256  # massedit.compute.keys.LayerStates batch_size
 REFERENCE_KEY_CONTEXTS = 128  # rome/repr_tools.py _batch(n=128)
-PANEL_BYTES = 256 * 2**20  # massedit.solve.PANEL_BYTES
+PANEL_BYTES = 256 * 2**20  # massedit.solve.cholesky.PANEL_BYTES
 
 
 def model_config(name: str):
@@ -107,7 +107,7 @@ def shapes(name: str) -> dict:
     """Sizes read from the model built on the meta device through massedit's architecture registry."""
     from transformers import AutoModelForCausalLM
 
-    from massedit.arch import ModelLayout
+    from massedit.model.arch import ModelLayout
 
     cfg = model_config(name)
     with torch.device("meta"):

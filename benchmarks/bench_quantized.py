@@ -7,9 +7,9 @@ model is loaded three times: float32, 8-bit (LLM.int8) and 4-bit (nf4, float32 c
 gets its own statistics (keys come from the quantized model's activations) and the same edit of
 the first n CounterFact records with `world_preset`. For each base:
 
-* ES / PS / NS (percent) of the n records before and after the edit (`massedit.evaluate`);
+* ES / PS / NS (percent) of the n records before and after the edit (`massedit.evaluation.evaluate`);
 * bytes of the edited modules as loaded, and of the dense stand-ins that hold W + ΔW
-  (massedit.quantized);
+  (massedit.model.quantized);
 * what re-quantizing instead would keep: per edited layer, ‖ΔW‖ / ‖W‖ and the relative error
   ‖Q(W + ΔW) − Q(W) − ΔW‖ / ‖ΔW‖ of the edit after bitsandbytes' own quantize/dequantize round
   trip (Q), for ΔW and for ΔW / 10 and ΔW / 100 (smaller edits, as in larger models), and ES / PS
@@ -82,8 +82,8 @@ def _requantized(w: torch.Tensor, base: str) -> torch.Tensor:
 
 
 def _scores(model, tok, records) -> dict:
-    from massedit.evaluate import evaluate, summary
-    from massedit.quantized import cpu_repacking_off
+    from massedit.evaluation.evaluate import evaluate, summary
+    from massedit.model.quantized import cpu_repacking_off
 
     with torch.no_grad(), cpu_repacking_off(model):
         return {k: round(v, 2) for k, v in summary(evaluate(model, tok, records)).items() if k in ("ES", "PS", "NS")}
@@ -93,8 +93,8 @@ def run_base(world: Path, base: str, records: list, corpus: list[str], stats_dir
     from transformers import AutoTokenizer
 
     from massedit import MassEditor, world_preset
-    from massedit.arch import stores_transposed
-    from massedit.quantized import dequantized, storage_of
+    from massedit.model.arch import stores_transposed
+    from massedit.model.quantized import dequantized, storage_of
 
     model = _load(world / "model", base)
     tok = AutoTokenizer.from_pretrained(world / "model")

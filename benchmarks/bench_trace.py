@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.suites.common import RESULTS_DIR, machine_info, stamp, write_json
-from massedit.hooks import hidden_of, hooks
-from massedit.requests import parse_records
-from massedit.trace import BATCH_TOKENS, KINDS, Tracer, default_window, make_noise, prepare, trace_fact, trace_fact_serial
+from massedit.model.hooks import hidden_of, hooks
+from massedit.inputs.requests import parse_records
+from massedit.evaluation.trace import BATCH_TOKENS, KINDS, Tracer, default_window, make_noise, prepare, trace_fact, trace_fact_serial
 
 
 def _setup(smoke: bool):
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=6)
     ap.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
-    ap.add_argument("--window", type=int, help="MLP / attention window (default: massedit.trace.default_window)")
+    ap.add_argument("--window", type=int, help="MLP / attention window (default: massedit.evaluation.trace.default_window)")
     ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="2-layer 64-wide model, 2 facts, 2 samples: seconds")

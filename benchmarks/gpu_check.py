@@ -8,7 +8,7 @@ hang in one is recorded and the next still runs; the JSON is rewritten after eve
 * covariance: the Triton x^T x kernel against torch on bf16 keys, d = 16384, blocks of 8192 and
   16384 tokens, in TFLOP/s and as a fraction of the GPU's dense bf16 peak
   (benchmarks/bench_covariance.py's `bench_pairs`);
-* statistics: massedit's statistics pass (`massedit.stats.second_moments`, the preset's five
+* statistics: massedit's statistics pass (`massedit.compute.stats.second_moments`, the preset's five
   layers in one pass) on a Llama-3-8B-shaped model in bf16, in tokens per second;
 * edit-1000, edit-4000: `benchmarks/gpu_scale.py` on Llama-3-8B (real configuration, random
   weights, bf16, statistics injected): z phase and whole edit, z tokens/s and MFU;
@@ -89,9 +89,9 @@ def section_covariance(smoke: bool) -> dict:
 
 
 def section_statistics(smoke: bool) -> dict:
-    from massedit.arch import ModelLayout
+    from massedit.model.arch import ModelLayout
     from massedit.hparams import preset
-    from massedit.stats import second_moments
+    from massedit.compute.stats import second_moments
 
     device = torch.device("cpu") if smoke else torch.device("cuda")
     n_docs, per_doc = (8, 6) if smoke else (STATS_DOCUMENTS, STATS_DOC_SENTENCES)

@@ -295,10 +295,10 @@ def block_params(layout, layers) -> int:
 def key_scales(model, layout, tok, requests, templates, layers, n_prompts: int = 64) -> dict[int, float]:
     """Mean squared key entry (trace(C)/d_ff) per layer, from a forward over some of the benchmark's
     prompts at all real token positions, as the statistics pass would see them."""
-    from massedit.devices import input_device
-    from massedit.hooks import capture_inputs, run_until
-    from massedit.keys import template_prompts
-    from massedit.tokens import pad, pad_id_of
+    from massedit.model.devices import input_device
+    from massedit.model.hooks import capture_inputs, run_until
+    from massedit.compute.keys import template_prompts
+    from massedit.inputs.tokens import pad, pad_id_of
 
     enc = template_prompts(tok, requests[: max(1, n_prompts // sum(len(g) for g in templates))], templates)
     batch = pad([e.ids for e in enc[:n_prompts]], pad_id_of(tok), "right", input_device(model))
@@ -339,7 +339,7 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     covariance phase is not what this benchmark is about. The factor of λC, which the editor
     keeps across edits, is computed here (timed separately, `statistics.factor_s`).
     """
-    from massedit.devices import execution_device
+    from massedit.model.devices import execution_device
 
     hp, layout = editor.hp, editor.layout
     t = time.perf_counter()
@@ -389,7 +389,7 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
 def count_z_forwards(counter: dict):
     """Counts the batched z optimizer's forward calls and the padded positions each one runs
     (rows × columns, from tensor shapes only: no device synchronization), per path."""
-    from massedit import targets
+    from massedit.compute import targets
 
     originals = {}
     for cls_name, path in (("_PrefixForward", "prefix"), ("_PlainForward", "plain")):
@@ -453,7 +453,7 @@ def z_accounting(tok, requests, templates, steps, path: str, p_through_loss: int
     `flops_backward_4x` repeats the sum with backward = 4·params per token (the "6·N·T" training
     convention, which includes weight gradients that are not computed here) for comparison.
     """
-    from massedit.targets import build_prompts
+    from massedit.compute.targets import build_prompts
 
     flat = [t for group in templates for t in group]
     full = suffix = labels = tokens = 0
@@ -598,7 +598,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     dtype = DTYPES[args.dtype]
 
-    from massedit.arch import ModelLayout
+    from massedit.model.arch import ModelLayout
     from massedit.editor import MassEditor
     from massedit.hparams import preset
 

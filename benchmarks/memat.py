@@ -10,7 +10,7 @@
   unedited model: its delta is reverted after the evaluation and the weights are checked bit for
   bit against a snapshot. MEMAT's API always runs its own MEMIT phase, so that phase is rerun for
   each K; whether it gives the same weights as the MEMIT run is checked (digests) and reported.
-- Metrics: ES, PS, NS, EM, PM, NM with 95% intervals (massedit.evaluate) on the edited L1 records
+- Metrics: ES, PS, NS, EM, PM, NM with 95% intervals (massedit.evaluation.evaluate) on the edited L1 records
   and on the L2 records of the same case_ids, before the edit and after each run.
 - Gains: relative change of MEMAT's EM and PM over MEMIT's, (MEMAT − MEMIT)/|MEMIT|, and the
   difference in NS points, per K and language.
@@ -86,7 +86,7 @@ def k_values(asked: Optional[list[int]], n_heads: int) -> list[int]:
 
 def l2_records(world: Path, l1: list[dict]) -> list[dict]:
     """The L2 record of each L1 record, by case_id, in the same order."""
-    from massedit.evaluate import load_records
+    from massedit.evaluation.evaluate import load_records
 
     _, records = load_records(world / "counterfact.l2.json")
     by_case = {rec["case_id"]: rec for rec in records}
@@ -99,7 +99,7 @@ def l2_records(world: Path, l1: list[dict]) -> list[dict]:
 
 def _evaluate(model, tok, records: dict) -> tuple[dict, dict]:
     """Metrics ({language: {metric: stat}}) and the per-case values of each language."""
-    from massedit.evaluate import evaluate
+    from massedit.evaluation.evaluate import evaluate
 
     metrics, per_case = {}, {}
     for lang, recs in records.items():
@@ -164,8 +164,8 @@ def key_transfer(editor, records: dict, delta) -> dict:
     last token of each rewrite prompt in L1 and L2, their cosine for the same fact and for different
     facts (L1 fact i against L2 fact i+1), and the median over facts of ‖Δk_L2‖/‖Δk_L1‖ with
     Δk = u (vᵀk) the edit's change of that layer's output."""
-    from massedit.keys import collect_at_subject
-    from massedit.tokens import encode_prompt
+    from massedit.compute.keys import collect_at_subject
+    from massedit.inputs.tokens import encode_prompt
 
     layers = editor.hp.layers
     keys = {}
@@ -190,7 +190,7 @@ def key_transfer(editor, records: dict, delta) -> dict:
 
 
 def run(args) -> dict:
-    from massedit.methods.memat import Memat
+    from massedit.methods.memat.method import Memat
 
     world = Path(args.world)
     model, tok = _model(world)

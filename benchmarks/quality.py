@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from massedit import tokens as T
-from massedit.arch import ModelLayout
+from massedit.inputs import tokens as T
+from massedit.model.arch import ModelLayout
 from massedit.editor import MassEditor
-from massedit.evaluate import evaluate, load_records
-from massedit.hooks import capture_outputs, edit_output
+from massedit.evaluation.evaluate import evaluate, load_records
+from massedit.model.hooks import capture_outputs, edit_output
 from massedit.hparams import world_preset
-from massedit.requests import parse_records
+from massedit.inputs.requests import parse_records
 
 METRICS = ("ES", "PS", "NS", "S")
 

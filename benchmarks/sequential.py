@@ -59,8 +59,8 @@ def _model(world: Path):
 
 def _requests(world: Path, n: int):
     """The first `n` records with distinct subjects, and their requests."""
-    from massedit.evaluate import load_records
-    from massedit.requests import parse_records
+    from massedit.evaluation.evaluate import load_records
+    from massedit.inputs.requests import parse_records
 
     _, records = load_records(world / "counterfact.json")
     seen, chosen = set(), []
@@ -94,8 +94,8 @@ def _method(rule: str, args, serial: bool = False):
 
 
 def run_rule(rule: str, args, world: Path, rounds: list, records: list, templates=None) -> dict:
-    from massedit.evaluate import evaluate, summary
-    from massedit.sequential import SequentialEditor
+    from massedit.evaluation.evaluate import evaluate, summary
+    from massedit.edits.sequential import SequentialEditor
 
     model, tok = _model(world)
     editor = _editor(model, tok, args, world)
@@ -133,7 +133,7 @@ def _pct(value) -> str:
 
 
 def run_serial(args, world: Path, rounds: list, templates) -> list[float]:
-    from massedit.sequential import SequentialEditor
+    from massedit.edits.sequential import SequentialEditor
 
     model, tok = _model(world)
     editor = _editor(model, tok, args, world)

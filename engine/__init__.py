@@ -32,10 +32,10 @@ def _source_tree_kernels() -> None:
 
 _source_tree_kernels()
 
-from massedit.delta import EditDelta, WeightDelta  # noqa: E402
+from massedit.edits.delta import EditDelta, WeightDelta  # noqa: E402
 from massedit.editor import EditResult, MassEditor  # noqa: E402
 from massedit.hparams import MEMITHyperParams, default_for, preset, world_preset  # noqa: E402
-from massedit.requests import EditRequest, load_requests  # noqa: E402
+from massedit.inputs.requests import EditRequest, load_requests  # noqa: E402
 
 __all__ = [
     "MassEditor", "EditResult", "EditDelta", "WeightDelta", "EditRequest", "load_requests", "MEMITHyperParams",

@@ -18,19 +18,21 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from massedit import __version__, parallel
-from massedit.arch import ModelLayout
-from massedit.context import ContextTemplates, generate_templates, validate_templates
-from massedit.delta import EditDelta, config_hash
+from massedit import __version__
+
+from massedit.model import parallel
+from massedit.model.arch import ModelLayout
+from massedit.inputs.templates import ContextTemplates, generate_templates, validate_templates
+from massedit.edits.delta import EditDelta, config_hash
 from massedit.hparams import MEMITHyperParams, default_for
-from massedit.devices import execution_device
-from massedit.loading import LoadOptions, load_model
+from massedit.model.devices import execution_device
+from massedit.model.loading import LoadOptions, load_model
 from massedit.methods import METHODS, EditMethod, get_method  # noqa: F401 - METHODS: massedit.editor.METHODS
-from massedit.quantized import check_model
-from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
-from massedit.solve import SOLVE_DTYPES, LayerSolver
-from massedit.stats import layer_covariances, model_name_of
-from massedit.targets import frozen_eval
+from massedit.model.quantized import check_model
+from massedit.inputs.requests import EditRequest, RequestError, parse_records, validate_requests
+from massedit.solve.cholesky import SOLVE_DTYPES, LayerSolver
+from massedit.compute.stats import layer_covariances, model_name_of
+from massedit.compute.targets import frozen_eval
 
 # A request whose final z loss is this many times the early-stop loss (and at least 1) was not
 # learned: its target's probability stayed far from 1, so the edit will likely not take.
@@ -150,7 +152,7 @@ class MassEditor:
                         device_map: Union[str, dict, None] = None, max_memory: Union[str, dict, None] = None,
                         offload_folder: Union[str, Path, None] = None, quantization=None, torch_dtype="auto",
                         **editor_kwargs) -> "MassEditor":
-        """Load a model (see massedit.loading.LoadOptions for the options; all are checked before
+        """Load a model (see massedit.model.loading.LoadOptions for the options; all are checked before
         any weight is read) and an editor for it; editor_kwargs go to MassEditor."""
         options = LoadOptions(device_map=device_map, max_memory=max_memory, quantization=quantization,
                               offload_folder=None if offload_folder is None else str(offload_folder),
@@ -173,7 +175,7 @@ class MassEditor:
         The statistics sums come to the host; each is dropped once its layer's factor is built, in
         one d×d buffer on the layer's device, and the factor is kept where `solve_device` says.
         Under torch.distributed every rank takes part in computing the statistics, but only rank 0
-        solves (massedit.memit), so only rank 0 builds factors; the other ranks' entries are None."""
+        solves (massedit.solve.spread), so only rank 0 builds factors; the other ranks' entries are None."""
         missing = [l for l in self.hp.layers if l not in self._solvers]
         if missing:
             with frozen_eval(self.model):
@@ -234,15 +236,15 @@ class MassEditor:
         returned delta (which records this model's weights as its base) can be applied later.
 
         Under torch.distributed (torchrun, accelerate launch) every rank calls this with the same
-        requests: z and keys are computed for each rank's share and gathered (massedit.memit,
-        massedit.targets), and every rank returns the same delta and applies it.
+        requests: z and keys are computed for each rank's share and gathered (massedit.solve.spread,
+        massedit.compute.targets), and every rank returns the same delta and applies it.
         """
         with frozen_eval(self.model):
             return self._edit(requests, method, batch_size, apply)
 
     def _edit(self, requests, method: Union[str, EditMethod], batch_size: Optional[int], apply: bool,
               preserved: Optional[dict[int, torch.Tensor]] = None) -> EditResult:
-        """`preserved`: per layer, the earlier rounds' K_p K_pᵀ, for methods that keep them (massedit.sequential)."""
+        """`preserved`: per layer, the earlier rounds' K_p K_pᵀ, for methods that keep them (massedit.edits.sequential)."""
         impl = check_method(method)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):

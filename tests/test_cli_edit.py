@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import massedit.cli as cli
-import massedit.stats as stats_mod
-from massedit.delta import EditDelta
+import massedit.compute.stats as stats_mod
+from massedit.edits.delta import EditDelta
 from massedit.hparams import MEMITHyperParams
-from massedit.tokens import fill, target_ids
+from massedit.inputs.tokens import fill, target_ids
 from tiny import MODEL_TYPES, WORDS, make_model, make_tokenizer
 
 # Random tiny models barely let δ at the subject token reach a later answer position (one block

@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import massedit.cli as cli
-import massedit.outdir as outdir
-from massedit.delta import EditDelta
+import massedit.commands._outputs as outdir
+from massedit.edits.delta import EditDelta
 from tiny import WORDS, make_model
 
 REQUESTS = [
@@ -192,7 +192,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     import massedit.cli as cli
-    import massedit.outdir as outdir
+    import massedit.commands._outputs as outdir
     from transformers import PreTrainedModel
 
     where, marker = sys.argv[1], sys.argv[2]

@@ -8,11 +8,11 @@ import textwrap
 import pytest
 import torch
 
-from massedit.loading import dtype_kwargs
+from massedit.model.loading import dtype_kwargs
 
-import massedit.delta as delta_mod
-from massedit.arch import ModelLayout
-from massedit.delta import DeltaError, EditDelta, WeightDelta, config_hash
+import massedit.edits.delta as delta_mod
+from massedit.model.arch import ModelLayout
+from massedit.edits.delta import DeltaError, EditDelta, WeightDelta, config_hash
 from tiny import make_model
 
 LAYERS = (0, 2, 3)
@@ -104,7 +104,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, torch
     from safetensors.torch import load_file, save_file
-    from massedit.delta import EditDelta
+    from massedit.edits.delta import EditDelta
     torch.set_num_threads(1)
     d = sys.argv[1]
     model = torch.nn.Linear(1, 1, bias=False)

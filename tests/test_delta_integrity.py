@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from massedit.arch import ModelLayout
-from massedit.delta import HEADER_KEY, DeltaError, EditDelta, WeightDelta, config_hash
+from massedit.model.arch import ModelLayout
+from massedit.edits.delta import HEADER_KEY, DeltaError, EditDelta, WeightDelta, config_hash
 from tiny import make_model
 
 

@@ -16,13 +16,13 @@ from accelerate import cpu_offload, dispatch_model
 from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook
 from transformers import AutoModelForCausalLM
 
-from massedit.arch import ModelLayout
-from massedit.context import generate_templates
-from massedit.delta import EditDelta
-from massedit.devices import execution_device, input_device, offloaded_state_dict, read_parameter
-from massedit.evaluate import evaluate, summary
-from massedit.loading import dtype_kwargs
-from massedit.stats import second_moments
+from massedit.model.arch import ModelLayout
+from massedit.inputs.templates import generate_templates
+from massedit.edits.delta import EditDelta
+from massedit.model.devices import execution_device, input_device, offloaded_state_dict, read_parameter
+from massedit.evaluation.evaluate import evaluate, summary
+from massedit.model.loading import dtype_kwargs
+from massedit.compute.stats import second_moments
 from test_evaluate import cf_record
 from test_pipeline import EDITED, FACTS, WORLD_REQUESTS, train_world, world_editor
 from tiny import make_model

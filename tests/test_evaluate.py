@@ -1,4 +1,4 @@
-"""massedit.evaluate: teacher-forced scoring, CounterFact / zsRE metrics, loading, CLI."""
+"""massedit.evaluation.evaluate: teacher-forced scoring, CounterFact / zsRE metrics, loading, CLI."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import massedit.cli
-from massedit import evaluate as ev
+from massedit.evaluation import evaluate as ev
 from tiny import make_model, make_tokenizer
 
 torch.set_num_threads(1)

@@ -68,10 +68,10 @@ def test_z_flop_formula_matches_counted_flops():
     out, as in the formula) exceed the formula only by the padding the formula leaves out."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from massedit.arch import ModelLayout
+    from massedit.model.arch import ModelLayout
     from massedit.hparams import preset
-    from massedit.requests import parse_records
-    from massedit.targets import TargetOptimizer, ZSettings
+    from massedit.inputs.requests import parse_records
+    from massedit.compute.targets import TargetOptimizer, ZSettings
 
     tok = gpu_scale.train_tokenizer(gpu_scale.tokenizer_corpus(300, 0), 800)
     model = gpu_scale.build_model(gpu_scale.model_config("gptj-6b", True, len(tok)), torch.device("cpu"),

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from massedit.arch import ModelLayout
-from massedit.keys import subject_hidden, subject_keys
-from massedit.tokens import compose, encode_prompt
+from massedit.model.arch import ModelLayout
+from massedit.compute.keys import subject_hidden, subject_keys
+from massedit.inputs.tokens import compose, encode_prompt
 from tiny import make_model, make_requests, make_tokenizer
 
 TEMPLATES = [["{}"], ["The city of Paris. {}", "Because I speak. {}", "You know what. {}"]]
@@ -53,7 +53,7 @@ def test_hidden_at_bare_prompt():
 def test_layer_states_equal_fresh_computation_as_layers_are_edited(model_type):
     """Carrying the residual stream from one edited layer to the next gives the keys and h^L a
     full recomputation on the edited model gives (gptj's blocks return tuples)."""
-    from massedit.keys import LayerStates
+    from massedit.compute.keys import LayerStates
 
     model, tok = make_model(model_type)
     layout = ModelLayout(model)

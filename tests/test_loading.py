@@ -14,9 +14,9 @@ import transformers
 
 import massedit.cli as cli
 from massedit import MassEditor
-from massedit.delta import EditDelta
-from massedit.devices import read_parameter
-from massedit.loading import parse_max_memory
+from massedit.edits.delta import EditDelta
+from massedit.model.devices import read_parameter
+from massedit.model.loading import parse_max_memory
 from test_cli_edit import Files, _edit_argv, _save_model
 from test_evaluate import RECORDS
 

@@ -11,13 +11,13 @@ from safetensors.torch import save_file
 from tiny import make_model, make_requests
 
 from massedit import MassEditor
-from massedit.arch import ModelLayout
-from massedit.delta import HEADER_KEY, EditDelta, ParameterAdditions
-from massedit.heads import fold_into_bias, head_corrections, head_outputs
+from massedit.model.arch import ModelLayout
+from massedit.edits.delta import HEADER_KEY, EditDelta, ParameterAdditions
+from massedit.methods.memat.heads import fold_into_bias, head_corrections, head_outputs
 from massedit.hparams import HParamsError, MEMITHyperParams
-from massedit.methods.memat import Memat
-from massedit.probes import fit_logistic
-from massedit.requests import RequestError
+from massedit.methods.memat.method import Memat
+from massedit.methods.memat.probes import fit_logistic
+from massedit.inputs.requests import RequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge", "ignore:.*not positive definite")
 

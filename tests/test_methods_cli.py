@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import massedit.cli as cli
-from massedit.delta import WeightDelta
+from massedit.edits.delta import WeightDelta
 from massedit.editor import MassEditor
-from massedit.ledger import Ledger
+from massedit.edits.ledger import Ledger
 from massedit.methods import METHODS, EditMethod, get_method, register_method
-from massedit.targets import ZResult
+from massedit.compute.targets import ZResult
 from test_cli_edit import Files, _edit_argv, _save_model
 from tiny import make_model
 

@@ -18,16 +18,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import massedit.stats as stats_mod
-from massedit import parallel
-from massedit.arch import ModelLayout
+import massedit.compute.stats as stats_mod
+from massedit.model import parallel
+from massedit.model.arch import ModelLayout
 from massedit.cli import main
-from massedit.delta import EditDelta
+from massedit.edits.delta import EditDelta
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
-from massedit.stats import second_moments, stats_file
-from massedit.tokens import encode_prompt
-from massedit.targets import KL_PROMPT
+from massedit.compute.stats import second_moments, stats_file
+from massedit.inputs.tokens import encode_prompt
+from massedit.compute.targets import KL_PROMPT
 from tiny import WORDS, make_model
 
 WORLD = 2

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import massedit.memit as memit_mod
+import massedit.solve.spread as memit_mod
 import massedit.methods.memit as memit_method
-import massedit.targets as targets_mod
-from massedit.arch import ModelLayout
-from massedit.delta import EditDelta
+import massedit.compute.targets as targets_mod
+from massedit.model.arch import ModelLayout
+from massedit.edits.delta import EditDelta
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
-from massedit.solve import LayerSolver
-from massedit.tokens import compose, encode_prompt
+from massedit.solve.cholesky import LayerSolver
+from massedit.inputs.tokens import compose, encode_prompt
 from tiny import WORDS, make_model
 
 REQUESTS = [
@@ -44,7 +44,7 @@ def _changed(model, snapshot) -> list[str]:
 
 
 def _no_hooks_left(model) -> bool:
-    from massedit.hooks import Replay
+    from massedit.model.hooks import Replay
 
     no_hooks = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     return no_hooks and not any(isinstance(m, Replay) for m in model.modules())

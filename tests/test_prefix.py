@@ -4,11 +4,11 @@ import inspect
 import pytest
 import torch
 
-from massedit.arch import ModelLayout
+from massedit.model.arch import ModelLayout
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
-from massedit.requests import EditRequest
-from massedit.targets import TargetOptimizer, ZSettings
+from massedit.inputs.requests import EditRequest
+from massedit.compute.targets import TargetOptimizer, ZSettings
 from tiny import MODEL_TYPES, SENTENCEPIECE_TYPES, WORDS, make_model, make_requests, make_tokenizer
 
 TEMPLATES = [["{}"], ["The city of Paris. {}", "Because I speak. {}"]]
@@ -62,7 +62,7 @@ def test_prefix_reuse_every_architecture(model_type):
 def test_prefix_reuse_same_weight_deltas(model_type, tmp_path, monkeypatch):
     import random
 
-    import massedit.targets as targets
+    import massedit.compute.targets as targets
 
     used = []
     for cls in (targets._PrefixForward, targets._PlainForward):
@@ -144,7 +144,7 @@ def test_prefix_reuse_is_available_on_current_transformers(model_type):
     import transformers
     from packaging.version import Version
 
-    from massedit.targets import supports_prefix_reuse
+    from massedit.compute.targets import supports_prefix_reuse
 
     if Version(transformers.__version__) < Version("4.56"):
         pytest.skip("older transformers keep some families on legacy caches; the plain path is used there")
@@ -175,7 +175,7 @@ def _forward_taking(model, keyword):
 def test_cache_is_passed_under_the_keyword_the_forward_takes(keyword):
     """transformers 5.x renamed `past_key_values` to `cache` (and drops the old name later): the
     prefix path must follow the installed forward, not one spelling."""
-    from massedit.targets import cache_keyword, supports_prefix_reuse
+    from massedit.compute.targets import cache_keyword, supports_prefix_reuse
 
     tok = make_tokenizer("bpe")
     model = _forward_taking(make_model("gpt2", tok)[0], keyword)

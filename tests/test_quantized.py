@@ -1,4 +1,4 @@
-"""Editing bitsandbytes 8-bit and 4-bit bases (massedit.quantized) on trained tiny GPT-2 and Llama
+"""Editing bitsandbytes 8-bit and 4-bit bases (massedit.model.quantized) on trained tiny GPT-2 and Llama
 worlds loaded with from_pretrained(quantization_config=BitsAndBytesConfig(...)) on CPU: the edit
 takes effect as on the dense model, revert gives back every quantized tensor bit for bit, the
 edited model saves and reloads with the edit, and unsupported storage is refused before any work."""
@@ -12,11 +12,11 @@ bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import massedit.editor as editor_mod  # noqa: E402
-from massedit.arch import ModelLayout  # noqa: E402
-from massedit.delta import EditDelta  # noqa: E402
+from massedit.model.arch import ModelLayout  # noqa: E402
+from massedit.edits.delta import EditDelta  # noqa: E402
 from massedit.editor import MassEditor  # noqa: E402
 from massedit.hparams import default_for  # noqa: E402
-from massedit.quantized import UnsupportedQuantizationError, cpu_repacking_off  # noqa: E402
+from massedit.model.quantized import UnsupportedQuantizationError, cpu_repacking_off  # noqa: E402
 from test_pipeline import EDITED, FACTS, _sentence, edit_world, train_world  # noqa: E402
 
 BITS = {
@@ -230,9 +230,9 @@ def test_evaluating_or_tracing_a_4bit_model_first_leaves_it_editable(first, worl
     choose the layers: on a CPU whose
     bitsandbytes kernel repacks 4-bit weights at the first no-grad forward, that evaluation must
     not repack them, or the z phase's backward fails inside bitsandbytes."""
-    from massedit.evaluate import evaluate
-    from massedit.requests import parse_records
-    from massedit.trace import trace
+    from massedit.evaluation.evaluate import evaluate
+    from massedit.inputs.requests import parse_records
+    from massedit.evaluation.trace import trace
 
     path, tok, sentences, _ = worlds["gpt2"]
     probe = _load(path, "4bit")
@@ -282,7 +282,7 @@ def test_a_checkpoint_transformers_cannot_save_is_refused_before_the_edit(worlds
 def test_ledger_of_a_quantized_base_verifies_after_save_and_reload(worlds, tmp_path):
     """The ledger's base digest of a bitsandbytes weight is the dense value its edits start from,
     the same that the round's delta records, so verify holds in memory and on the saved model."""
-    from massedit.sequential import SequentialEditor
+    from massedit.edits.sequential import SequentialEditor
     from test_pipeline import WORLD_REQUESTS, world_editor
 
     path, tok, sentences, _ = worlds["gpt2"]

@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 
-import massedit.tokens as tokens
-from massedit.requests import EditRequest, RequestError, load_requests, parse_records, validate_requests
+import massedit.inputs.tokens as tokens
+from massedit.inputs.requests import EditRequest, RequestError, load_requests, parse_records, validate_requests
 from tiny import make_tokenizer
 
 CF = [

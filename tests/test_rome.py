@@ -1,14 +1,14 @@
-"""ROME (massedit.rome, DESIGN §3): the rank-one update against a direct computation, exact revert,
+"""ROME (massedit.methods.rome.update, DESIGN §3): the rank-one update against a direct computation, exact revert,
 the one-layer rule, sequential semantics, and restoration on failure."""
 import pytest
 import torch
 
-from massedit.delta import EditDelta
+from massedit.edits.delta import EditDelta
 from massedit.editor import METHODS, MassEditor
 from massedit.hparams import HParamsError, MEMITHyperParams
-from massedit.requests import EditRequest
-from massedit.stats import layer_covariances
-from massedit.tokens import compose, encode_prompt, fill, target_ids
+from massedit.inputs.requests import EditRequest
+from massedit.compute.stats import layer_covariances
+from massedit.inputs.tokens import compose, encode_prompt, fill, target_ids
 from tiny import _corpus, make_model
 
 LAYER = 1
@@ -230,7 +230,7 @@ def test_sequential_second_edit_sees_the_first(tmp_path):
 
 
 def test_failure_midway_restores_the_model(tmp_path, monkeypatch):
-    import massedit.rome as rome
+    import massedit.methods.rome.update as rome
 
     model, tok = make_model("gpt2")
     ed = _editor(model, tok, tmp_path)

@@ -1,4 +1,4 @@
-"""Sequential editing (massedit.sequential, massedit.methods.alphaedit, DESIGN §11): AlphaEdit's
+"""Sequential editing (massedit.edits.sequential, massedit.methods.alphaedit, DESIGN §11): AlphaEdit's
 update against its public code's formula, rounds with preserved keys against one combined solve,
 the projector cache, and the edit ledger (exact revert of the last K rounds, crash and resume)."""
 from __future__ import annotations
@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import massedit.ledger as ledger_mod
+import massedit.edits.ledger as ledger_mod
 import massedit.methods.memit as memit_method
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
-from massedit.keys import subject_hidden, subject_keys
-from massedit.ledger import Ledger
+from massedit.compute.keys import subject_hidden, subject_keys
+from massedit.edits.ledger import Ledger
 from massedit.methods.alphaedit import AlphaEdit, cached_basis, null_space_solve, projector_file
-from massedit.requests import EditRequest
-from massedit.sequential import SequentialEditor, split_rounds
-from massedit.stats import stats_file
-from massedit.targets import ZResult
+from massedit.inputs.requests import EditRequest
+from massedit.edits.sequential import SequentialEditor, split_rounds
+from massedit.compute.stats import stats_file
+from massedit.compute.targets import ZResult
 from tiny import WORDS, make_model
 
 TEMPLATES = [["{}"], ["The a of. {}", "I you it. {}"]]

@@ -10,7 +10,7 @@ import torch
 
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
-from massedit.solve import LayerSolver
+from massedit.solve.cholesky import LayerSolver
 from tiny import WORDS, make_model
 
 CORPUS = [" ".join(WORDS[(3 * i + j * (i % 5 + 2)) % len(WORDS)] for j in range(10 + (7 * i) % 29)) for i in range(30)]

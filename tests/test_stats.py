@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import massedit.stats as stats_mod
-from massedit.arch import ModelLayout
+import massedit.compute.stats as stats_mod
+from massedit.model.arch import ModelLayout
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
-from massedit.stats import StatsError, layer_covariances, second_moments
+from massedit.compute.stats import StatsError, layer_covariances, second_moments
 from tiny import WORDS, make_model
 
 MODEL_NAME = "tiny-model"
@@ -129,7 +129,7 @@ def _hp(model, layers=(1, 2), n=6, dataset="tinywiki"):
 
 
 def _path(root, layer, n=6, dataset="tinywiki", dtype="float32"):
-    # Written out by hand from the reference layout, not through massedit.stats.stats_file.
+    # Written out by hand from the reference layout, not through massedit.compute.stats.stats_file.
     return root / MODEL_NAME / f"{dataset}_stats" / f"transformer.h.{layer}.mlp.c_proj_{dtype}_mom2_{n}.npz"
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import massedit.stats as stats_mod
-from massedit.arch import ModelLayout
+import massedit.compute.stats as stats_mod
+from massedit.model.arch import ModelLayout
 from massedit.hparams import default_for
-from massedit.loading import model_name_for
-from massedit.stats import (IDENTITY_KEY, ModelIdentity, StatsError, check_model_name, layer_covariances,
+from massedit.model.loading import model_name_for
+from massedit.compute.stats import (IDENTITY_KEY, ModelIdentity, StatsError, check_model_name, layer_covariances,
                             read_stats, write_stats)
 from tiny import WORDS, make_model
 

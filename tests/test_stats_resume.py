@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-import massedit.stats as stats
-from massedit.arch import ModelLayout
+import massedit.compute.stats as stats
+from massedit.model.arch import ModelLayout
 from tiny import WORDS, make_model
 
 

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from massedit.arch import ModelLayout
+from massedit.model.arch import ModelLayout
 from massedit.editor import MassEditor
 from massedit.hparams import default_for
-from massedit.targets import TargetOptimizer, ZSettings, build_prompts
-from massedit.tokens import fill
+from massedit.compute.targets import TargetOptimizer, ZSettings, build_prompts
+from massedit.inputs.tokens import fill
 from tiny import WORDS, make_model, make_requests, make_tokenizer
 
 TEMPLATES = [["{}"], ["The city of Paris. {}", "Because I speak. {}", "You know what. {}"]]

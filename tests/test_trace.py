@@ -1,15 +1,15 @@
-"""Causal tracing (massedit.trace, `massedit trace`): a fact planted in one layer's MLP is found
+"""Causal tracing (massedit.evaluation.trace, `massedit trace`): a fact planted in one layer's MLP is found
 there; the batched trace equals one restoration per forward; the CLI writes its files."""
 import json
 
 import pytest
 import torch
 
-from massedit import tokens as T
+from massedit.inputs import tokens as T
 from massedit.cli import main
 from massedit.hparams import MEMITHyperParams
-from massedit.requests import EditRequest
-from massedit.trace import (GROUPS, KINDS, Tracer, default_window, make_noise, prepare, suggest_layers, trace,
+from massedit.inputs.requests import EditRequest
+from massedit.evaluation.trace import (GROUPS, KINDS, Tracer, default_window, make_noise, prepare, suggest_layers, trace,
                             trace_fact, trace_fact_serial, window_layers)
 from tiny import MODEL_TYPES, make_model
 
@@ -119,7 +119,7 @@ def test_restorations_resume_from_the_corrupted_keys_and_values(model_type, batc
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_a_model_that_cannot_continue_from_a_cache_recomputes_every_position(model_type, monkeypatch):
-    import massedit.trace as trace_module
+    import massedit.evaluation.trace as trace_module
 
     monkeypatch.setattr(trace_module, "supports_prefix_reuse", lambda _model: False)
     model, tok = make_model(model_type)

@@ -14,8 +14,8 @@ import pytest
 import massedit.cli as cli
 from massedit.editor import MassEditor
 from massedit.hparams import HParamsError, load_hparams, preset
-from massedit.requests import EditRequest, RequestError
-from massedit.writable import NotWritableError, check_dir, check_file
+from massedit.inputs.requests import EditRequest, RequestError
+from massedit.commands._writable import NotWritableError, check_dir, check_file
 from tiny import WORDS, make_model, make_tokenizer
 
 REQUESTS = [
@@ -181,7 +181,7 @@ def test_user_error_is_one_early_line_and_writes_nothing(name, argv, needles, ab
 
 def test_unknown_model_path_never_reaches_the_hub(tmp_path, monkeypatch):
     """A path that looks local fails at once; a hub id ("org/name") is still passed to transformers."""
-    from massedit.loading import check_local_model, looks_local
+    from massedit.model.loading import check_local_model, looks_local
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "worlds").mkdir()

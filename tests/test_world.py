@@ -187,7 +187,7 @@ def test_tokenizer(arch):
     if arch == "llama":
         assert ids[0] == tok.bos_token_id
     # An object is the same tokens at the end of a sentence as after a prompt.
-    from massedit.tokens import target_ids
+    from massedit.inputs.tokens import target_ids
 
     for obj in ("Paris", "Cape Town", "ice hockey"):
         t = target_ids(tok, "X was born in", obj)

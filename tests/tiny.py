@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from massedit.loading import dtype_kwargs
+from massedit.model.loading import dtype_kwargs
 
 WORDS = (
     "the a of in is was plays sport native language city capital country born works for "
@@ -124,7 +124,7 @@ def make_requests(n: int, seed: int = 0) -> list:
     """n distinct requests with subjects, prompts and targets of mixed token lengths."""
     import random
 
-    from massedit.requests import EditRequest
+    from massedit.inputs.requests import EditRequest
 
     rng = random.Random(seed)
     seen, out = set(), []

@@ -172,7 +172,7 @@ def load_world(world: Path, corpus_docs: Optional[int] = None) -> Setup:
     """A `massedit world build` directory: DIR/model, DIR/counterfact.json, DIR/corpus.txt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from massedit.corpus import read_corpus
+    from massedit.inputs.corpus import read_corpus
 
     world = Path(world)
     model = AutoModelForCausalLM.from_pretrained(world / "model", dtype=torch.float32)

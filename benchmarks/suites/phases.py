@@ -48,9 +48,9 @@ class PhaseSetup:
 
 @functools.lru_cache(maxsize=None)
 def setup(seed: int = 0, device: str = os.environ.get("MASSEDIT_BENCH_DEVICE", "cpu")) -> PhaseSetup:
-    from massedit.arch import ModelLayout
-    from massedit.requests import parse_records
-    from massedit.stats import second_moments
+    from massedit.model.arch import ModelLayout
+    from massedit.inputs.requests import parse_records
+    from massedit.compute.stats import second_moments
     from massedit.world.generate import corpus_documents, counterfact_records, generate_world
     from massedit.world.train import make_model, preset, train_tokenizer
 
@@ -68,7 +68,7 @@ def setup(seed: int = 0, device: str = os.environ.get("MASSEDIT_BENCH_DEVICE", "
 
 
 def _settings(layer: int, steps: int = 5):
-    from massedit.targets import ZSettings
+    from massedit.compute.targets import ZSettings
 
     return ZSettings(layer=layer, loss_layer=3, num_grad_steps=steps, lr=0.5, weight_decay=0.5,
                      clamp_norm_factor=0.75, kl_factor=0.0625, early_stop_loss=0.0)
@@ -76,8 +76,8 @@ def _settings(layer: int, steps: int = 5):
 
 def bench_z(benchmark, method: str, n: int):
     """z for n requests, 5 Adam steps each (no early stop): batched, serial, and ROME's v*."""
-    from massedit.rome import optimize_target
-    from massedit.targets import TargetOptimizer, frozen_eval
+    from massedit.methods.rome.update import optimize_target
+    from massedit.compute.targets import TargetOptimizer, frozen_eval
 
     s = setup()
     reqs = s.requests[:n]
@@ -95,7 +95,7 @@ def bench_z(benchmark, method: str, n: int):
 
 def bench_keys(benchmark, n: int):
     """Keys k̄ at one layer for n requests × the context templates (one no-grad forward batch)."""
-    from massedit.keys import subject_keys
+    from massedit.compute.keys import subject_keys
 
     s = setup()
     return benchmark(lambda: subject_keys(s.model, s.layout, s.tok, s.requests[:n], TEMPLATES, LAYER))
@@ -103,7 +103,7 @@ def bench_keys(benchmark, n: int):
 
 def bench_statistics(benchmark, docs: int):
     """Σ k kᵀ over `docs` corpus documents for two layers in one pass (stopped after the deeper)."""
-    from massedit.stats import second_moments
+    from massedit.compute.stats import second_moments
 
     s = setup()
     return benchmark(lambda: second_moments(s.model, s.layout, s.tok, s.corpus[:docs], [1, 2], progress=False))
@@ -111,7 +111,7 @@ def bench_statistics(benchmark, docs: int):
 
 def bench_solve(benchmark, n: int):
     """(λC + KKᵀ)⁻¹K for n keys, the λC factor already cached (as across a run's batches)."""
-    from massedit.solve import LayerSolver
+    from massedit.solve.cholesky import LayerSolver
 
     s = setup()
     solver = LayerSolver(s.cov, 200.0, LAYER)
@@ -123,7 +123,7 @@ def bench_solve(benchmark, n: int):
 
 def bench_apply(benchmark, n: int):
     """Apply then revert (bit-exact, with digests and fix-ups) a rank-n delta of one rewrite weight."""
-    from massedit.delta import EditDelta, WeightDelta
+    from massedit.edits.delta import EditDelta, WeightDelta
 
     s = setup()
     d_model, d_ff = s.layout.hidden_size, s.layout.key_dim(LAYER)

@@ -7,7 +7,7 @@ For every (method, n), in one process and on the same weights:
     cached, so it is ~0 in every run) and in total (`MassEditor.edit`, the apply included);
   * peak memory during the edit (see `PeakMemory`: sampled RSS above the RSS at entry, after
     malloc_trim, on CPU; torch.cuda.max_memory_allocated on CUDA);
-  * ES / PS / NS / S (massedit.evaluate, CounterFact) on the n edited records, after the edit, and
+  * ES / PS / NS / S (massedit.evaluation.evaluate, CounterFact) on the n edited records, after the edit, and
     the same on the unedited model (pre-edit). The delta is then reverted (bit-exact; checked by
     a digest of the rewrite weights), so every run starts from the unedited model.
 Sizes are interleaved (n = 1 for every method, then n = 2, ...) so that machine load affects the
@@ -121,20 +121,20 @@ class Quality:
         self.pre_s = 0.0
 
     def _cases(self, n: int):
-        from massedit.evaluate import evaluate
+        from massedit.evaluation.evaluate import evaluate
 
         return evaluate(self.model, self.tok, self.records[:n], kind="counterfact")
 
     @staticmethod
     def _agg(per_case) -> dict:
-        from massedit.evaluate import CF_METRICS, aggregate
+        from massedit.evaluation.evaluate import CF_METRICS, aggregate
 
         stats = aggregate(per_case, CF_METRICS, ("S", ("ES", "PS", "NS")))
         return {k: (None if v["mean"] is None else round(v["mean"], 3)) for k, v in stats.items()}
 
     def pre(self, n: int) -> dict:
         """Metrics of the unedited model on records[:n] (call only while the model is unedited)."""
-        from massedit.evaluate import evaluate
+        from massedit.evaluation.evaluate import evaluate
 
         missing = [r for r in self.records[:n] if r["case_id"] not in self._pre]
         if missing:
@@ -187,7 +187,7 @@ def _one_run(editor, method: str, records, n: int, quality: Quality, digest0: st
 
 
 def _rome_single(editor, records, k: int, digest0: str, layers) -> dict:
-    from massedit.evaluate import evaluate
+    from massedit.evaluation.evaluate import evaluate
 
     cases, times = [], []
     for rec in records[:k]:
@@ -281,8 +281,8 @@ def run(args) -> dict:
     if args.smoke:
         shared = SMOKE_TEMPLATES
     else:
-        from massedit.context import generate_templates
-        from massedit.targets import frozen_eval
+        from massedit.inputs.templates import generate_templates
+        from massedit.compute.targets import frozen_eval
 
         plan = (hps.get("memit") or hps.get("memit-serial") or _hparams(setup, args, "memit")).context_template_plan()
         with frozen_eval(model):

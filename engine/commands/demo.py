@@ -28,14 +28,14 @@ import torch
 
 from massedit.commands.trace import write_heatmaps
 from massedit.editor import MassEditor
-from massedit.evaluate import evaluate, load_records, summary
+from massedit.evaluation.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
-from massedit.loading import add_model_arguments, load_model, options_from_args
+from massedit.model.loading import add_model_arguments, load_model, options_from_args
 from massedit.methods import method_names
-from massedit.outdir import check_out, staged
-from massedit.requests import parse_records
-from massedit.trace import GROUPS, trace
-from massedit.writable import check_dir
+from massedit.commands._outputs import check_out, staged
+from massedit.inputs.requests import parse_records
+from massedit.evaluation.trace import GROUPS, trace
+from massedit.commands._writable import check_dir
 
 NAME = "demo"
 HELP = "build the knowledge world, edit N facts, evaluate before/after (the two-command quick start)"

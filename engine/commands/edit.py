@@ -27,16 +27,16 @@ import json
 import time
 from pathlib import Path
 
-from massedit import parallel
-from massedit.context import load_templates
+from massedit.model import parallel
+from massedit.inputs.templates import load_templates
 from massedit.editor import MassEditor, check_method
-from massedit.evaluate import evaluate, load_records, summary
+from massedit.evaluation.evaluate import evaluate, load_records, summary
 from massedit.hparams import default_for, load_hparams
-from massedit.loading import add_model_arguments, check_savable, load_model, options_from_args
+from massedit.model.loading import add_model_arguments, check_savable, load_model, options_from_args
 from massedit.methods import METHODS, method_names
-from massedit.outdir import check_out, staged
-from massedit.requests import load_requests
-from massedit.writable import check_dir
+from massedit.commands._outputs import check_out, staged
+from massedit.inputs.requests import load_requests
+from massedit.commands._writable import check_dir
 
 NAME = "edit"
 HELP = "edit facts into a model (MEMIT) and save model, delta and report"
@@ -133,7 +133,7 @@ def run(args) -> int:
     method.check_saved_model(editor.layout)
     requests = editor.validate(requests)
     if args.ledger:
-        from massedit.commands.rounds import edit_in_rounds
+        from massedit.commands._rounds import edit_in_rounds
 
         return edit_in_rounds(args, editor, requests, out, method)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None

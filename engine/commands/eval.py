@@ -3,7 +3,7 @@
 The data format is detected from the file: a CounterFact JSON list (records with
 "requested_rewrite") or a zsRE JSON list (zsre_mend_eval.json: "src", "answers", "loc", ...).
 Aggregates are percentages (x100, as the MEMIT paper reports them) with a 95% interval and the
-number of cases that contributed; see engine/evaluate.py for the exact conventions.
+number of cases that contributed; see engine/evaluation/evaluate.py for the exact conventions.
 
 Examples:
   massedit eval --model gpt2-xl --data counterfact.json --limit 1000 --json results.json
@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from massedit.cli import UserError
-from massedit.loading import add_model_arguments, load_model, options_from_args
-from massedit.writable import check_file
+from massedit.model.loading import add_model_arguments, load_model, options_from_args
+from massedit.commands._writable import check_file
 
 NAME = "eval"
 HELP = "score a model on CounterFact / zsRE records (efficacy, generalization, specificity)"
@@ -63,7 +63,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from massedit import evaluate as ev
+    from massedit.evaluation import evaluate as ev
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from massedit.ledger import Ledger
-from massedit.loading import add_model_arguments, check_savable, load_model, options_from_args
-from massedit.outdir import check_out, staged
+from massedit.edits.ledger import Ledger
+from massedit.model.loading import add_model_arguments, check_savable, load_model, options_from_args
+from massedit.commands._outputs import check_out, staged
 
 NAME = "ledger"
 HELP = "list, verify or revert the rounds of an edit ledger"

@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from massedit import parallel
-from massedit.arch import ModelLayout
-from massedit.corpus import read_corpus
-from massedit.loading import add_deprecated_alias, add_model_arguments, load_model, model_name_for, options_from_args
-from massedit.stats import (DTYPES, ModelIdentity, check_identity, check_model_name, check_storable, second_moments,
+from massedit.model import parallel
+from massedit.model.arch import ModelLayout
+from massedit.inputs.corpus import read_corpus
+from massedit.model.loading import add_deprecated_alias, add_model_arguments, load_model, model_name_for, options_from_args
+from massedit.compute.stats import (DTYPES, ModelIdentity, check_identity, check_model_name, check_storable, second_moments,
                             stats_file, write_stats)
-from massedit.writable import check_dir
+from massedit.commands._writable import check_dir
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"

@@ -20,11 +20,11 @@ import math
 import os
 from pathlib import Path
 
-from massedit.arch import ModelLayout
+from massedit.model.arch import ModelLayout
 from massedit.hparams import default_for, world_preset
-from massedit.loading import add_model_arguments, load_model, options_from_args
-from massedit.requests import load_requests
-from massedit.trace import BATCH_TOKENS, GROUPS, KINDS, TraceResult, check_requests, trace
+from massedit.model.loading import add_model_arguments, load_model, options_from_args
+from massedit.inputs.requests import load_requests
+from massedit.evaluation.trace import BATCH_TOKENS, GROUPS, KINDS, TraceResult, check_requests, trace
 
 NAME = "trace"
 HELP = "causal tracing: token × layer effects of hidden, MLP and attention states; suggests layers"

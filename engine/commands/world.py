@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 
 from massedit.cli import UserError
-from massedit.loading import dtype_kwargs
+from massedit.model.loading import dtype_kwargs
 
 NAME = "world"
 HELP = "build a synthetic knowledge world and a small model trained on it"

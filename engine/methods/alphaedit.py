@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
-from massedit.stats import stats_file
+from massedit.compute.stats import stats_file
 
 _HEADER_KEY = "massedit.nullspace"
 

@@ -6,9 +6,9 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from massedit.delta import WeightDelta
-from massedit.requests import EditRequest
-from massedit.targets import ZResult
+from massedit.edits.delta import WeightDelta
+from massedit.inputs.requests import EditRequest
+from massedit.compute.targets import ZResult
 
 
 class EditMethod(ABC):
@@ -18,8 +18,8 @@ class EditMethod(ABC):
     `default_for` uses for it ("memit" or "rome"). `preserves_keys`: the method's solves use the keys
     of earlier rounds (`preserved`, per layer K_p K_pᵀ), so sequential editing collects them.
     `shards_requests`: it runs under torch.distributed, each rank taking a share of the requests
-    (massedit.parallel); the others are refused with several processes. `edits_in_rounds`: it may
-    run as one round of sequential editing (massedit.sequential, ledgers).
+    (massedit.model.parallel); the others are refused with several processes. `edits_in_rounds`: it may
+    run as one round of sequential editing (massedit.edits.sequential, ledgers).
     """
 
     name: ClassVar[str]
@@ -51,7 +51,7 @@ class EditMethod(ABC):
         with the edit in effect (the CLI asks before editing a model it will save)."""
 
     def additions(self):
-        """Parameters the last `compute` needs added to the model (a `massedit.delta.ParameterAdditions`),
+        """Parameters the last `compute` needs added to the model (a `massedit.edits.delta.ParameterAdditions`),
         or None."""
         return None
 

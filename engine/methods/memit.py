@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from massedit.memit import spread_update
+from massedit.solve.spread import spread_update
 from massedit.methods.base import EditMethod, register_method
-from massedit.targets import TargetOptimizer, ZSettings
+from massedit.compute.targets import TargetOptimizer, ZSettings
 
 
 @register_method

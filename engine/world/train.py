@@ -27,8 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from massedit.devices import input_device
-from massedit.tokens import pad, spaced_target, target_ids
+from massedit.model.devices import input_device
+from massedit.inputs.tokens import pad, spaced_target, target_ids
 from massedit.world.generate import World, _rng, documents_with_spans, filler_sentence, fill, counterfact_records, \
     zsre_records, tokenizer_texts
 from massedit.world.languages import check_languages, l2_counterfact_records, l2_zsre_records, second_language
@@ -320,7 +320,7 @@ def recall_items(world: World, split: str, language: int = 1) -> list[tuple[str,
 
 
 def _encode_pairs(tok, items: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, object ids) per item, as `massedit.tokens.target_ids` computes them, batched."""
+    """(prompt ids, object ids) per item, as `massedit.inputs.tokens.target_ids` computes them, batched."""
     if not items:
         return []
     prompts = [p for p, _ in items]

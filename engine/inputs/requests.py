@@ -20,7 +20,7 @@ Formats (DESIGN §5):
   (``.csv``) with those column names. Unknown keys / columns are ignored.
 
 Targets are stored as given, without a forced leading space: the engine adds the space when it
-scores a target (``massedit.tokens.spaced_target``), as the reference does.
+scores a target (``massedit.inputs.tokens.spaced_target``), as the reference does.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from massedit import tokens as _tokens
+from massedit.inputs import tokens as _tokens
 
 __all__ = [
     "EditRequest",
@@ -422,7 +422,7 @@ def validate_requests(requests: Sequence[EditRequest], tokenizer=None, max_token
     3. identical duplicates (same subject, prompt and target_new) are merged, keeping the first,
        with one `warnings.warn` naming the records dropped;
     4. with a tokenizer, every subject must be locatable in its tokenized prompt
-       (`massedit.tokens.encode_prompt`) and must not be or contain a special token ("<|endoftext|>",
+       (`massedit.inputs.tokens.encode_prompt`) and must not be or contain a special token ("<|endoftext|>",
        "<s>": the model never saw it as text); else a RequestError naming the record and field "subject";
     5. with `max_tokens` (the room the model's context leaves after the longest context template),
        the prompt and its target together must fit, else a RequestError naming the longer of the two.

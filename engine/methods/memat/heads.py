@@ -14,11 +14,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from massedit.arch import ModelLayout
-from massedit.delta import WeightDelta
-from massedit.devices import input_device, read_parameter
-from massedit.hooks import capture_inputs, capture_outputs, hooks, run_until
-from massedit.tokens import Batch, pad, pad_id_of, padding_side
+from massedit.model.arch import ModelLayout
+from massedit.edits.delta import WeightDelta
+from massedit.model.devices import input_device, read_parameter
+from massedit.model.hooks import capture_inputs, capture_outputs, hooks, run_until
+from massedit.inputs.tokens import Batch, pad, pad_id_of, padding_side
 
 Head = tuple[int, int]  # (layer, head)
 

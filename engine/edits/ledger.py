@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from massedit.delta import EditDelta, config_hash, weight_digest
+from massedit.edits.delta import EditDelta, config_hash, weight_digest
 
 FORMAT_VERSION = 1
 

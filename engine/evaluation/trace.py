@@ -23,13 +23,13 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from massedit import tokens as T
-from massedit.arch import ModelLayout, UnsupportedModelError, get_module
-from massedit.devices import execution_device
-from massedit.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
-from massedit.quantized import cpu_repacking_off
-from massedit.requests import EditRequest
-from massedit.targets import cache_inputs, filled_cache, kv_pairs, supports_prefix_reuse
+from massedit.inputs import tokens as T
+from massedit.model.arch import ModelLayout, UnsupportedModelError, get_module
+from massedit.model.devices import execution_device
+from massedit.model.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
+from massedit.model.quantized import cpu_repacking_off
+from massedit.inputs.requests import EditRequest
+from massedit.compute.targets import cache_inputs, filled_cache, kv_pairs, supports_prefix_reuse
 
 KINDS = ("hidden", "mlp", "attn")
 # Token groups of the averaged heat maps (ROME's Figure 1); tokens before the subject are left
@@ -121,7 +121,7 @@ class Tracer:
         if not template:
             raise UnsupportedModelError(
                 f"the architecture registry has no {kind} module path for model_type "
-                f"{self.layout.model_type!r}; add it to massedit.arch.REGISTRY, or trace kinds=('hidden',) only"
+                f"{self.layout.model_type!r}; add it to massedit.model.arch.REGISTRY, or trace kinds=('hidden',) only"
             )
         return get_module(self.model, template.format(layer))
 

@@ -1,7 +1,7 @@
 """MEMAT (DESIGN §4; Hernando, Tamayo et al., arXiv 2502.02173): MEMIT, then corrections added to
 a few attention heads, chosen and trained on prompts in a second language (L2).
 
-    from massedit.methods.memat import Memat
+    from massedit.methods.memat.method import Memat
     result = editor.edit(requests, method=Memat(l2_records))   # CounterFact dicts, or a JSON path
     result.details["probe_accuracy"]                           # [n_layers][n_heads] validation accuracy
 
@@ -13,11 +13,11 @@ returns or raises):
 1. Features. For each fact, the L2 rewrite prompt with the L2 subject is scored with both objects;
    the fact counts as **right** when the edited model gives the new object a higher mean-token
    probability p̄ = exp(−mean NLL) than the true one (CounterFact's efficacy test, in L2). For the
-   right facts, every head's output (`massedit.heads`) is read at the last token of
+   right facts, every head's output (`massedit.methods.memat.heads`) is read at the last token of
    prompt + " " + new object (label 1) and of prompt + " " + true object (label 0).
 2. Probes. The right facts are split by fact (both labels on the same side) with a permutation
    seeded by the editor's seed: `memat_val_fraction` (0.3) for validation, the rest for training.
-   One logistic regression per (layer, head), all fitted at once (`massedit.probes`); heads are
+   One logistic regression per (layer, head), all fitted at once (`massedit.methods.memat.probes`); heads are
    ranked by validation accuracy (ties: lower layer, then lower head) and the top `memat_top_k`
    kept.
 3. Corrections. One ω_h [head_dim] per kept head, shared by the batch, added to the head's
@@ -51,16 +51,16 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from massedit.delta import EditDelta, ParameterAdditions
-from massedit.devices import execution_device
-from massedit.evaluate import score_continuations, validate_records
-from massedit.heads import fold_into_bias, head_corrections, head_outputs, logits_at
+from massedit.edits.delta import EditDelta, ParameterAdditions
+from massedit.model.devices import execution_device
+from massedit.evaluation.evaluate import score_continuations, validate_records
+from massedit.methods.memat.heads import fold_into_bias, head_corrections, head_outputs, logits_at
 from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
-from massedit.probes import fit_logistic
-from massedit.requests import EditRequest, RequestError, parse_records, validate_requests
-from massedit.targets import PromptChunk, build_prompts
-from massedit.tokens import pad_id_of, padding_side, spaced_target
+from massedit.methods.memat.probes import fit_logistic
+from massedit.inputs.requests import EditRequest, RequestError, parse_records, validate_requests
+from massedit.compute.targets import PromptChunk, build_prompts
+from massedit.inputs.tokens import pad_id_of, padding_side, spaced_target
 
 # The fewest right facts that leave one for training and one for validation.
 MIN_RIGHT_FACTS = 2

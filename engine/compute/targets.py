@@ -24,13 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from massedit import parallel
-from massedit.arch import ModelLayout
-from massedit.devices import execution_device, input_device
-from massedit.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
-from massedit.quantized import cpu_repacking_off
-from massedit.requests import EditRequest
-from massedit.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
+from massedit.model import parallel
+from massedit.model.arch import ModelLayout
+from massedit.model.devices import execution_device, input_device
+from massedit.model.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
+from massedit.model.quantized import cpu_repacking_off
+from massedit.inputs.requests import EditRequest
+from massedit.inputs.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
 
 KL_PROMPT = "{} is a"
 

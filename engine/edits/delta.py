@@ -30,7 +30,7 @@ File format: a single safetensors file.
            "fixup.<i>.index", "fixup.<i>.value"  only with a record: int64 flat indices into
                                                  weight i (own layout, row-major) and the base
                                                  values there, in the weight's dtype.
-  header   metadata key "massedit.delta", a JSON object:
+  header   metadata key "massedit.edits.delta", a JSON object:
            {"format_version": 3, "metadata": {...the caller's metadata...},
             "weights": [{"name": ..., "transposed": ..., "vector": ...}, ...],
             "additions": null, or {"config": {key: [value before, value after]},
@@ -39,7 +39,7 @@ File format: a single safetensors file.
   Version 2 files (no "vector", no "additions") and version 1 files (the record under "applied")
   are read too. Loading checks the header against
   the tensors (names, counts, shapes, dtypes) and raises DeltaError naming the file and field.
-  Read the header with safetensors.safe_open(path, "pt").metadata()["massedit.delta"].
+  Read the header with safetensors.safe_open(path, "pt").metadata()["massedit.edits.delta"].
 """
 from __future__ import annotations
 
@@ -57,13 +57,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from massedit import quantized
-from massedit.devices import read_parameter, write_parameter
+from massedit.model import quantized
+from massedit.model.devices import read_parameter, write_parameter
 
 FORMAT_VERSION = 3
 # Version 1 named the apply record "applied"; version 3 added bias entries and parameter additions.
 _RECORD_KEYS = {1: "applied", 2: "record", 3: "record"}
-HEADER_KEY = "massedit.delta"
+HEADER_KEY = "massedit.edits.delta"
 
 # Bounds every float64 temporary (one chunk of Δ and its companions) regardless of weight size.
 _CHUNK_BYTES = 64 << 20
@@ -422,7 +422,7 @@ class EditDelta:
         added = self._add(model)
         done: list[tuple[WeightDelta, _Applied]] = []
         try:
-            # Quantized (bitsandbytes) modules take an edit through dense stand-ins (massedit.quantized).
+            # Quantized (bitsandbytes) modules take an edit through dense stand-ins (massedit.model.quantized).
             quantized.make_editable(model, names)
             params = self._checked_params(model)
             digests = self._refuse_if_applied(model, params)

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from massedit import parallel
-from massedit.arch import ModelLayout
-from massedit.corpus import read_corpus
-from massedit.delta import config_hash
-from massedit.devices import execution_device, input_device, read_parameter
-from massedit.hooks import capture_inputs, run_until
-from massedit.loading import model_name_for
-from massedit.tokens import pad, pad_id_of
+from massedit.model import parallel
+from massedit.model.arch import ModelLayout
+from massedit.inputs.corpus import read_corpus
+from massedit.edits.delta import config_hash
+from massedit.model.devices import execution_device, input_device, read_parameter
+from massedit.model.hooks import capture_inputs, run_until
+from massedit.model.loading import model_name_for
+from massedit.inputs.tokens import pad, pad_id_of
 from massedit.kernels.covariance import accumulate_xtx, symmetrize
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from massedit.arch import is_conv1d_class
+from massedit.model.arch import is_conv1d_class
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -8,7 +8,7 @@ layer in ``layers`` (``mom2_update_weight`` is then unused).
 
 Keys that massedit reads but which have massedit defaults: ``rewrite_module_tmp``,
 ``layer_module_tmp``, ``mlp_module_tmp``, ``attn_module_tmp``, ``ln_f_module``, ``lm_head_module``
-(None → from the architecture registry, ``massedit.arch``), ``v_loss_layer`` (None → the model's
+(None → from the architecture registry, ``massedit.model.arch``), ``v_loss_layer`` (None → the model's
 last layer). massedit's own additions: ``batch_size`` (requests per z-optimization chunk; it does
 not change results, only memory and speed), ``z_early_stop_loss`` (the reference's hard-coded
 5e-2) and ``context_template_length_params`` (see ``context_template_plan``).
@@ -314,7 +314,7 @@ class MEMITHyperParams:
             )
 
     def module_overrides(self) -> dict:
-        """Module-path keys that are set, for `massedit.arch.spec_for(model_type, overrides)`."""
+        """Module-path keys that are set, for `massedit.model.arch.spec_for(model_type, overrides)`."""
         names = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
                  "ln_f_module", "lm_head_module")
         return {k: getattr(self, k) for k in names if getattr(self, k)}

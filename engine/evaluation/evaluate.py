@@ -10,7 +10,7 @@ prompt at a time" mode (no padding at all).
 Conventions (and what the reference, kmeng01/memit, does):
 
 * **Object tokens.** The object is scored as a continuation of the prompt with a leading space
-  (`massedit.tokens.target_ids`), token by token: the input is prompt ids + target ids[:-1] and the
+  (`massedit.inputs.tokens.target_ids`), token by token: the input is prompt ids + target ids[:-1] and the
   log-probs are read at the last len(target) positions. The reference builds
   `f"{prefix} {target}"` and tokenizes " target" separately (which, for tokenizers with a BOS,
   scores the BOS too); here the target ids are the suffix of tokenize(prompt + " " + target).
@@ -75,11 +75,11 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from massedit import tokens as T
-from massedit.arch import ModelLayout, UnsupportedModelError
-from massedit.devices import input_device
-from massedit.hooks import capture_outputs, run_until
-from massedit.quantized import cpu_repacking_off
+from massedit.inputs import tokens as T
+from massedit.model.arch import ModelLayout, UnsupportedModelError
+from massedit.model.devices import input_device
+from massedit.model.hooks import capture_outputs, run_until
+from massedit.model.quantized import cpu_repacking_off
 
 CF_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
 GEN_METRICS = ("GE", "RS")

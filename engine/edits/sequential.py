@@ -20,10 +20,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from massedit.editor import EditResult, MassEditor
-from massedit.keys import subject_keys
-from massedit.ledger import Ledger, LedgerError, requests_digest
+from massedit.compute.keys import subject_keys
+from massedit.edits.ledger import Ledger, LedgerError, requests_digest
 from massedit.methods import EditMethod, get_method
-from massedit.targets import frozen_eval
+from massedit.compute.targets import frozen_eval
 
 
 class SequentialEditor:

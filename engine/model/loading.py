@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from massedit import parallel
+from massedit.model import parallel
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -283,7 +283,7 @@ def add_model_arguments(parser, dtype_alias: bool = False) -> None:
 
 
 def options_from_args(args) -> LoadOptions:
-    # Under torchrun each rank loads onto its own GPU unless told otherwise (massedit.parallel).
+    # Under torchrun each rank loads onto its own GPU unless told otherwise (massedit.model.parallel).
     return LoadOptions(device=parallel.local_device(args.device), device_map=args.device_map, max_memory=args.max_memory,
                        offload_folder=args.offload_folder, quantization=args.quantize, torch_dtype=args.model_dtype)
 

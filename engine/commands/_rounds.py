@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from massedit.ledger import Ledger
-from massedit.sequential import SequentialEditor, split_rounds
+from massedit.edits.ledger import Ledger
+from massedit.edits.sequential import SequentialEditor, split_rounds
 
 
 def edit_in_rounds(args, editor, requests, out: Path, method=None) -> int:

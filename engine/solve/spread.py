@@ -17,11 +17,11 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from massedit import parallel
-from massedit.arch import ModelLayout
-from massedit.delta import EditDelta, WeightDelta
-from massedit.devices import execution_device
-from massedit.keys import LayerStates
+from massedit.model import parallel
+from massedit.model.arch import ModelLayout
+from massedit.edits.delta import EditDelta, WeightDelta
+from massedit.model.devices import execution_device
+from massedit.compute.keys import LayerStates
 
 
 def spread_update(

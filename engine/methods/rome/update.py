@@ -13,10 +13,10 @@ For each request, in order, on the model as edited by the requests before it:
    This is the reference's `compute_v` (kmeng01/rome) and differs from MEMIT's z (§2.2) in where
    δ lives: the MLP output of l*, so the clamp and the weight decay are relative to ‖m‖, not to the
    residual stream's ‖h‖ (for GPT-2/GPT-J/NeoX/Llama blocks the gradient is the same, since the
-   MLP output is added to the residual). `massedit.targets.TargetOptimizer` adds δ to block outputs,
+   MLP output is added to the residual). `massedit.compute.targets.TargetOptimizer` adds δ to block outputs,
    so ROME's single-request optimization is written here (`optimize_target`).
 2. **Left vector** (d_ff wide; `compute_u`): k̄ = mean key at the subject token over the context
-   templates (`massedit.keys.subject_keys`: mean within each template group, then over groups, as
+   templates (`massedit.compute.keys.subject_keys`: mean within each template group, then over groups, as
    everywhere in this engine; the reference ROME takes a plain mean over its templates),
    u = C⁻¹k̄ / ‖C⁻¹k̄‖ (u = k̄/‖k̄‖ when mom2_adjustment is false). C⁻¹k̄ is a Cholesky solve with
    the layer's cached factor of λC (λ cancels in the normalization), in float64; the reference
@@ -28,7 +28,7 @@ For each request, in order, on the model as edited by the requests before it:
    `constraint="mean"` uses k_c = k̄, the formula as DESIGN §3 and the ROME paper write it
    (Δ = (v* − W k*)(C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*)); it is what EasyEdit's `enable_random_prefix_keys`
    selects, and an hparams file with that key set to true selects it here too.
-4. The rank-one step is applied (exactly revertible, `massedit.delta`) before the next request.
+4. The rank-one step is applied (exactly revertible, `massedit.edits.delta`) before the next request.
 
 The result is one `WeightDelta` whose n columns are the n rank-one terms (u = the right vectors
 r_i, [d_model, n]; v = the left vectors u_i, [d_ff, n] — `WeightDelta`'s u is always the d_model
@@ -46,17 +46,17 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from massedit.arch import ModelLayout
-from massedit.delta import EditDelta, WeightDelta
-from massedit.devices import execution_device, read_parameter
-from massedit.hooks import capture_outputs, edit_output, run_until
+from massedit.model.arch import ModelLayout
+from massedit.edits.delta import EditDelta, WeightDelta
+from massedit.model.devices import execution_device, read_parameter
+from massedit.model.hooks import capture_outputs, edit_output, run_until
 from massedit.hparams import HParamsError
-from massedit.keys import collect_at_subject, subject_keys
-from massedit.quantized import DENSE, dequantized, storage_of
-from massedit.requests import EditRequest
-from massedit.solve import LayerSolver
-from massedit.targets import ZResult, ZSettings, build_prompts, frozen_eval
-from massedit.tokens import encode_prompt, pad, pad_id_of, padding_side
+from massedit.compute.keys import collect_at_subject, subject_keys
+from massedit.model.quantized import DENSE, dequantized, storage_of
+from massedit.inputs.requests import EditRequest
+from massedit.solve.cholesky import LayerSolver
+from massedit.compute.targets import ZResult, ZSettings, build_prompts, frozen_eval
+from massedit.inputs.tokens import encode_prompt, pad, pad_id_of, padding_side
 
 CONSTRAINTS = ("prompt", "mean")
 

@@ -1,8 +1,8 @@
-"""ROME (DESIGN §3): sequential rank-one edits of one layer (massedit.rome)."""
+"""ROME (DESIGN §3): sequential rank-one edits of one layer (massedit.methods.rome.update)."""
 from __future__ import annotations
 
 from massedit.methods.base import EditMethod, register_method
-from massedit.rome import rome_layer, rome_update
+from massedit.methods.rome.update import rome_layer, rome_update
 
 
 @register_method

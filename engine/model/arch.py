@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from massedit.devices import read_parameter
+from massedit.model.devices import read_parameter
 
 
 class UnsupportedModelError(ValueError):
@@ -175,7 +175,7 @@ def stores_transposed(module: nn.Module) -> bool:
 
     Asked of the module, not the model family: bitsandbytes replaces GPT-2's Conv1D by a Linear.
     A quantized module that replaced a Conv1D (transformers records the class as `source_cls`) is
-    edited through a dense Conv1D stand-in (massedit.quantized), so it counts as one."""
+    edited through a dense Conv1D stand-in (massedit.model.quantized), so it counts as one."""
     return is_conv1d_class(type(module)) or is_conv1d_class(getattr(module, "source_cls", nn.Module))
 
 
@@ -361,5 +361,5 @@ class ModelLayout:
         absent = [n for n in missing if n not in shapes]
         if absent:
             raise UnsupportedModelError(f"{self.model_type}: config flag {flag!r} does not create {absent[0]}; "
-                                        "fix attn_bias_flag in massedit.arch")
+                                        "fix attn_bias_flag in massedit.model.arch")
         return {flag: (getattr(self.model.config, flag, None), True)}, shapes

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from massedit.devices import input_device
+from massedit.model.devices import input_device
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 

@@ -8,11 +8,11 @@ from typing import Sequence
 
 import torch
 
-from massedit.arch import ModelLayout
-from massedit.devices import execution_device, input_device
-from massedit.hooks import capture_inputs, capture_outputs, replayed, run_until
-from massedit.requests import EditRequest
-from massedit.tokens import Encoded, compose, encode_prompt, pad, pad_id_of, padding_side
+from massedit.model.arch import ModelLayout
+from massedit.model.devices import execution_device, input_device
+from massedit.model.hooks import capture_inputs, capture_outputs, replayed, run_until
+from massedit.inputs.requests import EditRequest
+from massedit.inputs.tokens import Encoded, compose, encode_prompt, pad, pad_id_of, padding_side
 
 
 @torch.no_grad()

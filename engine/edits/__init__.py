@@ -1,0 +1,1 @@
+"""Weight deltas (format, apply/revert), ledgers and sequential editing."""

@@ -1,0 +1,1 @@
+"""How edits are judged: CounterFact/zsRE metrics and causal tracing."""

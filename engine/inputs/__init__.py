@@ -1,0 +1,1 @@
+"""What an edit starts from: requests, tokens and subject positions, context templates, the statistics corpus."""

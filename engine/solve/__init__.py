@@ -1,0 +1,1 @@
+"""The layer update: Cholesky solver and the spread of residuals over layers."""
