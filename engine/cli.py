@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from massedit import __version__
+from massedit.commands._common import UserError
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
 COMMANDS = ("demo", "stats", "edit", "eval", "world", "trace", "ledger")
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -1,4 +1,9 @@
-"""Output directories that appear all at once: a run writes into a staging directory beside the
+"""Where a command's outputs go: checked before any work, published all at once.
+
+Output locations are checked first (`check_dir`, `check_file`, `check_out`): a run must not
+compute for minutes and then fail to write its result. The checks create nothing; they only look.
+
+Output directories appear all at once: a run writes into a staging directory beside the
 target and publishes it in one step, so an interrupted run (exception, SIGINT, SIGKILL) never
 leaves a finished-looking output, and an edit written over its own model (`--out` = `--model
 --force`) keeps the original until the new one is complete.
@@ -23,6 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+
+class NotWritableError(ValueError):
+    """An output path cannot be written; the message names it and the flag it came from."""
+
 # A model saved into the staging directory supersedes the old directory's weight files, which may
 # be named or sharded differently (transformers' save_pretrained removes them the same way).
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
@@ -39,6 +48,37 @@ def check_out(out: Path, force: bool) -> None:
     if real == cwd or real in cwd.parents:
         raise ValueError(f"--out {out} is the current directory or contains it, and is replaced as a whole when "
                          "the run finishes; run from another directory or choose another --out")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_dir(path, flag: str) -> None:
+    """`path` is a directory this process can write into, or one it can create."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotWritableError(f"{flag} {path}: exists and is not a directory; give a directory")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise NotWritableError(f"{flag} {path}: {base} is a file, so the directory cannot be created there")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise NotWritableError(f"{flag} {path}: {base} is not writable; choose a location you can write to")
+
+
+def check_file(path, flag: str) -> None:
+    """`path` is a file this process can (over)write, or create."""
+    path = Path(path)
+    if path.is_dir():
+        raise NotWritableError(f"{flag} {path}: is a directory; give a file name, e.g. {path / 'out.json'}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise NotWritableError(f"{flag} {path}: the file is not writable; choose another file")
+        return
+    check_dir(path.parent, flag)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

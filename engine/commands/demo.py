@@ -26,16 +26,16 @@ from pathlib import Path
 
 import torch
 
-from massedit.commands.trace import write_heatmaps
 from massedit.editor import MassEditor
 from massedit.evaluation.evaluate import evaluate, load_records, summary
 from massedit.hparams import world_preset
-from massedit.model.loading import add_model_arguments, load_model, options_from_args
+from massedit.model.loading import load_model
 from massedit.methods import method_names
-from massedit.commands._outputs import check_out, staged
+from massedit.commands._common import add_model_arguments, options_from_args
+from massedit.commands._outputs import check_dir, check_out, staged
 from massedit.inputs.requests import parse_records
+from massedit.evaluation.heatmap import write_heatmaps
 from massedit.evaluation.trace import GROUPS, trace
-from massedit.commands._writable import check_dir
 
 NAME = "demo"
 HELP = "build the knowledge world, edit N facts, evaluate before/after (the two-command quick start)"

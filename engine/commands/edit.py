@@ -32,11 +32,13 @@ from massedit.inputs.templates import load_templates
 from massedit.editor import MassEditor, check_method
 from massedit.evaluation.evaluate import evaluate, load_records, summary
 from massedit.hparams import default_for, load_hparams
-from massedit.model.loading import add_model_arguments, check_savable, load_model, options_from_args
+from massedit.model.loading import check_savable, load_model
 from massedit.methods import METHODS, method_names
-from massedit.commands._outputs import check_out, staged
+from massedit.commands._common import add_model_arguments, options_from_args
+from massedit.commands._outputs import check_dir, check_out, staged
+from massedit.edits.ledger import Ledger
+from massedit.edits.sequential import SequentialEditor, split_rounds
 from massedit.inputs.requests import load_requests
-from massedit.commands._writable import check_dir
 
 NAME = "edit"
 HELP = "edit facts into a model (MEMIT) and save model, delta and report"
@@ -96,6 +98,30 @@ def _method(args, requests):
     return method
 
 
+def _edit_in_rounds(args, editor, requests, out: Path, method) -> int:
+    """`--ledger DIR [--round-size N]`: the requests edited in rounds, each recorded in the ledger as
+    it completes; a ledger with rounds already is resumed (only unfinished rounds run)."""
+    ledger = Ledger(args.ledger)
+    seq = SequentialEditor(editor, method, ledger)
+    rounds = split_rounds(requests, args.round_size or len(requests))
+    pending = seq.pending(rounds)
+    done = len(rounds) - len(pending)
+    if done:
+        print(f"ledger {ledger.path}: {done} of {len(rounds)} round(s) already recorded; running the other {len(pending)}")
+    for i, batch in enumerate(pending, done + 1):
+        result = seq.edit_round(batch, batch_size=args.batch_size)
+        print(f"round {i}/{len(rounds)}: {result.n_edits} edits with {result.method} in {result.timings['total']:.2f} s")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    editor.model.save_pretrained(out)
+    editor.tok.save_pretrained(out)
+    report = {"method": seq.method.name, "n_edits": len(requests), "rounds": ledger.rounds(),
+              "ledger": str(ledger.path), "save_seconds": round(time.perf_counter() - t0, 4)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}/ (model, tokenizer: base + {len(ledger)} round(s) of {ledger.path}), {out / 'report.json'}")
+    return 0
+
+
 def run(args) -> int:
     out = Path(args.out)
     check_out(out, args.force)
@@ -133,9 +159,7 @@ def run(args) -> int:
     method.check_saved_model(editor.layout)
     requests = editor.validate(requests)
     if args.ledger:
-        from massedit.commands._rounds import edit_in_rounds
-
-        return edit_in_rounds(args, editor, requests, out, method)
+        return _edit_in_rounds(args, editor, requests, out, method)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=method, batch_size=args.batch_size)
     if not world.main:

@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from massedit.cli import UserError
-from massedit.model.loading import add_model_arguments, load_model, options_from_args
-from massedit.commands._writable import check_file
+from massedit.commands._common import UserError, add_model_arguments, options_from_args
+from massedit.commands._outputs import check_file
+from massedit.model.loading import load_model
 
 NAME = "eval"
 HELP = "score a model on CounterFact / zsRE records (efficacy, generalization, specificity)"

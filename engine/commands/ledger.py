@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from massedit.edits.ledger import Ledger
-from massedit.model.loading import add_model_arguments, check_savable, load_model, options_from_args
+from massedit.commands._common import add_model_arguments, options_from_args
 from massedit.commands._outputs import check_out, staged
+from massedit.model.loading import check_savable, load_model
 
 NAME = "ledger"
 HELP = "list, verify or revert the rounds of an edit ledger"

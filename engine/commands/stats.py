@@ -26,10 +26,11 @@ import torch
 from massedit.model import parallel
 from massedit.model.arch import ModelLayout
 from massedit.inputs.corpus import read_corpus
-from massedit.model.loading import add_deprecated_alias, add_model_arguments, load_model, model_name_for, options_from_args
+from massedit.model.loading import load_model, model_name_for
 from massedit.compute.stats import (DTYPES, ModelIdentity, check_identity, check_model_name, check_storable, second_moments,
                             stats_file, write_stats)
-from massedit.commands._writable import check_dir
+from massedit.commands._common import add_deprecated_alias, add_model_arguments, options_from_args
+from massedit.commands._outputs import check_dir
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"

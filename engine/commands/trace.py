@@ -22,16 +22,16 @@ from pathlib import Path
 
 from massedit.model.arch import ModelLayout
 from massedit.hparams import default_for, world_preset
-from massedit.model.loading import add_model_arguments, load_model, options_from_args
+from massedit.commands._common import add_model_arguments, options_from_args
+from massedit.model.loading import load_model
 from massedit.inputs.requests import load_requests
-from massedit.evaluation.trace import BATCH_TOKENS, GROUPS, KINDS, TraceResult, check_requests, trace
+from massedit.evaluation.heatmap import write_heatmaps
+from massedit.evaluation.trace import BATCH_TOKENS, GROUPS, KINDS, check_requests, trace
 
 NAME = "trace"
 HELP = "causal tracing: token × layer effects of hidden, MLP and attention states; suggests layers"
 
 _FILES = ("trace.json", "hparams.json") + tuple(f"trace_{k}.png" for k in KINDS)
-_TITLES = {"hidden": "block output (residual stream)", "mlp": "MLP output", "attn": "attention output"}
-_COLORS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 
 
 def add_arguments(p) -> None:
@@ -81,35 +81,6 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def write_heatmaps(result: TraceResult, out: Path, kinds=KINDS) -> list[Path]:
-    """OUT/trace_<kind>.png for each kind, like the ROME paper's Figure 1; [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    paths = []
-    for kind in kinds:
-        effect = result.averaged(kind).numpy()
-        fig, ax = plt.subplots(figsize=(max(5.0, 2.4 + 0.3 * effect.shape[1]), 2.8))
-        image = ax.imshow(effect, cmap=_COLORS[kind], aspect="auto", vmin=min(0.0, float(effect[effect == effect].min())))
-        ax.set_yticks(range(len(GROUPS)), GROUPS)
-        ax.set_xticks(range(effect.shape[1]))
-        ax.set_xlabel("layer" + (f" (window of {result.window})" if kind != "hidden" else ""))
-        ax.set_title(f"Restoring the {_TITLES[kind]}\n(average over {len(result.traces)} facts)", fontsize=9)
-        fig.colorbar(image, ax=ax, label="P(o) restored − corrupted")
-        fig.tight_layout()
-        path = out / f"trace_{kind}.png"
-        tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
 
 
 def run(args) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 
-from massedit.cli import UserError
+from massedit.commands._common import UserError
 from massedit.model.loading import dtype_kwargs
 
 NAME = "world"

@@ -6,17 +6,13 @@ module names from a skeleton built on the meta device (config only, no weights).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-
-from massedit.model import parallel
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -245,47 +241,6 @@ def check_savable(model, name_or_path: str) -> None:
         raise ValueError(f"{name_or_path}: this transformers version cannot save a model loaded from this "
                          "checkpoint (a pre-quantized bitsandbytes checkpoint), so the result cannot be written; "
                          "load the float checkpoint with --quantize instead") from None
-
-
-class _Deprecated(argparse.Action):
-    """An old spelling of a flag: stores into the new flag's dest, with a note on stderr."""
-
-    def __init__(self, option_strings, dest, new: str, **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"massedit: note: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_deprecated_alias(parser, old: str, new: str, dest: str, choices) -> None:
-    parser.add_argument(old, dest=dest, action=_Deprecated, new=new, choices=choices, default=argparse.SUPPRESS,
-                        help=f"deprecated spelling of {new}")
-
-
-def add_model_arguments(parser, dtype_alias: bool = False) -> None:
-    """The loading flags of every command that loads a model. dtype_alias: the command took the
-    model dtype as --dtype before; that spelling keeps working, with a note."""
-    g = parser.add_argument_group("model loading")
-    g.add_argument("--device", default="auto",
-                   help="auto (GPUs when available, sharded with Accelerate) | cpu | cuda | cuda:N")
-    g.add_argument("--device-map", metavar="MAP",
-                   help=f"{' | '.join(DEVICE_MAPS)} | FILE.json (module name → GPU index, cuda:N, cpu or disk)")
-    g.add_argument("--max-memory", metavar="SPEC", help='per-device memory for a device map, e.g. "0=20GiB,cpu=64GiB"')
-    g.add_argument("--offload-folder", metavar="DIR", help="where a device map's disk-offloaded weights (and edits "
-                   "to them) are kept")
-    g.add_argument("--quantize", choices=QUANTIZE, help="load the base in 8-bit or 4-bit (nf4) with bitsandbytes")
-    g.add_argument("--model-dtype", default="auto", choices=tuple(DTYPES),
-                   help="auto (checkpoint's dtype on GPU, float32 on CPU) | float32 | float16 | bfloat16")
-    if dtype_alias:
-        add_deprecated_alias(g, "--dtype", "--model-dtype", "model_dtype", tuple(DTYPES))
-
-
-def options_from_args(args) -> LoadOptions:
-    # Under torchrun each rank loads onto its own GPU unless told otherwise (massedit.model.parallel).
-    return LoadOptions(device=parallel.local_device(args.device), device_map=args.device_map, max_memory=args.max_memory,
-                       offload_folder=args.offload_folder, quantization=args.quantize, torch_dtype=args.model_dtype)
 
 
 def model_name_for(name_or_path: str) -> str:
