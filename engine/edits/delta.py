@@ -185,6 +185,12 @@ def _sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a weight's values as `digests()` records them, for a weight held outside a model
+    (e.g. one tensor read from a checkpoint file)."""
+    return _sha256(t)
+
+
 def weight_digest(model: nn.Module, name: str) -> str:
     """SHA-256 of parameter `name`'s values as a delta records them for the base and the edited
     weight: stored values wherever they live (offloaded ones included), and for a bitsandbytes
@@ -208,7 +214,12 @@ def _strip_volatile(obj):
 def config_hash(model: nn.Module) -> str:
     """A stable digest of the model's config: what identifies the architecture and its sizes,
     not where or how it was loaded (see _VOLATILE_CONFIG_KEYS)."""
-    cfg = _strip_volatile(model.config.to_dict())
+    return config_hash_of(model.config)
+
+
+def config_hash_of(config) -> str:
+    """`config_hash` from a transformers config alone (e.g. a checkpoint's config.json, weights unread)."""
+    cfg = _strip_volatile(config.to_dict())
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -317,6 +328,25 @@ class EditDelta:
         """Per weight: its name and the digests of its base and edited values ([] without a record)."""
         return [{"name": wd.name, "sha256_before": r.sha256_before, "sha256_after": r.sha256_after}
                 for wd, r in zip(self.weights, self._record or [])]
+
+    def edited_value(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """round(W + Δ) for weight `name` from its stored value `w` (a tensor outside any model, e.g.
+        read from a checkpoint file), computed as apply computes it."""
+        return _edited(w, self.weights[self._index(name)])[0]
+
+    def restored_value(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Weight `name`'s base value from its edited value `w`, as exact revert computes it (Δ
+        recomputed, the record's fix-ups patched in); compare its digest with `digests()` before use."""
+        if self._record is None:
+            raise DeltaError("this delta carries no apply record, which an exact revert needs")
+        i = self._index(name)
+        return _restored(w, self.weights[i], self._record[i].fix_index, self._record[i].fix_value)
+
+    def _index(self, name: str) -> int:
+        for i, wd in enumerate(self.weights):
+            if wd.name == name:
+                return i
+        raise DeltaError(f"{name}: this delta does not change that weight")
 
     def is_applied(self, model: nn.Module) -> bool:
         """Whether every weight of `model` this delta changes holds its edited values."""

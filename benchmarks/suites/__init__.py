@@ -1,1 +1,0 @@
-"""Benchmark suites run by `python -m benchmarks.run <suite>`: scaling, phases, table."""
