@@ -1,4 +1,5 @@
-"""Loading a model and tokenizer by hub name or local path: the loading options shared by
+"""Loading a model and tokenizer by hub name, local directory, GGUF file or catalog name (massedit.model.catalog):
+the loading options shared by
 `MassEditor.from_pretrained` and every CLI command (placement, offload, quantization, dtype).
 
 Every option is checked before any weight is read; a device map is checked against the model's
@@ -7,12 +8,16 @@ module names from a skeleton built on the meta device (config only, no weights).
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from massedit.model import catalog
+from massedit.model.gguf import gguf_file_of, load_gguf
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -41,7 +46,8 @@ def looks_local(name_or_path: str) -> bool:
 def check_local_model(name_or_path: str) -> None:
     if looks_local(name_or_path) and not (Path(name_or_path).expanduser() / "config.json").exists():
         raise FileNotFoundError(f"model directory {name_or_path} not found or has no config.json "
-                                "(give a directory written by save_pretrained, or a hub model name)")
+                                "(give a directory written by save_pretrained, a .gguf file, a model of `massedit models list`, "
+                                "or a hub model name)")
 
 
 @dataclass
@@ -169,8 +175,11 @@ def _module_names(name_or_path: str) -> set[str]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    gguf = gguf_file_of(name_or_path)
+    source = dict(pretrained_model_name_or_path=str(gguf.parent), gguf_file=gguf.name) if gguf else \
+        dict(pretrained_model_name_or_path=name_or_path)
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(**source))
     return {n for n, _ in skeleton.named_modules()}
 
 
@@ -198,12 +207,18 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = options or LoadOptions()
-    check_local_model(name_or_path)
+    name_or_path = catalog.resolve(name_or_path, progress=_note)
+    gguf = gguf_file_of(name_or_path)
+    if gguf is None:
+        check_local_model(name_or_path)
     dtype = _dtype(options.torch_dtype)
     max_memory = parse_max_memory(options.max_memory) if isinstance(options.max_memory, str) else options.max_memory
     if options.offload_folder is not None:
         _check_folder(options.offload_folder)
     quantization_config = _quantization_config(options.quantization, dtype)
+    if gguf is not None and quantization_config is not None:
+        raise ValueError(f"{gguf}: a GGUF checkpoint is dequantized on load and cannot be loaded with --quantize; "
+                         "convert it first (massedit models get, or load it and save_pretrained), then quantize that")
     try:
         device_map = _placement(name_or_path, options)
         if max_memory is not None and device_map is None:
@@ -212,11 +227,14 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
         # "auto" keeps the checkpoint's dtype on GPU; on CPU half precision is slow and imprecise.
         on_gpu = torch.cuda.is_available() and (device_map is not None or quantization_config is not None)
         torch_dtype = torch.float32 if dtype == "auto" and not on_gpu else dtype
-        tok = AutoTokenizer.from_pretrained(name_or_path)
         kwargs = dict(device_map=device_map, max_memory=max_memory, offload_folder=options.offload_folder,
                       quantization_config=quantization_config)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, **{k: v for k, v in kwargs.items() if v is not None}, **dtype_kwargs(torch_dtype))
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if gguf is not None:
+            model, tok = load_gguf(gguf, torch_dtype, **kwargs)
+        else:
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs, **dtype_kwargs(torch_dtype))
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
     # A named map decides placement only while loading; transformers then reads disk-offloaded
@@ -229,6 +247,10 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _note(message: str) -> None:
+    print(f"massedit: {message}", file=sys.stderr, flush=True)
 
 
 def check_savable(model, name_or_path: str) -> None:
@@ -248,5 +270,6 @@ def model_name_for(name_or_path: str) -> str:
     the resolved directory's, so that `.` and `..` give a real name, never a path."""
     path = Path(name_or_path)
     if path.exists():
-        return path.resolve().name or "root"
+        # A GGUF file's statistics are those of the model it holds, not of a file name with a suffix.
+        return (path.resolve().stem if path.suffix.lower() == ".gguf" else path.resolve().name) or "root"
     return name_or_path.strip("/").replace("/", "_")
