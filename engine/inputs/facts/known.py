@@ -1,0 +1,88 @@
+"""The knowledge filter: keep a fact only where the model knows it.
+
+The test (stated in facts.json): after the rewrite prompt, the true object's token sequence is more
+probable than that of every candidate object of the relation, probabilities being the summed
+teacher-forced log-probabilities of the object's tokens. A fact with a Catalan twin must pass in
+both languages. The scorer is a parameter, so tests can stub the model out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional, Sequence
+
+# (prompt, continuation) pairs -> summed log-probability of each continuation given its prompt.
+Scorer = Callable[[Sequence[tuple[str, str]]], list[float]]
+
+TEST = ("the true object's summed token log-probability after the rewrite prompt (teacher forced, the object "
+        "with a leading space) is higher than that of every candidate object of the relation")
+
+
+def model_scorer(model, tok, batch_size: int = 64) -> Scorer:
+    """The project's batched continuation scorer, summed over each continuation's tokens."""
+    from massedit.evaluation.scoring import score_continuations
+
+    def score(pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return [sum(s.logprobs) for s in score_continuations(model, tok, pairs, batch_size)]
+
+    return score
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One knowledge question: does `true` beat every one of `others` after `prompt`?"""
+
+    prompt: str
+    true: str
+    others: tuple[str, ...]
+
+
+def knows(scorer: Scorer, probes: Sequence[Probe]) -> list[bool]:
+    """One answer per probe, all probes scored in one call (the scorer batches them)."""
+    pairs = [(p.prompt, o) for p in probes for o in (p.true, *p.others)]
+    scores = iter(scorer(pairs))
+    answers = []
+    for p in probes:
+        true = next(scores)
+        answers.append(all(true > next(scores) for _ in p.others))
+    return answers
+
+
+def select_known(pending: dict, test: Callable[[list], list[bool]], subjects: Callable[[object], frozenset],
+                 max_per_relation: Optional[int] = None, chunk: int = 64,
+                 distinct: bool = True) -> tuple[list, dict]:
+    """Test the facts of each relation (`pending`: relation -> facts in the order to try them), a
+    chunk per relation per round, round-robin, until each relation has `max_per_relation` known
+    facts or none left. With `distinct`, a subject (any of its `subjects(fact)` keys) is kept once:
+    a fact whose subject another relation already holds is not tested, and one subject is not
+    tested for two relations in one round. Returns (the known facts in the order kept, relation ->
+    number tested)."""
+    pending = {rid: list(facts) for rid, facts in pending.items()}
+    kept: list = []
+    n_kept = {rid: 0 for rid in pending}
+    tested = {rid: 0 for rid in pending}
+    claimed: set[Hashable] = set()
+    while True:
+        batch, in_round = [], set()
+        for rid, facts in pending.items():
+            room = chunk if max_per_relation is None else min(chunk, max_per_relation - n_kept[rid])
+            rest = []
+            for fact in facts:
+                keys = subjects(fact)
+                if distinct and keys & claimed:
+                    continue  # it can never be kept
+                if room > 0 and not (distinct and keys & in_round):
+                    batch.append((rid, fact))
+                    in_round |= keys
+                    room -= 1
+                else:
+                    rest.append(fact)
+            full = max_per_relation is not None and n_kept[rid] >= max_per_relation
+            pending[rid] = [] if full else rest
+        if not batch:
+            return kept, tested
+        for (rid, fact), ok in zip(batch, test([fact for _, fact in batch])):
+            tested[rid] += 1
+            if ok:
+                kept.append(fact)
+                n_kept[rid] += 1
+                claimed |= subjects(fact)

@@ -1,0 +1,204 @@
+"""`massedit data facts`: real facts as CounterFact / zsRE records, filtered by a knowledge check.
+
+Most tests stub the model out with an oracle scorer (it knows every fact) or a pseudo-random one;
+one runs the command end to end on a tiny random model."""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+
+from massedit import cli
+from massedit.inputs.facts import RELATION_IDS, RELATIONS, build_facts
+from massedit.inputs.facts.build import MAX_PROMPTS, MIN_POPULATION
+from massedit.inputs.facts.grammar import LANGUAGES, Name, sentence
+from massedit.inputs.facts.known import Probe, knows, select_known
+from massedit.inputs.facts.sources import load_facts
+from massedit.inputs.records import load_records
+from massedit.inputs.requests import load_requests, validate_requests
+from massedit.methods.memat.method import match_l2, parse_l2_records
+from tiny import make_model
+
+FACTS = load_facts(MIN_POPULATION)
+
+
+def _oracle():
+    """A scorer that knows every fact: the true object scores 0 after any of its prompts, the rest -1."""
+    truth = {}
+    for rel in RELATIONS:
+        for f in FACTS[rel.id]:
+            for lang in LANGUAGES:
+                for t in rel.templates[lang]:
+                    truth[sentence(t, lang, f.subject.name(lang))] = f.object.name(lang).phrase()
+    return lambda pairs: [0.0 if truth.get(p) == o else -1.0 for p, o in pairs]
+
+
+def _hashed(pairs):
+    """A scorer that knows a pseudo-random subset of the facts."""
+    return [-float(zlib.crc32(f"{p}|{o}".encode()) % 1000) for p, o in pairs]
+
+
+def _build(tmp_path: Path, name: str, **kwargs) -> Path:
+    kwargs.setdefault("max_per_relation", 12)
+    built = build_facts(kwargs.pop("scorer", _oracle()), languages=("en", "ca"), model="stub", **kwargs)
+    built.write(tmp_path / name)
+    return tmp_path / name
+
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a, b = _build(tmp_path, "a", seed=3), _build(tmp_path, "b", seed=3)
+    files = _files(a)
+    assert set(files) == {"counterfact.json", "zsre.json", "facts.json", "ca/counterfact.json", "ca/zsre.json"}
+    assert files == _files(b)
+    assert _files(_build(tmp_path, "c", seed=4))["counterfact.json"] != files["counterfact.json"]
+
+
+def test_a_record_does_not_depend_on_the_other_relations(tmp_path):
+    full = json.loads((_build(tmp_path, "all", max_per_relation=None) / "counterfact.json").read_text())
+    one = json.loads((_build(tmp_path, "one", max_per_relation=None, relations=["P30"]) / "counterfact.json").read_text())
+    strip = lambda rec: {k: v for k, v in rec.items() if k != "case_id"}  # noqa: E731
+    by_subject = {r["requested_rewrite"]["subject"]: strip(r) for r in full if r["requested_rewrite"]["relation_id"] == "P30"}
+    assert len(one) == len(FACTS["P30"]) and by_subject
+    assert all(strip(r) == by_subject[r["requested_rewrite"]["subject"]] for r in one
+               if r["requested_rewrite"]["subject"] in by_subject)
+
+
+def test_relations_and_templates():
+    assert len(RELATIONS) >= 6
+    for rel in RELATIONS:
+        assert len(FACTS[rel.id]) >= 100, rel.id
+        for lang in LANGUAGES:
+            assert len(rel.templates[lang]) >= 3 and len(set(rel.templates[lang])) == len(rel.templates[lang])
+            assert len(rel.templates[lang]) == len(rel.templates["en"])  # index-aligned twins
+            assert all(t.count("{}") == 1 for t in rel.templates[lang] + rel.questions[lang])
+
+
+def test_catalan_articles_and_contractions():
+    japan, italy, usa = Name("Japó", "el"), Name("Itàlia"), Name("Estats Units", "els")
+    assert sentence("La capital <de>{} és", "ca", japan) == "La capital del Japó és"
+    assert sentence("La capital <de>{} és", "ca", italy) == "La capital d'Itàlia és"
+    assert sentence("<A>{} es parla oficialment", "ca", usa) == "Als Estats Units es parla oficialment"
+    assert sentence("<Art>{} té la capital a", "ca", Name("Índia", "l'")) == "L'Índia té la capital a"
+    assert sentence("La capital <de>{} és", "ca", Name("Iemen", "el")) == "La capital del Iemen és"
+    assert sentence("<The>{}'s capital is", "en", Name("United States", "the")) == "The United States's capital is"
+    assert Name("Japó", "el").phrase() == "el Japó" and Name("Índia", "l'").phrase() == "l'Índia"
+
+
+def test_fields_and_counts(tmp_path):
+    out = _build(tmp_path, "facts")
+    report = json.loads((out / "facts.json").read_text())
+    assert report["counts"].keys() == set(RELATION_IDS) and all(c["kept"] == 12 for c in report["counts"].values())
+    assert "more probable" in report["knowledge_test"] or "higher" in report["knowledge_test"]
+    for lang, root in (("en", out), ("ca", out / "ca")):
+        records = json.loads((root / "counterfact.json").read_text())
+        assert len(records) == 12 * len(RELATION_IDS)
+        subjects = [r["requested_rewrite"]["subject"] for r in records]
+        assert len(set(subjects)) == len(subjects)  # distinct subjects by default
+        for r in records:
+            rw = r["requested_rewrite"]
+            rel = next(x for x in RELATIONS if x.id == rw["relation_id"])
+            facts = FACTS[rel.id]
+            true = next(f for f in facts if f.subject.name(lang).text == rw["subject"]).object
+            assert rw["target_true"] == {"str": true.name(lang).phrase(), "id": true.id}
+            assert rw["target_new"]["id"] != true.id and rw["target_new"]["str"] != rw["target_true"]["str"]
+            assert rw["prompt"].count("{}") == 1
+            assert len(r["paraphrase_prompts"]) >= 2 and rw["prompt"].replace("{}", rw["subject"]) not in r["paraphrase_prompts"]
+            assert all(rw["subject"] in p for p in r["paraphrase_prompts"] + r["generation_prompts"])
+            sharing = sum(f.object.id == true.id for f in facts) - 1
+            assert len(r["neighborhood_prompts"]) == min(MAX_PROMPTS, sharing)
+            holders = sum(f.object.id == rw["target_new"]["id"] for f in facts)
+            assert len(r["attribute_prompts"]) == min(MAX_PROMPTS, holders)
+            assert len(r["generation_prompts"]) >= 3
+        assert sum(len(r["neighborhood_prompts"]) >= 5 for r in records) >= 12 * 3  # P17, P30, P37, P38 have many
+
+
+def test_catalan_twins_share_case_ids_and_targets(tmp_path):
+    out = _build(tmp_path, "facts")
+    for name in ("counterfact.json", "zsre.json"):
+        en, ca = (json.loads(p.read_text()) for p in (out / name, out / "ca" / name))
+        assert [r["case_id"] for r in en] == [r["case_id"] for r in ca] == list(range(len(en)))
+    en, ca = (json.loads(p.read_text()) for p in (out / "counterfact.json", out / "ca" / "counterfact.json"))
+    for a, b in zip(en, ca):
+        for key in ("relation_id", "target_new", "target_true"):
+            ids = (lambda v: v["id"] if isinstance(v, dict) else v)  # noqa: E731
+            assert ids(a["requested_rewrite"][key]) == ids(b["requested_rewrite"][key])
+        assert len(a["neighborhood_prompts"]) == len(b["neighborhood_prompts"])
+    assert any(a["requested_rewrite"]["prompt"] != b["requested_rewrite"]["prompt"] for a, b in zip(en, ca))
+
+
+def test_records_load_as_counterfact_and_zsre(tmp_path):
+    out = _build(tmp_path, "facts")
+    _, tok = make_model("gpt2")
+    for root in (out, out / "ca"):
+        assert load_records(root / "counterfact.json")[0] == "counterfact"
+        assert load_records(root / "zsre.json")[0] == "zsre"
+        for name in ("counterfact.json", "zsre.json"):
+            requests = load_requests(root / name)
+            assert len(validate_requests(requests, tok)) == len(requests)
+    requests = load_requests(out / "counterfact.json")
+    l2 = match_l2(requests, parse_l2_records(str(out / "ca" / "counterfact.json")))
+    assert [r.case_id for r in l2] == [r.case_id for r in requests]
+
+
+def test_knowledge_test_and_selection():
+    probes = [Probe("p", "a", ("b", "c")), Probe("q", "a", ("b",))]
+    scores = {("p", "a"): -1.0, ("p", "b"): -2.0, ("p", "c"): -1.0, ("q", "a"): -0.5, ("q", "b"): -3.0}
+    assert knows(lambda pairs: [scores[x] for x in pairs], probes) == [False, True]  # a tie is not knowing
+    pending = {"R1": ["x", "y", "z"], "R2": ["x", "w"]}
+    kept, tested = select_known(pending, lambda facts: [True] * len(facts), lambda f: frozenset(f), chunk=1)
+    assert kept == ["x", "w", "y", "z"] and tested == {"R1": 3, "R2": 1}  # round-robin; R2's x is never tested
+    kept, _ = select_known(pending, lambda facts: [f != "y" for f in facts], lambda f: frozenset(f),
+                           max_per_relation=1, chunk=5)
+    assert kept == ["x", "w"]
+
+
+def _cli(capsys, *argv):
+    code = cli.main(list(argv))
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("flag, value, valid", [("--relations", "P17,P99", "P17, P1376"),
+                                                ("--languages", "en,fr", "en, ca")])
+def test_bad_choices_are_one_line_before_loading(tmp_path, capsys, flag, value, valid):
+    code, cap = _cli(capsys, "data", "facts", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"),
+                     flag, value)
+    assert code == 2 and len(cap.err.strip().splitlines()) == 1 and valid in cap.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_not_empty_is_refused(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    code, cap = _cli(capsys, "data", "facts", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"))
+    assert code == 2 and len(cap.err.strip().splitlines()) == 1 and "--force" in cap.err
+
+
+def test_tiny_model_end_to_end(tmp_path, capsys):
+    model, tok = make_model("gpt2")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "facts"
+    argv = ["data", "facts", "--model", str(tmp_path / "model"), "--out", str(out), "--relations", "P30,P38",
+            "--languages", "en,ca", "--max-candidates", "1", "--max-per-relation", "4", "--seed", "1"]
+    code, cap = _cli(capsys, *argv)
+    assert code == 0, cap.err
+    assert "P30" in cap.out and "kept" in cap.out
+    report = json.loads((out / "facts.json").read_text())
+    assert report["model"] == str(tmp_path / "model") and report["languages"] == ["en", "ca"]
+    n = report["n_records"]
+    assert n == sum(c["kept"] for c in report["counts"].values()) > 0
+    for c in report["counts"].values():  # kept only where known in both languages
+        assert c["kept"] <= min(c["known"].values())
+    first = _files(out)
+    assert _cli(capsys, *argv)[0] == 2  # --out is not empty now
+    assert _cli(capsys, *argv, "--force")[0] == 0 and _files(out) == first
+    for data in (out / "counterfact.json", out / "zsre.json", out / "ca" / "counterfact.json"):
+        code, cap = _cli(capsys, "eval", "--model", str(tmp_path / "model"), "--data", str(data))
+        assert code == 0, cap.err
+        assert f"{n} case(s)" in cap.out
