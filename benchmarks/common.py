@@ -1,22 +1,54 @@
-"""Shared helpers of the benchmark suites: machine info, a peak-memory meter, result files,
-and the model setup (a world build, or a random fallback with synthetic requests)."""
+"""What every benchmark shares. Each benchmark is a module run as `python -m benchmarks.NAME`
+(`--help` gives its usage) that builds its parser here, sets torch's threads here, writes its
+result to RESULTS_DIR/NAME-<timestamp>.json (or --out) here, and prints its tables with the
+helpers below. Also here: machine info, a peak-memory meter, and the models and requests
+benchmarks run on (a world build, a random fallback, generated subjects and a BPE tokenizer)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import random
 import resource
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-import torch
+# Benchmarks run offline and time their own threads; set before transformers is imported.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+import torch  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_WORLD = Path("/work/worlds/gpt2-default")
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m benchmarks.NAME`; its help is the module docstring."""
+    return argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_threads(p: argparse.ArgumentParser, default: Optional[int] = 1) -> None:
+    p.add_argument("--threads", type=int, default=default,
+                   help="torch threads" + (f" (default {default})" if default else " (default: torch's choice)"))
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """On a shared machine one thread is the default: two OpenMP threads spinning while other
+    processes hold the cores made an edit 20-45x slower (benchmarks/README.md)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,14 +171,83 @@ def stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
+def result_path(name: str, out=None, directory=RESULTS_DIR, suffix: str = ".json") -> Path:
+    """`out` when given, else DIRECTORY/NAME-<timestamp>SUFFIX."""
+    return Path(out) if out else Path(directory) / f"{name}-{stamp()}{suffix}"
+
+
 def newest_result(suite: str, directory: Path = RESULTS_DIR) -> Optional[Path]:
     files = sorted(Path(directory).glob(f"{suite}-*.json"), key=lambda p: p.stat().st_mtime)
     return files[-1] if files else None
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> Path:
+    """Whole file or nothing (written beside, then renamed), so a file rewritten after every
+    section of a long run is never half-written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_result(name: str, result: dict, out=None, directory=RESULTS_DIR, plot=None) -> Path:
+    """`result` as JSON at `out` or DIRECTORY/NAME-<timestamp>.json and, given `plot(result, path)`,
+    its figure beside it (.png); their paths are added to `result` ("plot" also in the file)."""
+    path = result_path(name, out, directory)
+    if plot is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot(result, path.with_suffix(".png"))
+        result["plot"] = str(path.with_suffix(".png"))
+    write_json(path, result)
+    result["json"] = str(path)
+    print(f"wrote {path}" + (f" and {result['plot']}" if plot is not None else ""))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# printing
+
+
+def fmt(x, spec: str = ".3g", none: str = "n/a") -> str:
+    return none if x is None else format(x, spec)
+
+
+def ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b > 0 else None
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (the Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 110) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return str(path)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Right-aligned columns under a rule, for the terminal."""
+    cells = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,18 +269,65 @@ def world_ready(world: Path) -> bool:
     return all((world / p).exists() for p in ("build.json", "model/config.json", "counterfact.json", "corpus.txt"))
 
 
-def load_world(world: Path, corpus_docs: Optional[int] = None) -> Setup:
-    """A `massedit world build` directory: DIR/model, DIR/counterfact.json, DIR/corpus.txt."""
+def load_pretrained(model_dir: Path):
+    """(model, tokenizer) of a saved model directory: float32, eval mode, a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def distinct_subject_records(world: Path, n: int):
+    """The first `n` CounterFact records of a world build with distinct subjects (so that no two
+    edits conflict), and their requests."""
+    from massedit.inputs.records import load_records
+    from massedit.inputs.requests import parse_records
+
+    _, records = load_records(world / "counterfact.json")
+    seen, chosen = set(), []
+    for rec in records:
+        subject = rec["requested_rewrite"]["subject"]
+        if subject not in seen:
+            seen.add(subject)
+            chosen.append(rec)
+    chosen = chosen[:n]
+    return chosen, parse_records(chosen, str(world / "counterfact.json"), fmt="counterfact")
+
+
+def add_world_editor_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `world_editor`, and --threads and --out-dir, for benchmarks on a world build."""
+    p.add_argument("--steps", type=int, help="override v_num_grad_steps (smoke runs)")
+    p.add_argument("--samples", type=int, help="override mom2_n_samples (smoke runs)")
+    p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats)")
+    add_threads(p, default=None)
+    p.add_argument("--out-dir", default=str(RESULTS_DIR), help=f"results directory (default {RESULTS_DIR})")
+
+
+def world_editor(model, tok, world: Path, stats_dir=None, steps: Optional[int] = None,
+                 samples: Optional[int] = None, context_templates=None):
+    """A MassEditor on a world build's model with the world preset: statistics from DIR/corpus.txt
+    cached in `stats_dir` (default DIR/stats); `steps` and `samples` override v_num_grad_steps and
+    mom2_n_samples (smoke runs); `context_templates` make runs share templates."""
+    from massedit.editor import MassEditor
+    from massedit.hparams import world_preset
+
+    hp = world_preset(model.config)
+    changes = {k: v for k, v in (("v_num_grad_steps", steps), ("mom2_n_samples", samples)) if v}
+    hp = hp.replace(**changes) if changes else hp
+    return MassEditor(model, tok, hp, stats_dir=stats_dir or world / "stats", corpus=world / "corpus.txt",
+                      model_name=f"world-{world.name}", context_templates=context_templates, progress=False)
+
+
+def load_world(world: Path, corpus_docs: Optional[int] = None) -> Setup:
+    """A `massedit world build` directory: DIR/model, DIR/counterfact.json, DIR/corpus.txt."""
     from massedit.inputs.corpus import read_corpus
 
     world = Path(world)
-    model = AutoModelForCausalLM.from_pretrained(world / "model", dtype=torch.float32)
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(world / "model")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    model, tok = load_pretrained(world / "model")
     records = json.loads((world / "counterfact.json").read_text(encoding="utf-8"))
     corpus = read_corpus(world / "corpus.txt", corpus_docs)
     build = json.loads((world / "build.json").read_text(encoding="utf-8"))
@@ -220,3 +368,127 @@ def random_fallback(smoke: bool, seed: int = 0, n_subjects: Optional[int] = None
         "vocab_size": len(tok), "records": len(records), "corpus_docs": len(corpus),
     }
     return Setup(model, tok, records, corpus, info, fallback=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# generated requests and a tokenizer for randomly initialized models (no download)
+
+# ["{}"] + five short sentences (~8 tokens each), one after each of MEMIT's starters ("The",
+# "Therefore", "Because", "I", "You"), as generated context templates look (DESIGN §2.1).
+CONTEXT_TEMPLATES = [
+    ["{}"],
+    [
+        "The weather was cold that morning. {}",
+        "Therefore, we went back home early. {}",
+        "Because of the rain, the game stopped. {}",
+        "I read the whole book last night. {}",
+        "You can find it in the old town. {}",
+    ],
+]
+
+_SYLLABLES = (
+    "ka ri mo zen tal vor qui lix dra pen sol um bar eth nys gor fal wen ost ril ach ved lun thra "
+    "mir cal dor sen bel tho gra vin pel har ust kel ob ran fen li sar mek tor ise aud ny pha "
+    "bro jas wil ket zar oon ema rud shi cor plu"
+).split()
+
+CITIES = ("Paris", "Lisbon", "Vienna", "Cape Town", "Buenos Aires", "New Ardis", "Sel Amar", "Kelvarra",
+          "Osterholm", "Porto Velho", "San Miraldo", "Dublin", "Kyoto", "Mavrid", "Port Elsby")
+LANGUAGES = ("French", "Scottish Gaelic", "Old Norse", "Valdic", "Basque", "Brazilian Portuguese",
+             "Swiss German", "Orrish", "Finnish", "Welsh", "Low Saxon", "Tamil")
+SPORTS = ("ice hockey", "water polo", "table tennis", "rugby union", "beach volleyball", "cricket",
+          "Gaelic football", "figure skating", "lacrosse", "field hockey")
+PROFESSIONS = ("marine biologist", "session drummer", "tax attorney", "landscape architect", "stage actor",
+               "software engineer", "court stenographer", "glass blower", "film director", "beekeeper")
+COUNTRIES = ("New Zealand", "Argentina", "the Czech Republic", "South Korea", "Estovia", "Marrenland",
+             "the Faroe Islands", "Costa Rica", "Uzbekistan", "Brevania")
+INSTRUMENTS = ("bass clarinet", "hurdy-gurdy", "steel guitar", "French horn", "harpsichord", "theremin",
+               "double bass", "bagpipes")
+EMPLOYERS = ("Nokia", "Vantrel Systems", "the Royal Mint", "Oslo Opera House", "Quillmark Labs",
+             "Tessaro Motors", "the BBC", "Harlow & Finch")
+SCHOOLS = ("the University of Kelvarra", "Trinity College Dublin", "the Sorbonne", "Heidelberg University",
+           "the Royal Academy of Music", "Osterholm Polytechnic", "Kyoto University")
+GENRES = ("jazz fusion", "baroque opera", "bluegrass", "synth pop", "Afrobeat", "Delta blues", "drum and bass",
+          "Gregorian chant")
+
+# 20 relation templates (subject at the start, in the middle, after a possessive: varied subject
+# positions and prompt lengths), each with its pool of objects. edit_speed uses the first twelve,
+# the set its published figures were measured with.
+RELATIONS = (
+    ("{} was born in", CITIES),
+    ("The mother tongue of {} is", LANGUAGES),
+    ("{} plays the sport of", SPORTS),
+    ("{} works as a", PROFESSIONS),
+    ("{} is a citizen of", COUNTRIES),
+    ("{}'s favorite instrument is the", INSTRUMENTS),
+    ("In the end, {} moved to", CITIES),
+    ("Everyone knows that {} speaks", LANGUAGES),
+    ("The employer of {} is", EMPLOYERS),
+    ("{} is a professional", PROFESSIONS),
+    ("Many years ago, {} started playing", SPORTS),
+    ("The home country of {} is", COUNTRIES),
+    ("{} died in the city of", CITIES),
+    ("{} was educated at", SCHOOLS),
+    ("After graduating, {} joined", EMPLOYERS),
+    ("{} is best known for playing the", INSTRUMENTS),
+    ("{} writes novels in", LANGUAGES),
+    ("The music of {} is usually described as", GENRES),
+    ("Critics say that {} studied at", SCHOOLS),
+    ("{} performs", GENRES),
+)
+
+FILLER = (
+    "the a of in on was is were had has after before during while city river market school station "
+    "people morning evening season year village museum library garden harbor bridge team club music "
+    "often rarely quietly later early new old small large long short famous local public private"
+).split()
+
+
+def _name(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(lo, hi))).capitalize()
+
+
+def make_subjects(n: int, seed: int) -> list[str]:
+    """n distinct invented names of two or three words (several tokens each)."""
+    rng = random.Random(f"subjects-{seed}")
+    out, seen = [], set()
+    while len(out) < n:
+        parts = [_name(rng, 2, 3), _name(rng, 2, 4)]
+        if rng.random() < 0.2:
+            parts.insert(1, _name(rng, 1, 2))
+        s = " ".join(parts)
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def make_requests(subjects: Sequence[str], seed: int, relations=RELATIONS) -> list[dict]:
+    """One request per subject (distinct subjects, so none conflict): a relation template and a new
+    object (often multi-word) from its pool."""
+    rng = random.Random(f"requests-{seed}")
+    reqs = []
+    for i, subject in enumerate(subjects):
+        template, objects = relations[rng.randrange(len(relations))]
+        target = rng.choice(objects)
+        true = rng.choice([o for o in objects if o != target])
+        reqs.append({"subject": subject, "prompt": template, "target_new": target, "target_true": true,
+                     "case_id": i})
+    return reqs
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A GPT-2-like byte-level BPE trained on `texts` (no download); pad = eos = <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok

@@ -1,6 +1,6 @@
 """Benchmark the key second-moment accumulation (``acc += x^T x``) used for MEMIT covariances.
 
-    python -m benchmarks.bench_covariance [--quick] [--out FILE] [--threads N]
+    python -m benchmarks.covariance_speed [--quick] [--out FILE] [--threads N]
 
 On a CUDA machine this times the torch reference against the Triton kernel on bf16 keys, with
 and without a padding mask.  Elsewhere only the torch reference is timed: on CPU, or with
@@ -14,26 +14,22 @@ directly comparable as "equivalent throughput".
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from massedit.kernels import covariance
-from benchmarks.suites.common import machine_info as common_machine_info
 from massedit.kernels.covariance import accumulate_xtx_torch, accumulate_xtx_triton, symmetrize
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # One padded row in ten: typical of batches of variable-length prompts.
 PAD_FRACTION = 0.1
 
 
 def machine_info() -> dict:
-    info = common_machine_info()
+    info = common.machine_info()
     try:
         import triton
 
@@ -150,25 +146,19 @@ def format_table(rows: list[dict]) -> str:
                ("triton_ms", "triton ms", "{:.3f}"), ("triton_tflops", "triton TFLOP/s", "{:.3f}"),
                ("speedup", "torch/triton", "{:.2f}x"), ("max_abs_err", "max |err|", "{:.2e}")]
     columns = [c for c in columns if any(c[0] in r for r in rows)]
-    cells = [[head for _, head, _ in columns]]
-    cells += [[fmt.format(r[key]) for key, _, fmt in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return common.text_table([head for _, head, _ in columns],
+                             [[f.format(r[key]) for key, _, f in columns] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser("covariance_speed", __doc__)
     parser.add_argument("--quick", action="store_true", help="one small shape, few repetitions")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default: benchmarks/results/bench_covariance-<timestamp>.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+                        help="JSON path (default: benchmarks/results/covariance_speed-<timestamp>.json)")
+    common.add_threads(parser, default=None)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     on_gpu = torch.cuda.is_available()
     with_triton = on_gpu and covariance._triton_usable_for(torch.empty(0, device="cuda"))
     if with_triton:
@@ -183,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "runs only in the TRITON_INTERPRET interpreter, which is not a speed path.")
         rows = bench_cpu(args.quick)
     report = {
-        "benchmark": "bench_covariance",
-        "timestamp": stamp,
+        "benchmark": "covariance_speed",
+        "timestamp": common.stamp(),
         "device": "cuda" if on_gpu else "cpu",
         "quick": args.quick,
         "note": note,
@@ -193,9 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "results": rows,
     }
-    out = args.out or RESULTS_DIR / f"bench_covariance-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out = common.write_json(common.result_path("covariance_speed", args.out), report)
 
     print(note)
     print(f"FLOPs counted: {report['flop_count']}; masked rows pad {PAD_FRACTION:.0%} of each block.")

@@ -1,6 +1,6 @@
 """Benchmark MEMIT editing: the serial z loop against the batched engine, and the statistics pass.
 
-    python -m benchmarks.bench_edit [--n 200] [--layers 1,2,3] [--threads 1] [--steps 20]
+    python -m benchmarks.edit_speed [--n 200] [--layers 1,2,3] [--threads 1] [--steps 20]
                                     [--batch-size B] [--model DIR] [--interleave R] [--skip-stats]
                                     [--smoke] [--out FILE]
 
@@ -46,8 +46,6 @@ Timings on a shared machine are noisy: compare the ratios, which come from the s
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import sys
@@ -57,13 +55,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.suites.common import machine_info  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks import common
+from benchmarks.common import (CONTEXT_TEMPLATES, FILLER, load_pretrained, machine_info, make_requests, make_subjects,
+                               train_tokenizer)
 
 # The public reference's update phase (K^l and h^L recomputed per layer in batches of 128 prompts,
 # float64 solves) for 200 requests with one thread on this machine kind (DESIGN §9).
@@ -77,19 +73,6 @@ REFERENCE_SERIAL_Z_S = 173.0
 # Its corpus is not this one, so a comparison with it is indicative only.
 REFERENCE_STATS_S = 50.0
 
-# ["{}"] + five short sentences of at most 10 tokens, one after each of MEMIT's starters
-# ("The", "Therefore", "Because", "I", "You"), as generated context templates look.
-CONTEXT_TEMPLATES = [
-    ["{}"],
-    [
-        "The weather was cold that morning. {}",
-        "Therefore, we went back home early. {}",
-        "Because of the rain, the game stopped. {}",
-        "I read the whole book last night. {}",
-        "You can find it in the old town. {}",
-    ],
-]
-
 GOALS = {
     "z_speedup": 3.0,  # batched z phase vs serial, at n = 200
     "update_vs_reference": 5.0,  # update phase vs the reference's 16.5 s
@@ -97,82 +80,10 @@ GOALS = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# generated text: subjects, relations, objects, corpus
+# generated requests and corpus
 
-_SYLLABLES = (
-    "ka ri mo zen tal vor qui lix dra pen sol um bar eth nys gor fal wen ost ril ach ved lun thra "
-    "mir cal dor sen bel tho gra vin pel har ust kel ob ran fen li sar mek tor ise aud ny pha "
-    "bro jas wil ket zar oon ema rud shi cor plu"
-).split()
-
-CITIES = ("Paris", "Lisbon", "Vienna", "Cape Town", "Buenos Aires", "New Ardis", "Sel Amar", "Kelvarra",
-          "Osterholm", "Porto Velho", "San Miraldo", "Dublin", "Kyoto", "Mavrid", "Port Elsby")
-LANGUAGES = ("French", "Scottish Gaelic", "Old Norse", "Valdic", "Basque", "Brazilian Portuguese",
-             "Swiss German", "Orrish", "Finnish", "Welsh", "Low Saxon", "Tamil")
-SPORTS = ("ice hockey", "water polo", "table tennis", "rugby union", "beach volleyball", "cricket",
-          "Gaelic football", "figure skating", "lacrosse", "field hockey")
-PROFESSIONS = ("marine biologist", "session drummer", "tax attorney", "landscape architect", "stage actor",
-               "software engineer", "court stenographer", "glass blower", "film director", "beekeeper")
-COUNTRIES = ("New Zealand", "Argentina", "the Czech Republic", "South Korea", "Estovia", "Marrenland",
-             "the Faroe Islands", "Costa Rica", "Uzbekistan", "Brevania")
-INSTRUMENTS = ("bass clarinet", "hurdy-gurdy", "steel guitar", "French horn", "harpsichord", "theremin",
-               "double bass", "bagpipes")
-EMPLOYERS = ("Nokia", "Vantrel Systems", "the Royal Mint", "Oslo Opera House", "Quillmark Labs",
-             "Tessaro Motors", "the BBC", "Harlow & Finch")
-
-# (template with "{}" for the subject, objects). Subjects sit at the start, in the middle, after a
-# possessive, so subject positions and prompt lengths vary.
-RELATIONS = (
-    ("{} was born in", CITIES),
-    ("The mother tongue of {} is", LANGUAGES),
-    ("{} plays the sport of", SPORTS),
-    ("{} works as a", PROFESSIONS),
-    ("{} is a citizen of", COUNTRIES),
-    ("{}'s favorite instrument is the", INSTRUMENTS),
-    ("In the end, {} moved to", CITIES),
-    ("Everyone knows that {} speaks", LANGUAGES),
-    ("The employer of {} is", EMPLOYERS),
-    ("{} is a professional", PROFESSIONS),
-    ("Many years ago, {} started playing", SPORTS),
-    ("The home country of {} is", COUNTRIES),
-)
-
-_FILLER = (
-    "the a of in on was is were had has after before during while city river market school station "
-    "people morning evening season year village museum library garden harbor bridge team club music "
-    "often rarely quietly later early new old small large long short famous local public private"
-).split()
-
-
-def _name(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(lo, hi))).capitalize()
-
-
-def make_subjects(n: int, seed: int) -> list[str]:
-    """n distinct multi-word invented names (first + last, sometimes a middle name)."""
-    rng = random.Random(f"subjects-{seed}")
-    out, seen = [], set()
-    while len(out) < n:
-        parts = [_name(rng, 2, 3), _name(rng, 2, 4)]
-        if rng.random() < 0.2:
-            parts.insert(1, _name(rng, 1, 2))
-        s = " ".join(parts)
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
-
-
-def make_request_dicts(subjects: Sequence[str], seed: int) -> list[dict]:
-    """One request per subject: a relation template and a new object (often multi-word)."""
-    rng = random.Random(f"requests-{seed}")
-    reqs = []
-    for i, s in enumerate(subjects):
-        template, objects = RELATIONS[rng.randrange(len(RELATIONS))]
-        target = rng.choice(objects)
-        true = rng.choice([o for o in objects if o != target])
-        reqs.append({"subject": s, "prompt": template, "target_new": target, "target_true": true, "case_id": i})
-    return reqs
+# The relations this benchmark's published figures were measured with.
+RELATIONS = common.RELATIONS[:12]
 
 
 def make_corpus(n_docs: int, subjects: Sequence[str], seed: int) -> list[str]:
@@ -186,35 +97,14 @@ def make_corpus(n_docs: int, subjects: Sequence[str], seed: int) -> list[str]:
                 template, objects = rng.choice(RELATIONS)
                 sentences.append(template.replace("{}", rng.choice(subjects)) + " " + rng.choice(objects) + ".")
             else:
-                words = [rng.choice(_FILLER) for _ in range(rng.randint(5, 12))]
+                words = [rng.choice(FILLER) for _ in range(rng.randint(5, 12))]
                 sentences.append(" ".join(words).capitalize() + ".")
         docs.append(" ".join(sentences))
     return docs
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A GPT-2-like byte-level BPE tokenizer trained on `texts` (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
 # ----------------------------------------------------------------------------------------------
 # machine info and helpers
-
-
-def _ratio(a: float, b: float) -> Optional[float]:
-    return a / b if b > 0 else None
 
 
 def _fmt_ratio(x: Optional[float]) -> str:
@@ -250,7 +140,7 @@ def _random_setup(args) -> dict:
     else:
         n_layer, width, heads, vocab, n_docs, n_pool = 6, 256, 8, 3000, args.corpus_docs, 3000
     subjects = make_subjects(max(n_pool, args.n), args.seed)
-    req_dicts = make_request_dicts(subjects[: args.n], args.seed)
+    req_dicts = make_requests(subjects[: args.n], args.seed, RELATIONS)
     corpus = make_corpus(n_docs, subjects, args.seed)
     objects = [o for _, objs in RELATIONS for o in objs]
     t = time.perf_counter()
@@ -276,19 +166,13 @@ def _random_setup(args) -> dict:
 
 
 def _dir_setup(args) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from massedit.inputs.corpus import read_corpus
     from massedit.inputs.requests import load_requests
 
     d = Path(args.model)
     # A world build directory holds the model in model/ beside counterfact.json and corpus.txt.
     model_dir = d / "model" if not (d / "config.json").exists() and (d / "model" / "config.json").exists() else d
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    model, tok = load_pretrained(model_dir)
     cf = next((p for p in (d / "counterfact.json", d.parent / "counterfact.json") if p.exists()), None)
     if cf is None:
         raise SystemExit(f"no counterfact.json in {d} or {d.parent}")
@@ -317,11 +201,11 @@ def _dir_setup(args) -> dict:
 # the benchmark
 
 
-def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_edit", description=__doc__.split("\n\n")[0])
+def _parse(argv):
+    p = common.parser("edit_speed", __doc__)
     p.add_argument("--n", type=int, default=200, help="number of edit requests")
     p.add_argument("--layers", default=None, help="edited layers, comma separated (default 1,2,3; smoke 0,1)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    common.add_threads(p)
     p.add_argument("--steps", type=int, default=20, help="v_num_grad_steps")
     p.add_argument("--batch-size", type=int, default=None, help="requests per z chunk (default: hparams)")
     p.add_argument("--corpus-docs", type=int, default=2000, help="statistics corpus size (documents)")
@@ -334,7 +218,7 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--skip-stats", action="store_true", help="do not time the statistics pass comparison")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (2-layer 64-wide model, n=8, 3 steps)")
-    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/bench_edit-<time>.json)")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/edit_speed-<time>.json)")
     args = p.parse_args(argv)
     if args.smoke:
         args.n, args.steps, args.corpus_docs = min(args.n, 8), min(args.steps, 3), min(args.corpus_docs, 120)
@@ -366,10 +250,10 @@ def _time_stats(model, layout, tok, texts, layers, progress: bool) -> dict:
         "one_pass_all_layers_s": fused_s,
         "one_pass_per_layer_s": separate_s,
         "one_pass_per_layer_each_s": per_layer_s,
-        "speedup": _ratio(separate_s, fused_s),
+        "speedup": common.ratio(separate_s, fused_s),
         "max_rel_diff": diff,
         "reference_published_s": REFERENCE_STATS_S,
-        "speedup_vs_reference_published": _ratio(REFERENCE_STATS_S, fused_s),
+        "speedup_vs_reference_published": common.ratio(REFERENCE_STATS_S, fused_s),
         "note_reference": "the reference's published ~50 s for 2,000 short documents and three layers on this "
                           "machine kind (DESIGN §9); another corpus, not measured in this run",
         "note": "baseline: massedit.compute.stats.second_moments called once per layer, each pass stopped after its own "
@@ -413,7 +297,7 @@ def z_workload(model, layout, tok, hp, reqs, templates) -> dict:
         "real_tokens_per_step": real,
         "serial_padded_tokens_per_step": serial,
         "batched_padded_tokens_per_step": batched,
-        "batched_over_serial_tokens": _ratio(batched, serial),
+        "batched_over_serial_tokens": common.ratio(batched, serial),
         "tokens_from_subject_on_per_step": from_subject,
         "note": "token positions per z step, summed over requests: real; padded as the serial loop pads (each "
                 "request alone) and as one batch per chunk of batch_size requests would be (request order); and the "
@@ -444,14 +328,14 @@ def interleaved_z(model, layout, tok, hp, reqs, templates, reps: int, **opt_kwar
         "rounds": reps,
         "serial_s": times["serial"],
         "batched_s": times["batched"],
-        "ratio_per_round": [_ratio(a, b) for a, b in zip(times["serial"], times["batched"])],
-        "ratio_of_medians": _ratio(med["serial"], med["batched"]),
+        "ratio_per_round": [common.ratio(a, b) for a, b in zip(times["serial"], times["batched"])],
+        "ratio_of_medians": common.ratio(med["serial"], med["batched"]),
     }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _parse(argv)
-    torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
 
     from massedit.model.arch import ModelLayout
     from massedit.editor import MassEditor
@@ -473,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         hp = hp.replace(batch_size=args.batch_size)
 
     result: dict = {
-        "benchmark": "bench_edit",
+        "benchmark": "edit_speed",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv) if argv is not None else sys.argv[1:],
         "machine": machine_info(),
@@ -484,8 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "context_templates": CONTEXT_TEMPLATES,
     }
 
-    with tempfile.TemporaryDirectory(prefix="bench_edit_stats_") as stats_dir:
-        editor = MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=corpus, model_name="bench_edit",
+    with tempfile.TemporaryDirectory(prefix="edit_speed_stats_") as stats_dir:
+        editor = MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=corpus, model_name="edit_speed",
                             context_templates=CONTEXT_TEMPLATES, progress=args.progress)
         layout = editor.layout
         reuse = getattr(editor, "reuse_prefix", None)
@@ -517,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         editor.edit(reqs[:2], method="memit", apply=False)
         editor.edit(reqs[:1], method="memit-serial", apply=False)
 
-        print(f"bench_edit: n={len(reqs)} layers={hp.layers} steps={hp.v_num_grad_steps} threads={args.threads} "
+        print(f"edit_speed: n={len(reqs)} layers={hp.layers} steps={hp.v_num_grad_steps} threads={args.threads} "
               f"batch_size={hp.batch_size} model={result['model']['kind']}", flush=True)
         serial = editor.edit(reqs, method="memit-serial", apply=False)
         print(f"  serial done: {serial.timings['total']:.1f} s", flush=True)
@@ -543,10 +427,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             result["statistics"] = _time_stats(model, layout, tok, corpus, hp.layers, args.progress)
 
     s, b = _phase(serial), _phase(batched)
-    ratio = {k[:-2]: _ratio(s[k], b[k]) for k in ("total_s", "z_s", "keys_s", "solve_s", "update_s")}
+    ratio = {k[:-2]: common.ratio(s[k], b[k]) for k in ("total_s", "z_s", "keys_s", "solve_s", "update_s")}
     # The update phase runs the same code in both edits, so its ratio measures how the machine's load
     # differed between the two runs; dividing by it gives a rough load-corrected z ratio.
-    control = _ratio(b["update_s"], s["update_s"])
+    control = common.ratio(b["update_s"], s["update_s"])
     ratio["z_load_corrected"] = ratio["z"] * control if ratio["z"] is not None and control else None
     ref_scaled = REFERENCE_UPDATE_S * len(reqs) / REFERENCE_UPDATE_N
     result["edit"] = {
@@ -566,7 +450,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "reference_n": REFERENCE_UPDATE_N,
         "reference_s_at_this_n": ref_scaled,
         "ours_update_s": b["update_s"],
-        "speedup": _ratio(ref_scaled, b["update_s"]),
+        "speedup": common.ratio(ref_scaled, b["update_s"]),
         "note": "vs the reference's published figure on this machine kind (200 requests, one thread: keys 15.4 s, "
                 "h^L 0.9 s, solves 0.2 s), not measured in this run"
                 + ("" if len(reqs) == REFERENCE_UPDATE_N else "; scaled linearly to this n"),
@@ -576,7 +460,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     slowdown = s["z_s"] / (REFERENCE_SERIAL_Z_S * len(reqs) / REFERENCE_UPDATE_N) if comparable else None
     result["reference_update"]["machine_slowdown_estimate"] = slowdown
     result["reference_update"]["speedup_load_adjusted"] = (
-        _ratio(ref_scaled * slowdown, b["update_s"]) if slowdown else None)
+        common.ratio(ref_scaled * slowdown, b["update_s"]) if slowdown else None)
     result["reference_update"]["note_load_adjusted"] = (
         "estimate only: the reference's figure scaled by (our serial z time / the reference's serial z time "
         f"of {REFERENCE_SERIAL_Z_S:g} s for 200 requests in the same published measurement), to offset this "
@@ -600,9 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         pass
 
     _print_table(result)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"bench_edit-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out = common.write_json(common.result_path("edit_speed", args.out), result)
     print(f"wrote {out}")
     result["out"] = str(out)
     return result

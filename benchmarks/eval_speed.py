@@ -1,6 +1,6 @@
 """CounterFact probability metrics: cases per second, batched engine vs one prompt at a time.
 
-    python -m benchmarks.bench_eval --world worlds/gpt2-default [--cases 200] [--threads 1]
+    python -m benchmarks.eval_speed --world worlds/gpt2-default [--cases 200] [--threads 1]
 
 The baseline scores each (prompt, object) pair with its own forward over the full logits, as a
 straightforward implementation does; the engine dedups pairs, shares rows between objects that
@@ -9,16 +9,17 @@ scored positions. Both give the same log-probabilities, checked here.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import common
+
 from massedit.inputs import tokens as T
-from massedit.evaluation.evaluate import evaluate, load_records, score_continuations, summary
+from massedit.evaluation import evaluate, summary
+from massedit.evaluation.scoring import score_continuations
+from massedit.inputs.records import load_records
 
 
 def _pairs(records):
@@ -46,19 +47,17 @@ def one_at_a_time(model, tok, records) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("eval_speed", __doc__)
     ap.add_argument("--world", default="worlds/gpt2-default", help="world build directory (model/ + counterfact.json)")
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
+    common.add_threads(ap)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/eval_speed-<timestamp>.json)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    common.set_threads(args.threads)
 
     world = Path(args.world)
-    model = AutoModelForCausalLM.from_pretrained(world / "model").eval()
-    tok = AutoTokenizer.from_pretrained(world / "model")
+    model, tok = common.load_pretrained(world / "model")
     _, records = load_records(world / "counterfact.json")
     records = records[: args.cases]
     n_pairs = sum(1 for _ in _pairs(records))
@@ -74,22 +73,19 @@ def main(argv=None) -> dict:
         raise AssertionError(f"batched and one-at-a-time log-probs differ: {engine_total} vs {reference}")
 
     report = {
-        "benchmark": "bench_eval", "world": str(world), "cases": len(records), "pairs": n_pairs,
+        "benchmark": "eval_speed", "world": str(world), "cases": len(records), "pairs": n_pairs,
         "batch_size": args.batch_size, "threads": args.threads,
         "batched_s": round(batched_s, 3), "one_at_a_time_s": round(single_s, 3),
         "batched_cases_per_s": round(len(records) / batched_s, 2),
         "one_at_a_time_cases_per_s": round(len(records) / single_s, 2),
         "speedup": round(single_s / batched_s, 2), "metrics": summary(result),
-        "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": common.machine_info(),
     }
-    print(f"{'mode':<16}{'seconds':>9}{'cases/s':>10}")
-    print(f"{'batched':<16}{batched_s:>9.2f}{report['batched_cases_per_s']:>10.1f}")
-    print(f"{'one at a time':<16}{single_s:>9.2f}{report['one_at_a_time_cases_per_s']:>10.1f}")
+    print(common.text_table(["mode", "seconds", "cases/s"], [
+        ["batched", f"{batched_s:.2f}", f"{report['batched_cases_per_s']:.1f}"],
+        ["one at a time", f"{single_s:.2f}", f"{report['one_at_a_time_cases_per_s']:.1f}"]]))
     print(f"speedup {report['speedup']:.1f}x over {len(records)} cases ({n_pairs} prompt/object pairs)")
-    out = Path(args.out or f"benchmarks/results/bench_eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    common.write_json(common.result_path("eval_speed", args.out), report)
     return report
 
 

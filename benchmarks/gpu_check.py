@@ -7,7 +7,7 @@ hang in one is recorded and the next still runs; the JSON is rewritten after eve
 
 * covariance: the Triton x^T x kernel against torch on bf16 keys, d = 16384, blocks of 8192 and
   16384 tokens, in TFLOP/s and as a fraction of the GPU's dense bf16 peak
-  (benchmarks/bench_covariance.py's `bench_pairs`);
+  (benchmarks/covariance_speed.py's `bench_pairs`);
 * statistics: massedit's statistics pass (`massedit.compute.stats.second_moments`, the preset's five
   layers in one pass) on a Llama-3-8B-shaped model in bf16, in tokens per second;
 * edit-1000, edit-4000: `benchmarks/gpu_scale.py` on Llama-3-8B (real configuration, random
@@ -42,15 +42,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from benchmarks import common, gpu_scale
+from benchmarks.common import fmt
 
-from benchmarks import gpu_scale  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Section name → weight in the split of the budget: each section gets the time still left in
 # proportion to its weight among the sections still to run (so unused time flows on).
 SECTIONS = {"covariance": 0.08, "statistics": 0.08, "edit-1000": 0.2, "edit-4000": 0.42, "serial-64": 0.14,
@@ -69,7 +65,7 @@ NO_GPU_MESSAGE = ("gpu_check needs a CUDA GPU (torch.cuda.is_available() is Fals
 
 
 def section_covariance(smoke: bool) -> dict:
-    from benchmarks.bench_covariance import bench_pairs
+    from benchmarks.covariance_speed import bench_pairs
     from massedit.kernels import covariance
 
     if smoke:
@@ -85,7 +81,7 @@ def section_covariance(smoke: bool) -> dict:
             if f"{key}_tflops" in r and peak:
                 r[f"{key}_fraction_of_peak"] = r[f"{key}_tflops"] * 1e12 / peak
     return {"rows": rows, "peak_bf16_dense_flops": peak,
-            "flop_count": "2·t·d² per call for both backends (bench_covariance's convention)"}
+            "flop_count": "2·t·d² per call for both backends (covariance_speed's convention)"}
 
 
 def section_statistics(smoke: bool) -> dict:
@@ -96,7 +92,7 @@ def section_statistics(smoke: bool) -> dict:
     device = torch.device("cpu") if smoke else torch.device("cuda")
     n_docs, per_doc = (8, 6) if smoke else (STATS_DOCUMENTS, STATS_DOC_SENTENCES)
     sentences = gpu_scale.tokenizer_corpus(300 if smoke else 20000, 0)
-    tok = gpu_scale.train_tokenizer(sentences, 800 if smoke else 8192)
+    tok = common.train_tokenizer(sentences, 800 if smoke else 8192)
     docs = [" ".join(sentences[(i * per_doc + j) % len(sentences)] for j in range(per_doc)) for i in range(n_docs)]
     cfg = gpu_scale.model_config("llama-8b", smoke, len(tok))
     model = gpu_scale.build_model(cfg, device, torch.bfloat16, 0)
@@ -104,10 +100,10 @@ def section_statistics(smoke: bool) -> dict:
     layers = [0] if smoke else list(hp.layers)
     layout = ModelLayout(model, hp.module_overrides())
     second_moments(model, layout, tok, docs[:2], layers, progress=False)  # warm-up: kernels, allocator
-    gpu_scale._sync(device)
+    gpu_scale.sync(device)
     t = time.perf_counter()
     sums = second_moments(model, layout, tok, docs, layers, progress=False)
-    gpu_scale._sync(device)
+    gpu_scale.sync(device)
     seconds = time.perf_counter() - t
     tokens = sums[layers[0]][1]
     return {"model": "Llama-3-8B configuration, random weights, bfloat16" if not smoke else "tiny Llama (smoke)",
@@ -186,16 +182,6 @@ def _child(name: str, args, timeout: float, workdir: Path) -> dict:
     return {"status": "ok", "wall_s": wall, "timeout_s": timeout, **json.loads(out.read_text(encoding="utf-8"))}
 
 
-def _write(result: dict, out: Path) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-
-
-def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def format_table(result: dict) -> str:
     lines = [f"gpu_check{' (SMOKE: tiny sizes on CPU, figures meaningless)' if result['smoke'] else ''} on "
              f"{result['machine'].get('gpu') or 'CPU'}; {result['machine'].get('gpu_count', 0)} GPU(s)", ""]
@@ -211,27 +197,27 @@ def format_table(result: dict) -> str:
         if name == "covariance":
             for r in sec["rows"]:
                 lines.append(f"{name:<11} d={r['d']} t={r['t']} masked={r['masked']}: torch "
-                             f"{r['torch_tflops']:.1f} TFLOP/s, Triton {_fmt(r.get('triton_tflops'), '.1f')} TFLOP/s "
-                             f"({_fmt(r.get('triton_fraction_of_peak'), '.0%')} of bf16 peak), "
-                             f"torch/Triton {_fmt(r.get('speedup'), '.2f')}x")
+                             f"{r['torch_tflops']:.1f} TFLOP/s, Triton {fmt(r.get('triton_tflops'), '.1f')} TFLOP/s "
+                             f"({fmt(r.get('triton_fraction_of_peak'), '.0%')} of bf16 peak), "
+                             f"torch/Triton {fmt(r.get('speedup'), '.2f')}x")
         elif name == "statistics":
             lines.append(f"{name:<11} {sec['tokens']:,} tokens, layers {sec['layers']} in one pass: "
                          f"{sec['tokens_per_s']:,.0f} tokens/s ({sec['model']})")
         else:
             lines.append(f"{name:<11} n={sec['edits']}, {sec['z_steps']} z steps: z {sec['z_s']:.1f} s, keys "
                          f"{sec['keys_s']:.1f} s, solve {sec['solve_s']:.1f} s, edit {sec['total_s']:.1f} s; z "
-                         f"{_fmt(sec['z_tokens_per_s'], ',.0f')} tokens/s, z MFU {_fmt(sec['z_mfu'], '.1%')}, "
-                         f"edit MFU {_fmt(sec['edit_mfu'], '.1%')}")
+                         f"{fmt(sec['z_tokens_per_s'], ',.0f')} tokens/s, z MFU {fmt(sec['z_mfu'], '.1%')}, "
+                         f"edit MFU {fmt(sec['edit_mfu'], '.1%')}")
             if name == "serial-64":
                 lines.append(f"{'':<11} serial {sec['serial_total_s']:.1f} s vs batched {sec['total_s']:.1f} s: "
-                             f"{_fmt(sec['ratio_total'], '.1f')}x (z {_fmt(sec['ratio_z'], '.1f')}x), measured")
+                             f"{fmt(sec['ratio_total'], '.1f')}x (z {fmt(sec['ratio_z'], '.1f')}x), measured")
             if sec.get("device_map"):
                 lines.append(f"{'':<11} devices: {', '.join(sec['device_map'])}")
     return "\n".join(lines)
 
 
-def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+def _parse(argv):
+    p = common.parser("gpu_check", __doc__)
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all sections together (default 480)")
     p.add_argument("--z-steps", type=int, default=10, help="z iterations in the edit sections (default 10)")
     p.add_argument("--smoke", action="store_true", help="every section at tiny sizes on the CPU")
@@ -247,14 +233,13 @@ def _parse(argv) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _parse(argv)
     if args.section:
-        _write(run_section(args.section, args.smoke, args.z_steps, args.section_out), args.section_out)
+        common.write_json(args.section_out, run_section(args.section, args.smoke, args.z_steps, args.section_out))
         return {}
     if not args.smoke and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE, file=sys.stderr)
         raise SystemExit(2)
     device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
-    out = args.out or RESULTS_DIR / f"gpu_check-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = common.result_path("gpu_check", args.out)
     result = {"benchmark": "gpu_check", "smoke": args.smoke, "budget_s": args.budget, "z_steps": args.z_steps,
               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": gpu_scale.machine_info(device), "sections": {}}
@@ -269,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 timeout = SMOKE_SECTION_S if args.smoke else time_box(name, to_run, left)
                 result["sections"][name] = _child(name, args, timeout, Path(workdir))
             result["wall_s"] = time.perf_counter() - start
-            _write(result, out)
+            common.write_json(out, result)
             print(f"  {name}: {result['sections'][name]['status']}", flush=True)
     print()
     print(format_table(result))

@@ -40,27 +40,20 @@ there. Without a GPU and without --smoke the benchmark exits with code 2.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import random
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Optional, Sequence
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.suites.common import machine_info as common_machine_info  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks import common
+from benchmarks.common import (CONTEXT_TEMPLATES, FILLER, RELATIONS, fmt, make_requests, make_subjects, ratio,
+                               train_tokenizer)
 
 ARCHS = ("gptj-6b", "llama-8b", "gpt2-xl")
 PRESET_OF = {"gptj-6b": "gpt-j-6b", "llama-8b": "llama-3-8b", "gpt2-xl": "gpt2-xl"}
@@ -89,108 +82,8 @@ PEAK_BF16_DENSE = (
     (("L40S",), 362e12),
 )
 
-# ["{}"] + five short sentences (~8 tokens each), one after each of MEMIT's starters (DESIGN §2.1).
-CONTEXT_TEMPLATES = [
-    ["{}"],
-    [
-        "The weather was cold that morning. {}",
-        "Therefore, we went back home early. {}",
-        "Because of the rain, the game stopped. {}",
-        "I read the whole book last night. {}",
-        "You can find it in the old town. {}",
-    ],
-]
-
 # ----------------------------------------------------------------------------------------------
-# generated text: subjects, relations, objects
-
-_SYLLABLES = (
-    "ka ri mo zen tal vor qui lix dra pen sol um bar eth nys gor fal wen ost ril ach ved lun thra "
-    "mir cal dor sen bel tho gra vin pel har ust kel ob ran fen li sar mek tor ise aud ny pha "
-    "bro jas wil ket zar oon ema rud shi cor plu"
-).split()
-
-CITIES = ("Paris", "Lisbon", "Vienna", "Cape Town", "Buenos Aires", "New Ardis", "Sel Amar", "Kelvarra",
-          "Osterholm", "Porto Velho", "San Miraldo", "Dublin", "Kyoto", "Mavrid", "Port Elsby")
-LANGUAGES = ("French", "Scottish Gaelic", "Old Norse", "Valdic", "Basque", "Brazilian Portuguese",
-             "Swiss German", "Orrish", "Finnish", "Welsh", "Low Saxon", "Tamil")
-SPORTS = ("ice hockey", "water polo", "table tennis", "rugby union", "beach volleyball", "cricket",
-          "Gaelic football", "figure skating", "lacrosse", "field hockey")
-PROFESSIONS = ("marine biologist", "session drummer", "tax attorney", "landscape architect", "stage actor",
-               "software engineer", "court stenographer", "glass blower", "film director", "beekeeper")
-COUNTRIES = ("New Zealand", "Argentina", "the Czech Republic", "South Korea", "Estovia", "Marrenland",
-             "the Faroe Islands", "Costa Rica", "Uzbekistan", "Brevania")
-INSTRUMENTS = ("bass clarinet", "hurdy-gurdy", "steel guitar", "French horn", "harpsichord", "theremin",
-               "double bass", "bagpipes")
-EMPLOYERS = ("Nokia", "Vantrel Systems", "the Royal Mint", "Oslo Opera House", "Quillmark Labs",
-             "Tessaro Motors", "the BBC", "Harlow & Finch")
-SCHOOLS = ("the University of Kelvarra", "Trinity College Dublin", "the Sorbonne", "Heidelberg University",
-           "the Royal Academy of Music", "Osterholm Polytechnic", "Kyoto University")
-GENRES = ("jazz fusion", "baroque opera", "bluegrass", "synth pop", "Afrobeat", "Delta blues", "drum and bass",
-          "Gregorian chant")
-
-# 20 relation templates (subject at the start, in the middle, after a possessive: varied subject
-# positions and prompt lengths), each with its pool of objects.
-RELATIONS = (
-    ("{} was born in", CITIES),
-    ("The mother tongue of {} is", LANGUAGES),
-    ("{} plays the sport of", SPORTS),
-    ("{} works as a", PROFESSIONS),
-    ("{} is a citizen of", COUNTRIES),
-    ("{}'s favorite instrument is the", INSTRUMENTS),
-    ("In the end, {} moved to", CITIES),
-    ("Everyone knows that {} speaks", LANGUAGES),
-    ("The employer of {} is", EMPLOYERS),
-    ("{} is a professional", PROFESSIONS),
-    ("Many years ago, {} started playing", SPORTS),
-    ("The home country of {} is", COUNTRIES),
-    ("{} died in the city of", CITIES),
-    ("{} was educated at", SCHOOLS),
-    ("After graduating, {} joined", EMPLOYERS),
-    ("{} is best known for playing the", INSTRUMENTS),
-    ("{} writes novels in", LANGUAGES),
-    ("The music of {} is usually described as", GENRES),
-    ("Critics say that {} studied at", SCHOOLS),
-    ("{} performs", GENRES),
-)
-
-_FILLER = (
-    "the a of in on was is were had has after before during while city river market school station "
-    "people morning evening season year village museum library garden harbor bridge team club music "
-    "often rarely quietly later early new old small large long short famous local public private"
-).split()
-
-
-def _name(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(lo, hi))).capitalize()
-
-
-def make_subjects(n: int, seed: int) -> list[str]:
-    """n distinct invented names of two or three words (several tokens each)."""
-    rng = random.Random(f"subjects-{seed}")
-    out, seen = [], set()
-    while len(out) < n:
-        parts = [_name(rng, 2, 3), _name(rng, 2, 4)]
-        if rng.random() < 0.2:
-            parts.insert(1, _name(rng, 1, 2))
-        s = " ".join(parts)
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
-
-
-def make_requests(n: int, seed: int) -> list[dict]:
-    """n requests with distinct subjects (so none conflict), a random relation and new object each."""
-    rng = random.Random(f"requests-{seed}")
-    reqs = []
-    for i, subject in enumerate(make_subjects(n, seed)):
-        template, objects = RELATIONS[rng.randrange(len(RELATIONS))]
-        target = rng.choice(objects)
-        true = rng.choice([o for o in objects if o != target])
-        reqs.append({"subject": subject, "prompt": template, "target_new": target, "target_true": true,
-                     "case_id": i})
-    return reqs
+# generated text
 
 
 def tokenizer_corpus(n_sentences: int, seed: int) -> list[str]:
@@ -203,27 +96,10 @@ def tokenizer_corpus(n_sentences: int, seed: int) -> list[str]:
             template, objects = rng.choice(RELATIONS)
             texts.append(template.replace("{}", rng.choice(subjects)) + " " + rng.choice(objects) + ".")
         else:
-            texts.append(" ".join(rng.choice(_FILLER) for _ in range(rng.randint(5, 12))).capitalize() + ".")
+            texts.append(" ".join(rng.choice(FILLER) for _ in range(rng.randint(5, 12))).capitalize() + ".")
     texts += [o for _, objs in RELATIONS for o in objs] * 3
     texts += [t.replace("{}", "") for g in CONTEXT_TEMPLATES for t in g] * 50
     return texts
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A GPT-2-like byte-level BPE trained on `texts` (no download); pad = eos = <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +208,7 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
     as the editor's solve options say.
 
     Why inject the solvers rather than write statistics files: MassEditor.solvers() loads only
-    the layers missing from `editor._solvers`, so filling that cache is exactly the state of an
+    the layers it does not hold yet, so handing it solvers (`use_solvers`) is exactly the state of an
     editor whose statistics are cached and already read. Writing reference-layout .npz files
     instead would mean, for GPT-J, 6 files of 1 GiB (16384² float32) written to disk, read back
     and copied to the GPU inside the timed edit: that measures the disk, not editing, and the
@@ -351,14 +227,14 @@ def synthetic_solvers(editor, requests, seed: int) -> dict:
         gen = torch.Generator(device=device).manual_seed(seed + l)
         t = time.perf_counter()
         cov = synthetic_covariance(layout.key_dim(l), scales[l], device, gen)
-        _sync(device)
+        sync(device)
         build_s += time.perf_counter() - t
         t = time.perf_counter()
-        solver = editor._make_solver(l, cov)
+        solver = editor.make_solver(l, cov)
         del cov
-        _sync(device)
+        sync(device)
         factor_s += time.perf_counter() - t
-        editor._solvers[l] = solver
+        editor.use_solvers({l: solver})
         if solver.factor.device == device:
             nbytes += solver.factor.numel() * solver.factor.element_size()
     return {
@@ -494,7 +370,7 @@ def z_accounting(tok, requests, templates, steps, path: str, p_through_loss: int
 # machine
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -510,7 +386,7 @@ def peak_flops(name: Optional[str]) -> Optional[float]:
 
 
 def machine_info(device: torch.device) -> dict:
-    info = {**common_machine_info(), "device": str(device)}
+    info = {**common.machine_info(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name = torch.cuda.get_device_name(device)
@@ -534,8 +410,8 @@ def machine_info(device: torch.device) -> dict:
 # the benchmark
 
 
-def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_scale", description=__doc__.split("\n\n")[0])
+def _parse(argv):
+    p = common.parser("gpu_scale", __doc__)
     p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--edits", type=int, default=None,
                    help=f"number of edit requests N (default {DEFAULT_EDITS}; smoke {SMOKE_EDITS})")
@@ -586,10 +462,6 @@ def _jsonable(v) -> bool:
         return False
 
 
-def _ratio(a: float, b: float) -> Optional[float]:
-    return a / b if b > 0 else None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _parse(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -615,18 +487,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t = time.perf_counter()
     tok = train_tokenizer(tokenizer_corpus(300 if args.smoke else 20000, args.seed), 800 if args.smoke else 8192)
     tok_s = time.perf_counter() - t
-    requests = make_requests(args.edits, args.seed)
+    requests = make_requests(make_subjects(args.edits, args.seed), args.seed)
 
     # Model: the real configuration (smoke: a tiny one), random weights, built on the device.
     cfg = model_config(args.arch, args.smoke, len(tok))
     if cfg.vocab_size < len(tok):
         raise ValueError(f"tokenizer has {len(tok)} ids but the model's vocabulary is {cfg.vocab_size}")
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     model = build_model(cfg, device, dtype, args.seed)
     if args.device_map:
         model = spread_over_gpus(model, dtype)
-    _sync(device)
+    sync(device)
     build_s = time.perf_counter() - t
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -690,7 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         warm = MassEditor(model, tok, hp.replace(v_num_grad_steps=min(2, hp.v_num_grad_steps)), stats_dir=stats_dir,
                           model_name=f"gpu_scale-{args.arch}", context_templates=CONTEXT_TEMPLATES,
                           progress=False, reuse_prefix=not args.no_reuse_prefix)
-        warm._solvers = editor._solvers
+        warm.use_solvers(editor.solvers())
         warm.edit(reqs[:2], method="memit", batch_size=args.batch_size, apply=False)
         warm.edit(reqs[:1], method="memit-serial", apply=False)
 
@@ -700,11 +572,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         # Batched MEMIT.
         counter: dict = {}
         mem_before = _memory(device, reset=True)
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         with count_z_forwards(counter):
             batched = editor.edit(reqs, method="memit", batch_size=args.batch_size, apply=False)
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t
         mem_batched = _memory(device)
         print(f"  batched done: {batched.timings['total']:.2f} s", flush=True)
@@ -712,9 +584,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         # Serial path on K requests.
         k = args.serial_sample
         _memory(device, reset=True)
-        _sync(device)
+        sync(device)
         serial = editor.edit(reqs[:k], method="memit-serial", apply=False)
-        _sync(device)
+        sync(device)
         mem_serial = _memory(device)
         print(f"  serial (K={k}) done: {serial.timings['total']:.2f} s", flush=True)
 
@@ -731,7 +603,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     zp = {
         **acc,
         "z_s": z_s,
-        "tokens_per_s": _ratio(acc["tokens"], z_s),
+        "tokens_per_s": ratio(acc["tokens"], z_s),
         "padded_positions": padded,
         "padding_fraction": (1 - acc["tokens"] / padded) if padded else None,
         "forward_calls": counter.get(path, {}).get("calls"),
@@ -742,7 +614,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "params_lm_head": head,
         "z_layer": z_layer,
         "loss_layer": loss_layer,
-        "achieved_flops_per_s": _ratio(acc["flops"], z_s),
+        "achieved_flops_per_s": ratio(acc["flops"], z_s),
         "peak_flops": peak_num if device.type == "cuda" else None,
         "peak_flops_basis": "dense bf16/fp16 tensor-core peak of the detected GPU" + (
             "; the model is float32, so this understates what float32 could reach" if args.dtype == "float32" else ""),
@@ -776,18 +648,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "k": k,
         "measured": s,
         "extrapolated_to_n": {"n": n, **est},
-        "ratio_extrapolated_serial_over_batched": {"z": _ratio(est["z_s"], z_s),
-                                                   "total": _ratio(est["total_s"], b["total_s"])},
+        "ratio_extrapolated_serial_over_batched": {"z": ratio(est["z_s"], z_s),
+                                                   "total": ratio(est["total_s"], b["total_s"])},
         "note": f"EXTRAPOLATED: serial times on K={k} requests scaled linearly by N/K = {n / k:g}. The serial z "
                 "loop is one request at a time, so z scales linearly; its keys and solve phases are the batched "
                 "code, so the total's extrapolation overstates them slightly.",
     }
 
     _print_table(result)
-    out = Path(args.out) if args.out else RESULTS_DIR / (
-        f"gpu_scale-{args.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out = common.write_json(common.result_path(f"gpu_scale-{args.arch}", args.out), result)
     print(f"wrote {out}")
     result["out"] = str(out)
     return result
@@ -821,10 +690,6 @@ def _gib(x) -> str:
     return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
 
 
-def _fmt(x, spec: str = ".3g", none: str = "n/a") -> str:
-    return none if x is None else format(x, spec)
-
-
 def _print_table(r: dict) -> None:
     m, mo, b, z, s = r["machine"], r["model"], r["batched"], r["z_phase"], r["serial"]
     peak = m.get("peak_bf16_dense_flops")
@@ -849,15 +714,15 @@ def _print_table(r: dict) -> None:
     print(head)
     print("-" * len(head))
     for k in ("covariance", "context_templates", "z", "keys", "solve", "total"):
-        extra = f"{e[k + '_s']:>19.2f} {_fmt(q[k], '.2f') + 'x':>16}" if k in ("z", "total") else ""
+        extra = f"{e[k + '_s']:>19.2f} {fmt(q[k], '.2f') + 'x':>16}" if k in ("z", "total") else ""
         print(f"{k:<18} {b[k + '_s']:>14.3f} {sm[k + '_s']:>12.3f} {extra}".rstrip())
     print("(times in seconds; covariance ~0: statistics cached; context templates fixed)")
     print()
     print(f"z phase ({z['path']} path): {z['tokens']:,} tokens ({z['tokens_counted']})")
-    print(f"  {_fmt(z['tokens_per_s'], ',.0f')} tokens/s; padded positions {_fmt(z['padded_positions'], ',')} "
-          f"(padding {_fmt(z['padding_fraction'], '.1%')}); max {z['max_requests_per_chunk']} requests per chunk")
-    print(f"  model FLOPs {z['flops']:.3g} -> {_fmt(z['achieved_flops_per_s'], '.3g')} FLOP/s; "
-          f"MFU {_fmt(z['mfu'], '.1%', 'null')} (with backward counted 4·P·T: {_fmt(z['mfu_backward_4x'], '.1%', 'null')})")
+    print(f"  {fmt(z['tokens_per_s'], ',.0f')} tokens/s; padded positions {fmt(z['padded_positions'], ',')} "
+          f"(padding {fmt(z['padding_fraction'], '.1%')}); max {z['max_requests_per_chunk']} requests per chunk")
+    print(f"  model FLOPs {z['flops']:.3g} -> {fmt(z['achieved_flops_per_s'], '.3g')} FLOP/s; "
+          f"MFU {fmt(z['mfu'], '.1%', 'null')} (with backward counted 4·P·T: {fmt(z['mfu_backward_4x'], '.1%', 'null')})")
     if z.get("warning"):
         print(f"  WARNING: {z['warning']}")
     mem = r["memory"]

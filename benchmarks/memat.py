@@ -27,16 +27,14 @@ Writes <out-dir>/memat-<timestamp>.json and .png (probe accuracy heat map, gain 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from benchmarks.sequential import _editor, _model, _requests
-from benchmarks.suites.common import RESULTS_DIR, machine_info
+from benchmarks import common
+from benchmarks.common import distinct_subject_records, load_pretrained, machine_info, world_editor
 
 DEFAULT_K = (4, 8, 16, 32)
 METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
@@ -45,17 +43,12 @@ PHASES = ("memit", "memat_features", "memat_probes", "memat_omega")
 GAIN_METRICS = ("EM", "PM")
 
 
-def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parse(argv):
+    p = common.parser("memat", __doc__)
     p.add_argument("--world", required=True, help="a bilingual world directory (massedit world build --languages 2)")
     p.add_argument("--n", type=int, default=100, help="edits (capped at the world's distinct subjects)")
     p.add_argument("--k", help="comma-separated head counts K (default: 4,8,16,32 up to the model's heads)")
-    p.add_argument("--steps", type=int, help="override v_num_grad_steps (smoke runs)")
-    p.add_argument("--samples", type=int, help="override mom2_n_samples (smoke runs)")
-    p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats)")
-    p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    common.add_world_editor_arguments(p)
     args = p.parse_args(argv)
     try:
         args.k_list = None if args.k is None else [int(k) for k in args.k.split(",")]
@@ -86,7 +79,7 @@ def k_values(asked: Optional[list[int]], n_heads: int) -> list[int]:
 
 def l2_records(world: Path, l1: list[dict]) -> list[dict]:
     """The L2 record of each L1 record, by case_id, in the same order."""
-    from massedit.evaluation.evaluate import load_records
+    from massedit.inputs.records import load_records
 
     _, records = load_records(world / "counterfact.l2.json")
     by_case = {rec["case_id"]: rec for rec in records}
@@ -99,7 +92,7 @@ def l2_records(world: Path, l1: list[dict]) -> list[dict]:
 
 def _evaluate(model, tok, records: dict) -> tuple[dict, dict]:
     """Metrics ({language: {metric: stat}}) and the per-case values of each language."""
-    from massedit.evaluation.evaluate import evaluate
+    from massedit.evaluation import evaluate
 
     metrics, per_case = {}, {}
     for lang, recs in records.items():
@@ -193,10 +186,10 @@ def run(args) -> dict:
     from massedit.methods.memat.method import Memat
 
     world = Path(args.world)
-    model, tok = _model(world)
-    l1, requests = _requests(world, args.n)
+    model, tok = load_pretrained(world / "model")
+    l1, requests = distinct_subject_records(world, args.n)
     records = {"L1": l1, "L2": l2_records(world, l1)}
-    editor = _editor(model, tok, args, world)
+    editor = world_editor(model, tok, world, args.stats_dir, args.steps, args.samples)
     n_heads = editor.layout.n_layers * editor.layout.n_heads
     ks = k_values(args.k_list, n_heads)
     base_hp = editor.hp
@@ -293,10 +286,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, (ax_map, ax_gain) = plt.subplots(1, 2, figsize=(11, 4.2))
     accuracy = torch.tensor(result["memat"][0]["probe_accuracy"])
@@ -325,28 +315,18 @@ def plot(result: dict, path: Path) -> None:
     ax_gain.grid(True, alpha=0.3)
     ax_gain.legend(fontsize=8)
     fig.suptitle(f"MEMAT on {Path(result['world']).name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[list] = None) -> dict:
     args = _parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     print(f"{'':>11} lang " + " ".join(f"{m:>12}" for m in METRICS))
     result = run(args)
     text = table(result)
     print(text)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"memat-{time.strftime('%Y%m%d-%H%M%S')}"
-    plot(result, stem.with_suffix(".png"))
-    result["plot"] = str(stem.with_suffix(".png"))
     result["table"] = text
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    result["json"] = str(stem.with_suffix(".json"))
-    print(f"wrote {result['json']} and {result['plot']}")
+    common.write_result("memat", result, directory=args.out_dir, plot=plot)
     return result
 
 

@@ -1,6 +1,6 @@
 """Peak memory of each MEMIT phase at full model size, massedit beside the public reference.
 
-    python -m benchmarks.bench_memory [--configs gpt-j-6b,llama-3-8b,llama-3-70b] [--edits N]
+    python -m benchmarks.memory [--configs gpt-j-6b,llama-3-8b,llama-3-70b] [--edits N]
                                       [--z-batch B] [--quick] [--out FILE]
 
 Each model is built on the `meta` device from its published configuration (no weights, no
@@ -50,16 +50,14 @@ other); host memory is listed separately. Writes JSON to benchmarks/results/ and
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks import common
+
 CONFIGS = ("gpt-j-6b", "llama-3-8b", "llama-3-70b")
 GIB = 2**30
 
@@ -256,7 +254,7 @@ def run(configs: Sequence[str], n: int, z_batch: int) -> dict:
                                              "in float64 on the layer's device: E·16d², all on the early layers' "
                                              "GPUs"})
     return {
-        "benchmark": "bench_memory",
+        "benchmark": "memory",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"edits": n, "z_batch_requests": z_batch,
                      "rows_per_request": ROWS_PER_REQUEST, "prompt_tokens": PROMPT_TOKENS,
@@ -298,25 +296,22 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory", description=__doc__.split("\n\n")[0])
+    p = common.parser("memory", __doc__)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--edits", type=int, default=10000, help="number of edits n (default 10000)")
     p.add_argument("--z-batch", type=int, default=16, help="massedit requests per z chunk (default 16)")
     p.add_argument("--quick", action="store_true", help="GPT-J-6B only")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output (default benchmarks/results/bench_memory-<time>.json)")
+                   help="JSON output (default benchmarks/results/memory-<time>.json)")
     args = p.parse_args(argv)
     configs = ["gpt-j-6b"] if args.quick else [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or args.edits < 1 or args.z_batch < 1:
-        print(f"bench_memory: error: unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}" if unknown else
-              "bench_memory: error: --edits and --z-batch must be at least 1", file=sys.stderr)
-        raise SystemExit(2)
+        p.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}" if unknown else
+                "--edits and --z-batch must be at least 1")
     result = run(configs, args.edits, args.z_batch)
     print(format_table(result))
-    out = args.out or RESULTS_DIR / f"bench_memory-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out = common.write_json(common.result_path("memory", args.out), result)
     print(f"wrote {out}")
     result["out"] = str(out)
     return result

@@ -2,7 +2,7 @@
 toy-world GPT-2 and Llama (6 layers × 64), plain against the placements of tests/test_devices.py
 (edited blocks on disk, embeddings and head on disk, alternate blocks on disk, accelerate.cpu_offload).
 
-    python -m benchmarks.bench_offload
+    python -m benchmarks.offload
 
 Prints the best of 3 wall times per placement and its ratio to the plain model's, side by side.
 """
@@ -14,6 +14,9 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks import common
+
+# The placements and the toy world are the device tests' own, so that the costs are of what they check.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from test_devices import PLACEMENTS, _load  # noqa: E402
@@ -32,7 +35,10 @@ def edit_seconds(path: Path, tok, sentences, placement: str, repeats: int = 3) -
     return best
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    p = common.parser("offload", __doc__)
+    common.add_threads(p, default=None)
+    common.set_threads(p.parse_args(argv).threads)
     warnings.filterwarnings("ignore")
     for arch in ("gpt2", "llama"):
         model, tok, sentences = train_world(arch=arch)

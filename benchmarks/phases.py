@@ -1,10 +1,10 @@
 """Micro-benchmarks of single phases (pytest-benchmark): z, keys, statistics, solve, apply.
 
-    python -m benchmarks.run phases [extra pytest args]      # = pytest benchmarks/test_phases.py
-    pytest benchmarks/ --benchmark-only                      # the same, directly
+    python -m benchmarks.phases [extra pytest args]       # = pytest benchmarks/test_phases.py
+    pytest benchmarks/ --benchmark-only                   # the same, directly
     pytest benchmarks/ --benchmark-only --benchmark-compare  # against the last saved run
 
-`python -m benchmarks.run phases` saves each run under benchmarks/results/phases/ (pytest-benchmark's
+`python -m benchmarks.phases` saves each run under benchmarks/results/phases/ (pytest-benchmark's
 storage, --benchmark-autosave) so the next run can be compared with --benchmark-compare.
 
 Each phase runs alone on a small random GPT-2 (4 layers, 128 wide, d_ff 512; world-generator
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.suites.common import RESULTS_DIR
+from benchmarks import common
+from benchmarks.common import RESULTS_DIR
 
 TEMPLATES = [["{}"], ["The river was quiet. {}", "Because it rained, we stayed. {}"]]
 LAYER = 1
@@ -139,9 +140,11 @@ def bench_apply(benchmark, n: int):
     return benchmark(fn)
 
 
-def run(pytest_args) -> int:
+def main(argv=None) -> int:
+    """Runs benchmarks/test_phases.py under pytest-benchmark; arguments other than --help go to pytest."""
     import pytest
 
+    _, pytest_args = common.parser("phases", __doc__).parse_known_args(argv)
     storage = RESULTS_DIR / "phases"
     args = [str(Path(__file__).resolve().parents[1] / "test_phases.py"), "--benchmark-only", "-q",
             f"--benchmark-storage=file://{storage}", "--benchmark-autosave",
@@ -151,4 +154,4 @@ def run(pytest_args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(main())

@@ -17,18 +17,17 @@ pre-edit values dashed, like the MEMIT paper's scaling figure).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from massedit.inputs import tokens as T
 from massedit.model.arch import ModelLayout
 from massedit.editor import MassEditor
-from massedit.evaluation.evaluate import evaluate, load_records
+from massedit.evaluation import evaluate
+from massedit.inputs.records import load_records
 from massedit.model.hooks import capture_outputs, edit_output
 from massedit.hparams import world_preset
 from massedit.inputs.requests import parse_records
@@ -114,10 +113,7 @@ def run_series(model, tok, records, hp, ns, stats_dir, corpus, model_name, progr
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [r["n"] for r in rows]
@@ -130,13 +126,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("MEMIT on the knowledge world")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("quality", __doc__)
     ap.add_argument("--world", default="worlds/gpt2-default")
     ap.add_argument("--n", default="1,10,100,1000", help="comma-separated edit counts")
     ap.add_argument("--layers", default=None, help="edited layers as a range, e.g. 1-3 (default: world preset)")
@@ -145,17 +139,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="v_num_grad_steps")
     ap.add_argument("--trace", action="store_true", help="measure which MLP layers carry the facts")
     ap.add_argument("--sweep", default=None, help="layer ranges to compare at the largest n, e.g. 1-2,1-3,2-4")
-    ap.add_argument("--threads", type=int, default=1)
+    common.add_threads(ap)
     ap.add_argument("--stats-dir", default="stats")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<timestamp>.json)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    common.set_threads(args.threads)
 
     world = Path(args.world)
-    model = AutoModelForCausalLM.from_pretrained(world / "model").eval()
-    tok = AutoTokenizer.from_pretrained(world / "model")
+    model, tok = common.load_pretrained(world / "model")
     _, records = load_records(world / "counterfact.json")
     hp = world_preset(model.config)
     changes = {k: v for k, v in (("mom2_update_weight", args.lam), ("clamp_norm_factor", args.clamp),
@@ -166,8 +158,7 @@ def main(argv=None) -> dict:
     ns = [int(x) for x in args.n.split(",")]
     name = f"world-{world.name}"
     report = {"benchmark": "quality", "world": str(world), "hparams": hp.to_dict(),
-              "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                          "threads": args.threads}}
+              "machine": common.machine_info()}
     if args.trace:
         report["trace"] = mlp_trace(model, tok, records)
         print("MLP mean-ablation drop of P(true) by layer:",
@@ -178,12 +169,7 @@ def main(argv=None) -> dict:
                                       world / "corpus.txt", name, args.progress)]
     report["series"] = run_series(model, tok, records, hp, ns, args.stats_dir, world / "corpus.txt", name,
                                   args.progress)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"benchmarks/results/quality-{stamp}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    plot(report["series"], out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    common.write_result("quality", report, args.out, plot=lambda r, path: plot(r["series"], path))
     return report
 
 

@@ -1,6 +1,6 @@
 """Editing a bitsandbytes 8-bit / 4-bit base, side by side with the same model in float32.
 
-    python -m benchmarks.bench_quantized --world DIR [--n 100] [--out FILE]
+    python -m benchmarks.quantized_edit --world DIR [--n 100] [--out FILE]
 
 DIR is a `massedit world build` directory (DIR/model, DIR/counterfact.json, DIR/corpus.txt). The
 model is loaded three times: float32, 8-bit (LLM.int8) and 4-bit (nf4, float32 compute). Each base
@@ -16,11 +16,10 @@ the first n CounterFact records with `world_preset`. For each base:
   with the re-quantized weights in place of the stand-ins;
 * whether revert gave back every stored tensor of the edited modules bit for bit.
 
-Writes JSON to benchmarks/results/bench_quantized-<time>.json (or --out) and prints a table.
+Writes JSON to benchmarks/results/quantized_edit-<time>.json (or --out) and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import tempfile
@@ -30,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from benchmarks.suites.common import RESULTS_DIR, machine_info
+from benchmarks import common
 
 BASES = ("float32", "8bit", "4bit")
 SCALES = (1.0, 0.1, 0.01)
@@ -82,7 +81,7 @@ def _requantized(w: torch.Tensor, base: str) -> torch.Tensor:
 
 
 def _scores(model, tok, records) -> dict:
-    from massedit.evaluation.evaluate import evaluate, summary
+    from massedit.evaluation import evaluate, summary
     from massedit.model.quantized import cpu_repacking_off
 
     with torch.no_grad(), cpu_repacking_off(model):
@@ -140,25 +139,25 @@ def run_base(world: Path, base: str, records: list, corpus: list[str], stats_dir
 
 
 def _table(runs: Sequence[dict]) -> str:
-    lines = ["| base | ES pre | ES post | PS post | NS post | edited MB as loaded | edited MB (stand-ins) |"
-             " ES re-quantized | rel. error of re-quantized ΔW (×1 / ×0.1 / ×0.01) | revert exact |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["base", "ES pre", "ES post", "PS post", "NS post", "edited MB as loaded", "edited MB (stand-ins)",
+              "ES re-quantized", "rel. error of re-quantized ΔW (×1 / ×0.1 / ×0.01)", "revert exact"]
+    rows = []
     for r in runs:
         rq = r.get("requantized")
         errs = "-" if not rq else " ; ".join(
             "/".join(str(row[f"rel_error_x{s:g}"]) for s in SCALES) for row in rq["layers"])
-        lines.append(
-            f"| {r['base']} | {r['pre'].get('ES')} | {r['post'].get('ES')} | {r['post'].get('PS')} | "
-            f"{r['post'].get('NS')} | {r['edited_bytes_as_loaded'] / 1e6:.3f} | {r['edited_bytes_edited'] / 1e6:.3f} | "
-            f"{rq['scores'].get('ES') if rq else '-'} | {errs} | {r['revert_bit_identical']} |")
-    return "\n".join(lines)
+        rows.append([r["base"], str(r["pre"].get("ES")), str(r["post"].get("ES")), str(r["post"].get("PS")),
+                     str(r["post"].get("NS")), f"{r['edited_bytes_as_loaded'] / 1e6:.3f}",
+                     f"{r['edited_bytes_edited'] / 1e6:.3f}", str(rq["scores"].get("ES")) if rq else "-", errs,
+                     str(r["revert_bit_identical"])])
+    return common.markdown_table(header, rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser("quantized_edit", __doc__)
     parser.add_argument("--world", required=True, type=Path, help="a `massedit world build` directory")
     parser.add_argument("--n", type=int, default=100, help="CounterFact records to edit (the first n)")
-    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/bench_quantized-<time>.json)")
+    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/quantized_edit-<time>.json)")
     args = parser.parse_args(argv)
     if not (args.world / "model" / "config.json").exists():
         parser.error(f"{args.world} is not a world build (no model/config.json); run `massedit world build` first")
@@ -166,12 +165,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     corpus = [line for line in (args.world / "corpus.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_base(args.world, base, records, corpus, Path(tmp)) for base in BASES]
-    data = {"suite": "bench_quantized", "world": str(args.world), "n": len(records), "machine": machine_info(),
+    data = {"suite": "quantized_edit", "world": str(args.world), "n": len(records), "machine": common.machine_info(),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": runs}
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS_DIR / f"bench_quantized-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    out = common.write_json(common.result_path("quantized_edit", args.out), data)
     print(_table(runs))
     print(f"wrote {out}")
     return data

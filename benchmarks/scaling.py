@@ -1,6 +1,6 @@
 """The scaling suite: ROME, serial MEMIT and batched MEMIT at n = 1, 2, 4, ... edits.
 
-    python -m benchmarks.run scaling [--world DIR] [--budget SECONDS] [--max-n 1024] [--threads 2]
+    python -m benchmarks.scaling [--world DIR] [--budget SECONDS] [--max-n 1024] [--threads 2]
 
 For every (method, n), in one process and on the same weights:
   * wall time per phase as the editor reports it (z, keys, solve; covariance is precomputed and
@@ -19,7 +19,7 @@ records edited alone, evaluated, reverted) and the statistics pass.
 
 Output: benchmarks/results/scaling-<timestamp>.json, -runtime.png (total edit time vs n, log-log)
 and -quality.png (ES/PS/NS/S vs n, pre-edit dashed), and the tables of
-`python -m benchmarks.run table`.
+`python -m benchmarks.table`.
 
 Without a world build at --world (DIR/build.json, DIR/model, DIR/counterfact.json,
 DIR/corpus.txt, as `massedit world build` writes them) the suite falls back to an untrained
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.suites.common import (DEFAULT_WORLD, RESULTS_DIR, PeakMemory, Setup, load_world, machine_info,
-                                      random_fallback, stamp, world_ready, write_json)
+from benchmarks import common
+from benchmarks.common import (DEFAULT_WORLD, RESULTS_DIR, PeakMemory, Setup, load_world, machine_info, random_fallback,
+                               stamp, world_ready, write_json)
 
 METHODS = ("rome", "memit-serial", "memit")
 DEFAULT_BUDGET = 1000.0  # seconds of edit runs; the whole suite stays under 20 min on a 2-core CPU
@@ -45,7 +46,8 @@ METRICS = ("ES", "PS", "NS", "S")
 SMOKE_TEMPLATES = [["{}"], ["The river was quiet. {}"]]
 
 
-def add_arguments(p) -> None:
+def _parse(argv):
+    p = common.parser("scaling", __doc__)
     p.add_argument("--world", default=str(DEFAULT_WORLD), help=f"world build directory (default {DEFAULT_WORLD})")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds of edit runs over all methods (default {DEFAULT_BUDGET:g}; smoke 60)")
@@ -72,6 +74,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out-dir", default=str(RESULTS_DIR), help=f"results directory (default {RESULTS_DIR})")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,20 +124,21 @@ class Quality:
         self.pre_s = 0.0
 
     def _cases(self, n: int):
-        from massedit.evaluation.evaluate import evaluate
+        from massedit.evaluation import evaluate
 
         return evaluate(self.model, self.tok, self.records[:n], kind="counterfact")
 
     @staticmethod
     def _agg(per_case) -> dict:
-        from massedit.evaluation.evaluate import CF_METRICS, aggregate
+        from massedit.evaluation.aggregate import aggregate
+        from massedit.evaluation.counterfact import CF_METRICS
 
         stats = aggregate(per_case, CF_METRICS, ("S", ("ES", "PS", "NS")))
         return {k: (None if v["mean"] is None else round(v["mean"], 3)) for k, v in stats.items()}
 
     def pre(self, n: int) -> dict:
         """Metrics of the unedited model on records[:n] (call only while the model is unedited)."""
-        from massedit.evaluation.evaluate import evaluate
+        from massedit.evaluation import evaluate
 
         missing = [r for r in self.records[:n] if r["case_id"] not in self._pre]
         if missing:
@@ -187,7 +191,7 @@ def _one_run(editor, method: str, records, n: int, quality: Quality, digest0: st
 
 
 def _rome_single(editor, records, k: int, digest0: str, layers) -> dict:
-    from massedit.evaluation.evaluate import evaluate
+    from massedit.evaluation import evaluate
 
     cases, times = [], []
     for rec in records[:k]:
@@ -235,10 +239,10 @@ def ratios(runs: list[dict]) -> dict:
     return out
 
 
-def run(args) -> dict:
+def main(argv=None) -> dict:
+    args = _parse(argv)
     t_suite = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    common.set_threads(args.threads)
     from massedit.editor import MassEditor
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -390,7 +394,7 @@ def run(args) -> dict:
     if tmp is not None:
         tmp.cleanup()
 
-    from benchmarks.suites.table import render
+    from benchmarks.table import render
 
     print()
     print(render(result))
@@ -408,10 +412,7 @@ def _f(x) -> str:
 
 
 def plots(result: dict, prefix: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     runs, methods = result["runs"], result["methods"]
@@ -437,10 +438,7 @@ def plots(result: dict, prefix: Path) -> dict:
     ax.set_title(f"Runtime vs n — {title}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    runtime = str(prefix) + "-runtime.png"
-    fig.savefig(runtime, dpi=110)
-    plt.close(fig)
+    runtime = common.save_figure(fig, str(prefix) + "-runtime.png")
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), sharex=True)
     all_n = sorted({r["n"] for r in runs})
@@ -466,8 +464,9 @@ def plots(result: dict, prefix: Path) -> dict:
         ax.set_xlabel("edits n")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Edit quality vs n — {title}")
-    fig.tight_layout()
-    quality = str(prefix) + "-quality.png"
-    fig.savefig(quality, dpi=110)
-    plt.close(fig)
+    quality = common.save_figure(fig, str(prefix) + "-quality.png")
     return {"runtime": runtime, "quality": quality}
+
+
+if __name__ == "__main__":
+    main()

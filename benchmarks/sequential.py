@@ -15,23 +15,18 @@ Writes <out-dir>/sequential-<timestamp>.json and .png (metric vs number of edits
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from benchmarks.suites.common import RESULTS_DIR, machine_info
+from benchmarks import common
+from benchmarks.common import distinct_subject_records, load_pretrained, machine_info, world_editor
 
 RULES = ("memit", "memit-preserve", "alphaedit")
 METRICS = ("ES", "PS", "NS")
 
 
-def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sequential", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parse(argv):
+    p = common.parser("sequential", __doc__)
     p.add_argument("--world", required=True, help="a world directory (massedit world build --out DIR)")
     p.add_argument("--n", type=int, default=2000, help="edits in all (capped at the world's distinct subjects)")
     p.add_argument("--round-size", type=int, default=100)
@@ -39,49 +34,12 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--serial-rounds", type=int, default=1, help="rounds timed with AlphaEdit's serial z (0: none)")
     p.add_argument("--threshold", type=float, default=2e-2, help="AlphaEdit's nullspace_threshold")
     p.add_argument("--l2", type=float, default=10.0, help="AlphaEdit's L2")
-    p.add_argument("--steps", type=int, help="override v_num_grad_steps (smoke runs)")
-    p.add_argument("--samples", type=int, help="override mom2_n_samples (smoke runs)")
-    p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats)")
-    p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    common.add_world_editor_arguments(p)
     args = p.parse_args(argv)
     bad = [r for r in args.rules.split(",") if r not in RULES]
     if bad or args.n < 1 or args.round_size < 1 or args.serial_rounds < 0:
         p.error(f"--rules from {', '.join(RULES)} (got {bad}); --n, --round-size >= 1; --serial-rounds >= 0")
     return args
-
-
-def _model(world: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(world / "model").eval(), AutoTokenizer.from_pretrained(world / "model")
-
-
-def _requests(world: Path, n: int):
-    """The first `n` records with distinct subjects, and their requests."""
-    from massedit.evaluation.evaluate import load_records
-    from massedit.inputs.requests import parse_records
-
-    _, records = load_records(world / "counterfact.json")
-    seen, chosen = set(), []
-    for rec in records:
-        subject = rec["requested_rewrite"]["subject"]
-        if subject not in seen:
-            seen.add(subject)
-            chosen.append(rec)
-    chosen = chosen[:n]
-    return chosen, parse_records(chosen, str(world / "counterfact.json"), fmt="counterfact")
-
-
-def _editor(model, tok, args, world: Path):
-    from massedit.editor import MassEditor
-    from massedit.hparams import world_preset
-
-    hp = world_preset(model.config)
-    changes = {k: v for k, v in (("v_num_grad_steps", args.steps), ("mom2_n_samples", args.samples)) if v}
-    hp = hp.replace(**changes) if changes else hp
-    return MassEditor(model, tok, hp, stats_dir=args.stats_dir or world / "stats", corpus=world / "corpus.txt",
-                      model_name=f"world-{world.name}", progress=False)
 
 
 def _method(rule: str, args, serial: bool = False):
@@ -94,13 +52,12 @@ def _method(rule: str, args, serial: bool = False):
 
 
 def run_rule(rule: str, args, world: Path, rounds: list, records: list, templates=None) -> dict:
-    from massedit.evaluation.evaluate import evaluate, summary
+    from massedit.evaluation import evaluate, summary
     from massedit.edits.sequential import SequentialEditor
 
-    model, tok = _model(world)
-    editor = _editor(model, tok, args, world)
-    if templates is not None:
-        editor._templates = templates  # every rule edits with the same context templates
+    model, tok = load_pretrained(world / "model")
+    # Every rule edits with the same context templates (the first rule's).
+    editor = world_editor(model, tok, world, args.stats_dir, args.steps, args.samples, templates)
     method = _method(rule, args)
     seq = SequentialEditor(editor, method)
     out = {"rule": rule, "rounds": []}
@@ -135,9 +92,8 @@ def _pct(value) -> str:
 def run_serial(args, world: Path, rounds: list, templates) -> list[float]:
     from massedit.edits.sequential import SequentialEditor
 
-    model, tok = _model(world)
-    editor = _editor(model, tok, args, world)
-    editor._templates = templates
+    model, tok = load_pretrained(world / "model")
+    editor = world_editor(model, tok, world, args.stats_dir, args.steps, args.samples, templates)
     seq = SequentialEditor(editor, _method("alphaedit", args, serial=True))
     seconds = []
     for batch in rounds[: args.serial_rounds]:
@@ -147,10 +103,7 @@ def run_serial(args, world: Path, rounds: list, templates) -> list[float]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     panels = METRICS + ("ES_first_round",)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
@@ -164,17 +117,14 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Sequential editing, rounds of {result['round_size']} ({result['world']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[list] = None) -> dict:
     args = _parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     world = Path(args.world)
-    records, requests = _requests(world, args.n)
+    records, requests = distinct_subject_records(world, args.n)
     rounds = [requests[i : i + args.round_size] for i in range(0, len(requests), args.round_size)]
     result = {"benchmark": "sequential", "world": str(world), "n": len(requests), "round_size": args.round_size,
               "threshold": args.threshold, "l2": args.l2, "machine": machine_info(), "runs": []}
@@ -191,14 +141,7 @@ def main(argv: Optional[list] = None) -> dict:
                               "ratio": sum(serial) / sum(fast)}
         print(f"AlphaEdit round time, serial z / batched z: {result['serial_z']['ratio']:.2f}x "
               f"({sum(serial):.1f} s / {sum(fast):.1f} s over {len(serial)} round(s))")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"sequential-{time.strftime('%Y%m%d-%H%M%S')}"
-    plot(result, stem.with_suffix(".png"))
-    result["plot"] = str(stem.with_suffix(".png"))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    result["json"] = str(stem.with_suffix(".json"))
-    print(f"wrote {result['json']} and {result['plot']}")
+    common.write_result("sequential", result, directory=args.out_dir, plot=plot)
     return result
 
 

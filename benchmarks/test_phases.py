@@ -4,7 +4,7 @@
 """
 import pytest
 
-from benchmarks.suites import phases as P
+from benchmarks import phases as P
 
 
 @pytest.mark.parametrize("n", P.Z_SIZES)

@@ -1,6 +1,6 @@
 """Causal tracing: every restoration of a prompt batched into few forwards vs one per forward.
 
-    python -m benchmarks.bench_trace [--facts 10] [--samples 10] [--threads 1] [--smoke]
+    python -m benchmarks.trace_speed [--facts 10] [--samples 10] [--threads 1] [--smoke]
 
 Model: an untrained GPT-2 of the default knowledge world's size (6 layers, 128 wide, d_ff 512,
 the world's tokenizer), on the world generator's CounterFact prompts; random weights are fine for
@@ -10,18 +10,15 @@ per forward. Each fact runs all three in turn so that machine load hits them ali
 are checked to agree to 1e-5. Besides the seconds it counts the work: the (row, position) pairs
 each mode runs through each block, summed over blocks, and the rows that reach the LM head, so
 that a ratio of seconds can be read against the ratio of arithmetic it is bounded by.
-Writes benchmarks/results/bench_trace-<timestamp>.json.
+Writes benchmarks/results/trace_speed-<timestamp>.json.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
-from pathlib import Path
 
-import torch
-
-from benchmarks.suites.common import RESULTS_DIR, machine_info, stamp, write_json
+from benchmarks import common
+from benchmarks.common import machine_info
 from massedit.model.hooks import hidden_of, hooks
 from massedit.inputs.requests import parse_records
 from massedit.evaluation.trace import BATCH_TOKENS, KINDS, Tracer, default_window, make_noise, prepare, trace_fact, trace_fact_serial
@@ -56,16 +53,16 @@ def _counting(tracer, counts: dict):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("trace_speed", __doc__)
     ap.add_argument("--facts", type=int, default=6)
     ap.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
     ap.add_argument("--window", type=int, help="MLP / attention window (default: massedit.evaluation.trace.default_window)")
     ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
-    ap.add_argument("--threads", type=int, default=1)
+    common.add_threads(ap)
     ap.add_argument("--smoke", action="store_true", help="2-layer 64-wide model, 2 facts, 2 samples: seconds")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/bench_trace-<timestamp>.json)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/trace_speed-<timestamp>.json)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     facts, samples = (2, 2) if args.smoke else (args.facts, args.samples)
     model, tok, requests, cfg = _setup(args.smoke)
     tracer = Tracer(model)
@@ -106,7 +103,7 @@ def main(argv=None) -> dict:
     tokens = sum(len(p.ids) for p in prompts)
     restorations = len(KINDS) * tracer.n_layers * tokens
     report = {
-        "benchmark": "bench_trace", "smoke": args.smoke,
+        "benchmark": "trace_speed", "smoke": args.smoke,
         "model": {"kind": "gpt2, random weights (world size)", "n_layer": cfg.n_layer, "d_model": cfg.d_model,
                   "d_ff": cfg.d_ff, "vocab_size": len(tok)},
         "facts": len(prompts), "mean_prompt_tokens": round(tokens / len(prompts), 2), "samples": samples,
@@ -131,8 +128,7 @@ def main(argv=None) -> dict:
     print(f"{len(prompts)} facts, {restorations} restorations x {samples} noise "
           f"samples, window {window}, {cfg.n_layer} layers x {cfg.d_model}; max |difference| {max_diff:.1e}; "
           f"load average {machine.get('load_average_at_start')} -> {report['machine']['load_average_at_end']}")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"bench_trace-{stamp()}.json"
-    write_json(out, report)
+    out = common.write_json(common.result_path("trace_speed", args.out), report)
     report["json"] = str(out)
     return report
 

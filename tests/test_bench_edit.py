@@ -1,14 +1,14 @@
 """Smoke test of the editing benchmark: it runs end to end and writes the expected JSON (no timing checks)."""
 import json
 
-from benchmarks.bench_edit import main
+from benchmarks.edit_speed import main
 
 
 def test_bench_edit_smoke(tmp_path):
     out = tmp_path / "r.json"
     result = main(["--smoke", "--out", str(out)])
     data = json.loads(out.read_text(encoding="utf-8"))
-    assert data["benchmark"] == "bench_edit"
+    assert data["benchmark"] == "edit_speed"
     assert result["edit"]["n"] == data["edit"]["n"] == 8
 
     for key in ("timestamp", "machine", "model", "hparams", "context_templates", "requests", "edit",

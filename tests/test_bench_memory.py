@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from benchmarks import bench_memory
+from benchmarks import memory
 
 H, D, E, N = 4096, 16384, 6, 1000
 
 
 def test_quick_mode_matches_hand_computed_figures(tmp_path, capsys):
     out = tmp_path / "memory.json"
-    result = bench_memory.main(["--quick", "--edits", str(N), "--out", str(out)])
+    result = memory.main(["--quick", "--edits", str(N), "--out", str(out)])
     table = capsys.readouterr().out
     data = json.loads(out.read_text(encoding="utf-8"))
     assert result["out"] == str(out) and [m["shapes"]["config"] for m in data["models"]] == ["gpt-j-6b"]
@@ -46,6 +46,6 @@ def test_quick_mode_matches_hand_computed_figures(tmp_path, capsys):
 
 def test_unknown_config_is_refused(capsys):
     with pytest.raises(SystemExit) as err:
-        bench_memory.main(["--configs", "gpt-5"])
+        memory.main(["--configs", "gpt-5"])
     assert err.value.code == 2
     assert "unknown config" in capsys.readouterr().err

@@ -1,17 +1,21 @@
-"""Smoke tests of the benchmark suites (benchmarks/run.py): they run end to end, fast, and write
-what they promise. No timing assertions."""
+"""Smoke tests of the benchmarks: they run end to end, fast, and write what they promise, and
+every `python -m benchmarks.NAME` answers --help. No timing assertions."""
+import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from benchmarks.run import main
-from benchmarks.suites import phases as P
-from benchmarks.suites.table import render
+from benchmarks import phases as P
+from benchmarks import scaling, table
+from benchmarks.table import render
 
 
 def test_scaling_suite_smoke(tmp_path, capsys):
-    result = main(["scaling", "--smoke", "--out-dir", str(tmp_path), "--single", "1"])
+    result = scaling.main(["--smoke", "--out-dir", str(tmp_path), "--single", "1"])
     data = json.loads(Path(result["json"]).read_text(encoding="utf-8"))
     assert data["suite"] == "scaling" and data["fallback"] is True
     assert data["model"]["kind"] == "random-fallback"
@@ -34,7 +38,7 @@ def test_scaling_suite_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "RANDOM FALLBACK" in out and "rome / memit" in out
     # The table command renders the newest JSON of a directory.
-    text = main(["table", "--dir", str(tmp_path)])
+    text = table.main(["--dir", str(tmp_path)])
     assert text == render(data)
     assert "| 2 |" in text
 
@@ -58,5 +62,25 @@ def test_phase_benchmarks_run_without_the_plugin():
     P.bench_apply(stub, 2)
     assert torch.equal(P.setup().layout.rewrite_module(P.LAYER).weight, before)  # apply + revert
     z = P.bench_z(stub, "rome", 1)
-    assert len(z) == 1 and torch.isfinite(z[0].target).all()
+    assert len(z) == 1 and torch.isfinite(z[0].z).all()
     assert stub.calls == 3
+
+
+BENCHMARKS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+                    if p.stem not in ("__init__", "common", "conftest") and not p.stem.startswith("test_"))
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_is_a_module_with_help(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert 'if __name__ == "__main__":' in Path(module.__file__).read_text(encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert f"python -m benchmarks.{name}" in capsys.readouterr().out
+
+
+def test_help_through_python_m():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.table", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m benchmarks.table")

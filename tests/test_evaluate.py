@@ -451,10 +451,10 @@ def test_cli_end_to_end(gpt2, tmp_path, capsys, only_existing_commands):
 
 def test_bench_eval_smoke(tmp_path):
     """The evaluation benchmark runs and its batched and one-at-a-time log-probs agree."""
-    from benchmarks import bench_eval
+    from benchmarks import eval_speed
     from massedit.world.build import build_world
 
     world = tmp_path / "world"
     build_world(world, quick=True, threads=1)
-    report = bench_eval.main(["--world", str(world), "--cases", "5", "--out", str(tmp_path / "r.json")])
+    report = eval_speed.main(["--world", str(world), "--cases", "5", "--out", str(tmp_path / "r.json")])
     assert report["pairs"] > 0 and report["batched_s"] > 0 and report["one_at_a_time_s"] > 0

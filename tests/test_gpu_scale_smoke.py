@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import gpu_scale
+from benchmarks import common, gpu_scale
 
 
 @pytest.mark.parametrize("arch", ["gptj-6b", "llama-8b"])
@@ -73,18 +73,18 @@ def test_z_flop_formula_matches_counted_flops():
     from massedit.inputs.requests import parse_records
     from massedit.compute.targets import TargetOptimizer, ZSettings
 
-    tok = gpu_scale.train_tokenizer(gpu_scale.tokenizer_corpus(300, 0), 800)
+    tok = common.train_tokenizer(gpu_scale.tokenizer_corpus(300, 0), 800)
     model = gpu_scale.build_model(gpu_scale.model_config("gptj-6b", True, len(tok)), torch.device("cpu"),
                                   torch.float32, 0)
     hp = preset("gpt-j-6b").replace(layers=[0], v_loss_layer=1, v_num_grad_steps=3)
     layout = ModelLayout(model)
-    reqs = parse_records(gpu_scale.make_requests(2, 0), "requests")
-    opt = TargetOptimizer(model, layout, tok, ZSettings.from_hparams(hp, layout), gpu_scale.CONTEXT_TEMPLATES)
+    reqs = parse_records(common.make_requests(common.make_subjects(2, 0), 0), "requests")
+    opt = TargetOptimizer(model, layout, tok, ZSettings.from_hparams(hp, layout), common.CONTEXT_TEMPLATES)
     with FlopCounterMode(display=False) as fc:
         z = opt.optimize(reqs, batch_size=1, progress=False)
     counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
     linear = counts.get("aten.mm", 0) + counts.get("aten.addmm", 0)
-    acc = gpu_scale.z_accounting(tok, reqs, gpu_scale.CONTEXT_TEMPLATES, z.steps.tolist(), "prefix",
+    acc = gpu_scale.z_accounting(tok, reqs, common.CONTEXT_TEMPLATES, z.steps.tolist(), "prefix",
                                  gpu_scale.block_params(layout, range(0, 2)), gpu_scale.block_params(layout, [1]),
                                  layout.lm_head.weight.numel())
     assert acc["iterations_total"] == 2 * 3

@@ -293,7 +293,7 @@ def test_validation(acc, x, mask, error, match, backend):
 
 
 def test_benchmark_smoke(tmp_path, capsys):
-    from benchmarks.bench_covariance import main
+    from benchmarks.covariance_speed import main
 
     out = tmp_path / "bench.json"
     report = main(["--quick", "--out", str(out)])

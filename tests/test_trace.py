@@ -194,7 +194,7 @@ def test_cli_rejects_facts_without_a_true_object_before_loading_the_model(tmp_pa
 
 
 def test_benchmark_smoke(tmp_path):
-    from benchmarks.bench_trace import main as bench
+    from benchmarks.trace_speed import main as bench
 
     report = bench(["--smoke", "--out", str(tmp_path / "bench.json")])
     saved = json.loads((tmp_path / "bench.json").read_text())

@@ -12,7 +12,7 @@ and keys/values, and computes each restoration only from its first changed block
 positions ≥ t, attending to the corrupted keys/values before t; the restorations sharing a first
 block and token, × noise samples, run as the rows of one forward (of at most `batch_tokens`
 tokens). `trace_fact_serial` runs one whole restoration per forward (its noise samples in the
-batch, as ROME's code does): the reference for the tests and for benchmarks/bench_trace.py.
+batch, as ROME's code does): the reference for the tests and for benchmarks/trace_speed.py.
 """
 from __future__ import annotations
 
