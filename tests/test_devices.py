@@ -20,7 +20,7 @@ from massedit.model.arch import ModelLayout
 from massedit.inputs.templates import generate_templates
 from massedit.edits.delta import EditDelta
 from massedit.model.devices import execution_device, input_device, offloaded_state_dict, read_parameter
-from massedit.evaluation.evaluate import evaluate, summary
+from massedit.evaluation import evaluate, summary
 from massedit.model.loading import dtype_kwargs
 from massedit.compute.stats import second_moments
 from test_evaluate import cf_record

@@ -1,4 +1,4 @@
-"""massedit.evaluation.evaluate: teacher-forced scoring, CounterFact / zsRE metrics, loading, CLI."""
+"""massedit.evaluation: teacher-forced scoring, CounterFact / zsRE metrics, text metrics, loading, CLI."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import massedit.cli
-from massedit.evaluation import evaluate as ev
+from massedit.evaluation import aggregate, counterfact, evaluate, scoring, summary, text
+from massedit.inputs.records import load_records
 from tiny import make_model, make_tokenizer
 
 torch.set_num_threads(1)
@@ -112,7 +113,7 @@ def test_score_continuations_matches_one_sequence_at_a_time(gpt2, left_tok, side
         ("The mother tongue of Danielle Darrieux is", "Mxyzptlk"),  # duplicate: scored once
         ("Albert Einstein was born in the city of", "Xanadu-Prime"),
     ]
-    scores = ev.score_continuations(model, tok, pairs, batch_size=batch_size)
+    scores = scoring.score_continuations(model, tok, pairs, batch_size=batch_size)
     assert len(scores) == len(pairs)
     assert scores[0] == scores[5]
     for (prompt, target), s in zip(pairs, scores):
@@ -131,8 +132,8 @@ def test_score_continuations_low_precision_model(gpt2):
     model, tok = gpt2
     half, _ = make_model("gpt2", tok=tok, seed=0, dtype=torch.bfloat16)
     pairs = [("Michael Jordan plays", "city-state"), ("I", "baseball")]
-    fp32 = ev.score_continuations(model, tok, pairs)
-    bf16 = ev.score_continuations(half, tok, pairs)
+    fp32 = scoring.score_continuations(model, tok, pairs)
+    bf16 = scoring.score_continuations(half, tok, pairs)
     for a, b in zip(fp32, bf16):
         assert all(math.isfinite(x) for x in b.logprobs)
         assert b.nll == pytest.approx(a.nll, abs=0.1)
@@ -141,7 +142,7 @@ def test_score_continuations_low_precision_model(gpt2):
 # ---- CounterFact ---------------------------------------------------------------------------
 def test_counterfact_metrics_by_hand(gpt2):
     model, tok = gpt2
-    result = ev.evaluate(model, tok, RECORDS, batch_size=5)
+    result = evaluate(model, tok, RECORDS, batch_size=5)
     assert result["kind"] == "counterfact" and result["n_cases"] == 3
     expected = [expected_case(model, tok, rec) for rec in RECORDS]
     for case, exp in zip(result["per_case"], expected):
@@ -157,7 +158,7 @@ def test_counterfact_metrics_by_hand(gpt2):
     m = {k: result["metrics"][k]["mean"] for k in ("ES", "PS", "NS")}
     s_expected = 0.0 if min(m.values()) == 0 else 3 / sum(1 / v for v in m.values())
     assert result["metrics"]["S"]["mean"] == pytest.approx(s_expected, abs=1e-6)
-    flat = ev.summary(result)
+    flat = summary(result)
     assert list(flat) == ["ES", "PS", "NS", "S", "EM", "PM", "NM"]
     assert flat["ES"] == result["metrics"]["ES"]["mean"]
     # per-relation breakdown
@@ -189,7 +190,7 @@ def test_hmean_and_s_with_a_forced_model(gpt2):
         cf_record(1, "Lionel Messi", "{} plays the sport of", "football", "city", ["Lionel Messi plays"],
                   ["Michael Jordan plays"]),
     ]
-    res = ev.evaluate(forced, tok, recs)
+    res = evaluate(forced, tok, recs)
     # case 0: new=' city' wins everywhere → ES 1, PS 1, NS 0; case 1: true=' city' → ES 0, PS 0, NS 1
     assert [c["ES"] for c in res["per_case"]] == [1.0, 0.0]
     assert [c["NS"] for c in res["per_case"]] == [0.0, 1.0]
@@ -198,14 +199,14 @@ def test_hmean_and_s_with_a_forced_model(gpt2):
     assert res["metrics"]["S"]["mean"] == pytest.approx(50.0)
     lo, hi = res["metrics"]["S"]["ci95"]
     assert 0.0 <= lo <= 50.0 <= hi <= 100.0
-    assert ev.hmean([100.0, 50.0, 0.0]) == 0.0
-    assert ev.hmean([100.0, 50.0, 25.0]) == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 25))
+    assert aggregate.hmean([100.0, 50.0, 0.0]) == 0.0
+    assert aggregate.hmean([100.0, 50.0, 25.0]) == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 25))
 
 
 def test_padding_sides_give_the_same_metrics(gpt2, left_tok):
     model, tok = gpt2
-    right = ev.evaluate(model, tok, RECORDS, batch_size=8)
-    left = ev.evaluate(model, left_tok, RECORDS, batch_size=8)
+    right = evaluate(model, tok, RECORDS, batch_size=8)
+    left = evaluate(model, left_tok, RECORDS, batch_size=8)
     for a, b in zip(right["per_case"], left["per_case"]):
         for name in ("ES", "PS", "NS", "EM", "PM", "NM"):
             assert a[name] == pytest.approx(b[name], abs=1e-6)
@@ -218,7 +219,7 @@ def test_missing_neighborhood_and_paraphrase_prompts(gpt2):
     no_neigh = cf_record(5, "Marie Curie", "{} was born in", "Paris", "London", ["Marie Curie is from"], [])
     no_para = cf_record(6, "Albert Einstein", "{} was born in", "Rome", "Berlin", [], ["Marie Curie was born in"])
     del no_para["paraphrase_prompts"]
-    result = ev.evaluate(model, tok, [RECORDS[0], no_neigh, no_para])
+    result = evaluate(model, tok, [RECORDS[0], no_neigh, no_para])
     c0, c1, c2 = result["per_case"]
     assert c1["NS"] is None and c1["NM"] is None and c1["PS"] is not None
     assert c2["PS"] is None and c2["PM"] is None and c2["NS"] is not None
@@ -228,18 +229,18 @@ def test_missing_neighborhood_and_paraphrase_prompts(gpt2):
     assert result["metrics"]["S"]["n"] == 2
     assert any("NS missing for 1" in n for n in result["notes"])
     # a single case with no neighborhood at all: NS missing, S missing, no crash
-    only = ev.evaluate(model, tok, [no_neigh])
+    only = evaluate(model, tok, [no_neigh])
     assert only["metrics"]["NS"] == {"mean": None, "ci95": None, "n": 0}
     assert only["metrics"]["S"]["mean"] is None
-    assert ev.summary(only)["NS"] is None
+    assert summary(only)["NS"] is None
 
 
 def test_case_ids_restrict(gpt2):
     model, tok = gpt2
-    res = ev.evaluate(model, tok, RECORDS, case_ids=[2, 0])
+    res = evaluate(model, tok, RECORDS, case_ids=[2, 0])
     assert [c["case_id"] for c in res["per_case"]] == [0, 2]
     with pytest.raises(ValueError, match="case ids not found"):
-        ev.evaluate(model, tok, RECORDS, case_ids=[99])
+        evaluate(model, tok, RECORDS, case_ids=[99])
 
 
 # ---- generation metrics --------------------------------------------------------------------
@@ -247,19 +248,19 @@ def test_ngram_entropy_hand_counts():
     # words a b a b a: bigrams (a,b)x2 (b,a)x2 → H2 = 1; trigrams (a,b,a)x2 (b,a,b)x1 → H3 = h(1/3)
     h3 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
     expected = (2 / 3 * 1.0 + 4 / 3 * h3) / 2  # the reference averages the two weighted entropies
-    assert ev.ngram_entropy("a b a b a") == pytest.approx(expected)
+    assert text.ngram_entropy("a b a b a") == pytest.approx(expected)
     # punctuation is its own token: "x , x , x" has the same counts as "a b a b a"
-    assert ev.ngram_entropy("x, x, x") == pytest.approx(expected)
+    assert text.ngram_entropy("x, x, x") == pytest.approx(expected)
     # all-distinct words: 4 bigrams, 3 trigrams, uniform
-    assert ev.ngram_entropy("one two three four five") == pytest.approx((2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2)
-    assert ev.ngram_entropy("hello") == 0.0
-    assert ev.n_gram_entropy(["a b a b a", "hello"]) == pytest.approx(expected / 2)
-    assert ev.word_tokenize("Jordan's city-state, ok.") == ["Jordan", "'s", "city-state", ",", "ok", "."]
+    assert text.ngram_entropy("one two three four five") == pytest.approx((2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2)
+    assert text.ngram_entropy("hello") == 0.0
+    assert text.n_gram_entropy(["a b a b a", "hello"]) == pytest.approx(expected / 2)
+    assert text.word_tokenize("Jordan's city-state, ok.") == ["Jordan", "'s", "city-state", ",", "ok", "."]
 
 
 def test_tfidf_toy_texts():
     docs = ["Paris is a city", "London is a city", "Tokyo"]
-    vec = ev.Tfidf(docs)
+    vec = text.Tfidf(docs)
     assert set(vec.vocabulary) == {"paris", "is", "city", "london", "tokyo"}  # "a" is too short
     idf = {w: math.log(4 / (1 + df)) + 1 for w, df in {"paris": 1, "is": 2, "city": 2, "london": 1, "tokyo": 1}.items()}
     # "paris paris city unknown" vs "Paris is a city"
@@ -278,29 +279,29 @@ def test_generation_metrics_ge_and_rs(gpt2, monkeypatch):
     other = RECORDS[1]  # no reference texts about "city-state"
     texts = {"Danielle Darrieux is": "Danielle Darrieux is a city a city", "Danielle Darrieux works for": "x y z",
              "Michael Jordan is": "Michael Jordan is", "Michael Jordan works for": "Michael Jordan works for Paris"}
-    monkeypatch.setattr(ev, "generate_texts", lambda m, t, prompts, **kw: [texts[p] for p in prompts])
-    res = ev.evaluate(model, tok, [rec, other], generation=True,
+    monkeypatch.setattr(counterfact, "generate_texts", lambda m, t, prompts, **kw: [texts[p] for p in prompts])
+    res = evaluate(model, tok, [rec, other], generation=True,
                       reference_texts={"city-statex": ["unused"], "Mxyzptlk": ["Mxyzptlk is a city"]})
     c0, c1 = res["per_case"]
     gen0 = [texts["Danielle Darrieux is"], texts["Danielle Darrieux works for"]]
-    assert c0["GE"] == pytest.approx(np.mean([ev.ngram_entropy(t) for t in gen0]))
+    assert c0["GE"] == pytest.approx(np.mean([text.ngram_entropy(t) for t in gen0]))
     corpus = ["unused", "Mxyzptlk is a city", "the city of Mxyzptlk"]
-    assert c0["RS"] == pytest.approx(ev.Tfidf(corpus).similarity(" ".join(gen0), " ".join(corpus[1:])))
+    assert c0["RS"] == pytest.approx(text.Tfidf(corpus).similarity(" ".join(gen0), " ".join(corpus[1:])))
     assert c1["RS"] is None and c1["GE"] is not None
     assert res["metrics"]["RS"]["n"] == 1 and res["metrics"]["GE"]["n"] == 2
     assert any("RS missing for 1" in n for n in res["notes"])
-    assert set(ev.summary(res)) == {"ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "RS"}
+    assert set(summary(res)) == {"ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "RS"}
 
 
 def test_real_generation_is_seeded(gpt2):
     model, tok = gpt2
     prompts = ["Michael Jordan is", "Marie Curie", "Michael Jordan is"]
     state = torch.random.get_rng_state()
-    a = ev.generate_texts(model, tok, prompts, max_length=10, seed=3)
+    a = text.generate_texts(model, tok, prompts, max_length=10, seed=3)
     assert torch.equal(state, torch.random.get_rng_state())  # caller's RNG untouched
-    b = ev.generate_texts(model, tok, prompts, max_length=10, seed=3)
+    b = text.generate_texts(model, tok, prompts, max_length=10, seed=3)
     assert a == b and all(t.startswith(p) for t, p in zip(a, prompts))
-    greedy = ev.generate_texts(model, tok, prompts, max_length=10, top_k=0)
+    greedy = text.generate_texts(model, tok, prompts, max_length=10, top_k=0)
     assert greedy[0] == greedy[2]
 
 
@@ -331,7 +332,7 @@ def test_zsre_token_accuracy_hand_case(gpt2):
             logits[..., space] += 100.0
             return SimpleNamespace(logits=logits)
 
-    res = ev.evaluate(Favour(model), tok, ZSRE)
+    res = evaluate(Favour(model), tok, ZSRE)
     assert res["kind"] == "zsre"
     c0, c1 = res["per_case"]
     t_ids = tok(" Hugo Weaving")["input_ids"]
@@ -349,20 +350,20 @@ def test_zsre_token_accuracy_hand_case(gpt2):
     assert res["metrics"]["efficacy"]["mean"] == pytest.approx(e.mean())
     parts = [res["metrics"][k]["mean"] for k in ("efficacy", "paraphrase", "specificity")]
     assert res["metrics"]["score"]["mean"] == pytest.approx(3 / sum(1 / p for p in parts))
-    assert list(ev.summary(res)) == ["efficacy", "paraphrase", "specificity", "score"]
+    assert list(summary(res)) == ["efficacy", "paraphrase", "specificity", "score"]
 
 
 def test_zsre_against_reference_and_alt_target(gpt2):
     model, tok = gpt2
-    res = ev.evaluate(model, tok, ZSRE[:1], zsre_target="alt")
+    res = evaluate(model, tok, ZSRE[:1], zsre_target="alt")
     case = res["per_case"][0]
     assert case["target"] == "Xanadu"
     _, _, hits = ref_score(model, tok, ZSRE[0]["src"], "Xanadu")
     assert case["efficacy_tokens_correct"] == hits
     _, _, hits = ref_score(model, tok, ZSRE[0]["loc"] + "?", "Hugo Weaving")
     assert case["specificity_tokens_correct"] == hits
-    with pytest.raises(ValueError, match="record 0: field 'alt'"):
-        ev.evaluate(model, tok, [{k: v for k, v in ZSRE[0].items() if k != "alt"}], zsre_target="alt")
+    with pytest.raises(ValueError, match='record 0, field "alt"'):
+        evaluate(model, tok, [{k: v for k, v in ZSRE[0].items() if k != "alt"}], zsre_target="alt")
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -373,44 +374,44 @@ def _write(tmp_path, name, data):
 
 
 def test_load_records_kinds(tmp_path):
-    kind, recs = ev.load_records(_write(tmp_path, "cf.json", RECORDS))
+    kind, recs = load_records(_write(tmp_path, "cf.json", RECORDS))
     assert kind == "counterfact" and len(recs) == 3
-    kind, recs = ev.load_records(_write(tmp_path, "zsre.json", ZSRE))
+    kind, recs = load_records(_write(tmp_path, "zsre.json", ZSRE))
     assert kind == "zsre" and len(recs) == 2
 
 
 @pytest.mark.parametrize("mutate, match", [
-    (lambda r: r[1]["requested_rewrite"].pop("target_true"), r"record 1: field 'requested_rewrite.target_true'"),
-    (lambda r: r[2].__setitem__("paraphrase_prompts", "not a list"), r"record 2: field 'paraphrase_prompts'"),
-    (lambda r: r[0]["neighborhood_prompts"].__setitem__(1, 7), r"record 0: field 'neighborhood_prompts\[1\]'"),
-    (lambda r: r[1]["requested_rewrite"].__setitem__("prompt", "no slot"), r"record 1: field 'requested_rewrite.prompt'"),
-    (lambda r: r[2]["requested_rewrite"]["target_new"].__setitem__("str", 3), r"record 2: field 'requested_rewrite.target_new.str'"),
-    (lambda r: r.__setitem__(1, "text"), r"record 1: field '\(record\)'"),
+    (lambda r: r[1]["requested_rewrite"].pop("target_true"), r'record 1, field "requested_rewrite.target_true"'),
+    (lambda r: r[2].__setitem__("paraphrase_prompts", "not a list"), r'record 2, field "paraphrase_prompts"'),
+    (lambda r: r[0]["neighborhood_prompts"].__setitem__(1, 7), r'record 0, field "neighborhood_prompts\[1\]"'),
+    (lambda r: r[1]["requested_rewrite"].__setitem__("prompt", "no slot"), r'record 1, field "requested_rewrite.prompt"'),
+    (lambda r: r[2]["requested_rewrite"]["target_new"].__setitem__("str", 3), r'record 2, field "requested_rewrite.target_new.str"'),
+    (lambda r: r.__setitem__(1, "text"), r"record 1: expected an object"),
 ])
 def test_malformed_counterfact(tmp_path, mutate, match):
     recs = json.loads(json.dumps(RECORDS))
     mutate(recs)
     path = _write(tmp_path, "bad_cf.json", recs)
     with pytest.raises(ValueError, match=match) as err:
-        ev.load_records(path)
+        load_records(path)
     assert "bad_cf.json" in str(err.value)
 
 
 def test_malformed_zsre_and_files(tmp_path):
     recs = json.loads(json.dumps(ZSRE))
     recs[1]["answers"] = []
-    with pytest.raises(ValueError, match=r"zs.json: record 1: field 'answers': is an empty list"):
-        ev.load_records(_write(tmp_path, "zs.json", recs))
+    with pytest.raises(ValueError, match=r'zs.json, record 1, field "answers": is an empty list'):
+        load_records(_write(tmp_path, "zs.json", recs))
     recs = json.loads(json.dumps(ZSRE))
     del recs[0]["loc_ans"]
-    with pytest.raises(ValueError, match=r"record 0: field 'loc_ans'"):
-        ev.load_records(_write(tmp_path, "zs.json", recs))
+    with pytest.raises(ValueError, match=r'record 0, field "loc_ans"'):
+        load_records(_write(tmp_path, "zs.json", recs))
     with pytest.raises(ValueError, match="expected a JSON list"):
-        ev.load_records(_write(tmp_path, "obj.json", {"a": 1}))
-    with pytest.raises(ValueError, match="not valid JSON"):
-        ev.load_records(_write(tmp_path, "broken.json", "[{"))
+        load_records(_write(tmp_path, "obj.json", {"a": 1}))
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_records(_write(tmp_path, "broken.json", "[{"))
     with pytest.raises(ValueError, match="cannot tell the format"):
-        ev.load_records(_write(tmp_path, "other.json", [{"foo": 1}]))
+        load_records(_write(tmp_path, "other.json", [{"foo": 1}]))
 
 
 # ---- CLI -----------------------------------------------------------------------------------
@@ -434,7 +435,7 @@ def test_cli_end_to_end(gpt2, tmp_path, capsys, only_existing_commands):
     assert "95% CI" in printed and "ES" in printed and "NM" in printed
     got = json.loads(out.read_text())
     assert {"ES", "PS", "NS", "S", "EM", "PM", "NM", "details"} <= set(got)
-    direct = ev.summary(ev.evaluate(model, tok, RECORDS[:2]))
+    direct = summary(evaluate(model, tok, RECORDS[:2]))
     for k, v in direct.items():
         assert got[k] == pytest.approx(v, abs=1e-4)
     assert got["details"]["n_cases"] == 2

@@ -230,7 +230,7 @@ def test_evaluating_or_tracing_a_4bit_model_first_leaves_it_editable(first, worl
     choose the layers: on a CPU whose
     bitsandbytes kernel repacks 4-bit weights at the first no-grad forward, that evaluation must
     not repack them, or the z phase's backward fails inside bitsandbytes."""
-    from massedit.evaluation.evaluate import evaluate
+    from massedit.evaluation import evaluate
     from massedit.inputs.requests import parse_records
     from massedit.evaluation.trace import trace
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from massedit.editor import MassEditor
-from massedit.evaluation.evaluate import evaluate, load_records, summary
+from massedit.evaluation import evaluate, summary
+from massedit.inputs.records import load_records
 from massedit.hparams import world_preset
 from massedit.model.loading import load_model
 from massedit.methods import method_names

@@ -30,7 +30,8 @@ from pathlib import Path
 from massedit.model import parallel
 from massedit.inputs.templates import load_templates
 from massedit.editor import MassEditor, check_method
-from massedit.evaluation.evaluate import evaluate, load_records, summary
+from massedit.evaluation import evaluate, summary
+from massedit.inputs.records import load_records
 from massedit.hparams import default_for, load_hparams
 from massedit.model.loading import check_savable, load_model
 from massedit.methods import METHODS, method_names

@@ -3,7 +3,7 @@
 The data format is detected from the file: a CounterFact JSON list (records with
 "requested_rewrite") or a zsRE JSON list (zsre_mend_eval.json: "src", "answers", "loc", ...).
 Aggregates are percentages (x100, as the MEMIT paper reports them) with a 95% interval and the
-number of cases that contributed; see engine/evaluation/evaluate.py for the exact conventions.
+number of cases that contributed; see the modules of engine/evaluation/ for the exact conventions.
 
 Examples:
   massedit eval --model gpt2-xl --data counterfact.json --limit 1000 --json results.json
@@ -63,7 +63,8 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from massedit.evaluation import evaluate as ev
+    from massedit.evaluation import evaluate, summary
+    from massedit.inputs.records import load_records
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -73,7 +74,7 @@ def run(args) -> int:
         raise UserError("--reference-texts is only used with --generation")
     if args.json:
         check_file(args.json, "--json")
-    kind, records = ev.load_records(args.data)
+    kind, records = load_records(args.data)
     if args.limit is not None:
         records = records[: args.limit]
     reference_texts = None
@@ -88,7 +89,7 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, options_from_args(args))
-    result = ev.evaluate(
+    result = evaluate(
         model, tok, records, kind=kind, batch_size=args.batch_size, generation=args.generation,
         case_ids=case_ids, reference_texts=reference_texts, zsre_target=args.zsre_target, seed=args.seed,
         source=str(args.data),
@@ -98,7 +99,7 @@ def run(args) -> int:
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     if args.json:
-        out = dict(ev.summary(result))
+        out = dict(summary(result))
         out["details"] = result
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")

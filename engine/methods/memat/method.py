@@ -53,7 +53,8 @@ import torch
 
 from massedit.edits.delta import EditDelta, ParameterAdditions
 from massedit.model.devices import execution_device
-from massedit.evaluation.evaluate import score_continuations, validate_records
+from massedit.evaluation.scoring import score_continuations
+from massedit.inputs.records import check_records
 from massedit.methods.memat.heads import fold_into_bias, head_corrections, head_outputs, logits_at
 from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
@@ -85,7 +86,7 @@ def parse_l2_records(records: Union[Sequence[dict], str, Path], source: str = "m
         source, records = str(records), load_l2_records(records)
     try:
         records = records if isinstance(records, list) else list(records)
-        validate_records(records, "counterfact", source)
+        check_records(records, "counterfact", source)
     except (TypeError, ValueError) as err:
         raise RequestError(f"{source}: {err}" if source not in str(err) else str(err)) from None
     by_case: dict = {}
