@@ -12,7 +12,7 @@ from massedit import __version__
 from massedit.commands._common import UserError
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = ("demo", "stats", "edit", "eval", "world", "trace", "ledger", "models", "data")
+COMMANDS = ("demo", "stats", "edit", "eval", "world", "trace", "ledger", "models", "delta", "data")
 
 
 class _OneLineParser(argparse.ArgumentParser):
