@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-# Benchmarks run offline and time their own threads; set before transformers is imported.
+# No hub lookups inside a timing, and no tokenizers thread pool competing with torch's threads;
+# set before transformers is imported.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

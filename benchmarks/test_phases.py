@@ -1,4 +1,4 @@
-"""pytest-benchmark micro-benchmarks of the editing phases; see benchmarks/suites/phases.py.
+"""pytest-benchmark micro-benchmarks of the editing phases; see benchmarks/phases.py.
 
     pytest benchmarks/ --benchmark-only [--benchmark-compare]
 """
