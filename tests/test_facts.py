@@ -79,7 +79,7 @@ def test_relations_and_templates():
             assert all(t.count("{}") == 1 for t in rel.templates[lang] + rel.questions[lang])
 
 
-def test_catalan_articles_and_contractions():
+def test_catalan_articles_contractions_and_agreement():
     japan, italy, usa = Name("Japó", "el"), Name("Itàlia"), Name("Estats Units", "els")
     assert sentence("La capital <de>{} és", "ca", japan) == "La capital del Japó és"
     assert sentence("La capital <de>{} és", "ca", italy) == "La capital d'Itàlia és"
@@ -88,6 +88,9 @@ def test_catalan_articles_and_contractions():
     assert sentence("La capital <de>{} és", "ca", Name("Iemen", "el")) == "La capital del Iemen és"
     assert sentence("<The>{}'s capital is", "en", Name("United States", "the")) == "The United States's capital is"
     assert Name("Japó", "el").phrase() == "el Japó" and Name("Índia", "l'").phrase() == "l'Índia"
+    plural = Name("Filipines", "les")
+    assert sentence("<Art>{} <és|són> un país", "ca", plural) == "Les Filipines són un país"
+    assert sentence("<Art>{} <és|són> un país", "ca", japan) == "El Japó és un país"
 
 
 def test_fields_and_counts(tmp_path):
@@ -164,7 +167,8 @@ def _cli(capsys, *argv):
 
 
 @pytest.mark.parametrize("flag, value, valid", [("--relations", "P17,P99", "P17, P1376"),
-                                                ("--languages", "en,fr", "en, ca")])
+                                                ("--languages", "en,fr", "en, ca"),
+                                                ("--max-candidates", "0", "at least 1")])
 def test_bad_choices_are_one_line_before_loading(tmp_path, capsys, flag, value, valid):
     code, cap = _cli(capsys, "data", "facts", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"),
                      flag, value)

@@ -68,11 +68,9 @@ def run(args) -> int:
     from massedit.model.loading import load_model
 
     relations, languages = _list(args.relations), _list(args.languages)
-    check_choices(relations, languages)
-    for flag, value in (("--batch-size", args.batch_size), ("--max-candidates", args.max_candidates),
-                        ("--max-per-relation", args.max_per_relation)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    check_choices(relations, languages, args.max_candidates, args.max_per_relation)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     out = Path(args.out)
     check_out(out, args.force)
     model, tok = load_model(args.model, options_from_args(args))

@@ -77,8 +77,10 @@ def _rng(seed: int, *parts) -> random.Random:
     return random.Random("/".join(str(p) for p in (seed, *parts)))
 
 
-def check_choices(relations: Sequence[str], languages: Sequence[str]) -> None:
-    """One-line errors for unknown relation ids or languages, naming the valid ones."""
+def check_choices(relations: Sequence[str], languages: Sequence[str], max_candidates: int = MAX_CANDIDATES,
+                  max_per_relation: Optional[int] = None) -> None:
+    """One-line errors for unknown relation ids or languages (naming the valid ones) and for counts
+    below 1; callers check before loading a model."""
     for rid in relations:
         if rid not in RELATION_IDS:
             raise ValueError(f"--relations: unknown relation {rid!r}; valid: {', '.join(RELATION_IDS)}")
@@ -88,9 +90,12 @@ def check_choices(relations: Sequence[str], languages: Sequence[str]) -> None:
     for flag, values in (("--relations", relations), ("--languages", languages)):
         if not values or len(set(values)) != len(values):
             raise ValueError(f"{flag}: give each of them once, comma-separated (got {','.join(values)!r})")
+    for flag, value in (("--max-candidates", max_candidates), ("--max-per-relation", max_per_relation)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
 
 
-def _plans(facts: list, seed: int, max_candidates: int) -> list[Plan]:
+def _plans(rid: str, facts: list, seed: int, max_candidates: int) -> list[Plan]:
     """The relation's facts with their choices, in a seeded order (the order they are tested in)."""
     objects = sorted({f.object.id: f.object for f in facts}.values(), key=lambda o: o.id)
     plans = []
@@ -102,7 +107,7 @@ def _plans(facts: list, seed: int, max_candidates: int) -> list[Plan]:
         rest = [o for o in others if o.id != new.id]
         sample = rest if len(rest) < max_candidates else rng.sample(rest, max_candidates - 1)
         plans.append(Plan(f, template, new, (new, *sample)))
-    _rng(seed, facts[0].relation, "order").shuffle(plans)
+    _rng(seed, rid, "order").shuffle(plans)
     return plans
 
 
@@ -115,11 +120,7 @@ def build_facts(scorer: known.Scorer, relations: Sequence[str] = RELATION_IDS, l
                 distinct_subjects: bool = True, min_population: int = MIN_POPULATION, model: str = "",
                 log: Optional[Callable[[str], None]] = None) -> FactsBuild:
     """The records of the facts the scorer's model knows (in every one of `languages`)."""
-    check_choices(relations, languages)
-    if max_candidates < 1:
-        raise ValueError(f"--max-candidates must be at least 1, got {max_candidates}")
-    if max_per_relation is not None and max_per_relation < 1:
-        raise ValueError(f"--max-per-relation must be at least 1, got {max_per_relation}")
+    check_choices(relations, languages, max_candidates, max_per_relation)
     all_facts = load_facts(min_population)
     known_in = {rid: {lang: 0 for lang in languages} for rid in relations}
 
@@ -130,7 +131,7 @@ def build_facts(scorer: known.Scorer, relations: Sequence[str] = RELATION_IDS, l
                 known_in[p.fact.relation][lang] += answers[lang][i]
         return [all(answers[lang][i] for lang in languages) for i in range(len(plans))]
 
-    pending = {rid: _plans(all_facts[rid], seed, max_candidates) for rid in relations}
+    pending = {rid: _plans(rid, all_facts[rid], seed, max_candidates) for rid in relations}
     kept, tested = known.select_known(pending, test, _subject_keys, max_per_relation, distinct=distinct_subjects)
     n_tested = sum(tested.values())
     if not kept:

@@ -1,10 +1,13 @@
-"""How a name sits in a sentence: articles and the prepositions that contract with them.
+"""How a name sits in a sentence: articles, the prepositions that contract with them, and verbs
+that agree with a plural name.
 
 Templates mark the slot before the subject with a marker (`<the>`, `<de>`, ...) so that one template
 serves "the capital of France" and "the capital of the United States", or in Catalan "la capital de
-França", "la capital d'Itàlia", "la capital del Japó" and "la capital dels Estats Units". Rendering a
-template for a subject replaces the marker and keeps "{}" where the subject goes, so the result is a
-CounterFact prompt whose subject is the bare name.
+França", "la capital d'Itàlia", "la capital del Japó" and "la capital dels Estats Units"; a verb
+written `<és|són>` takes its singular or plural form from the subject ("Les Filipines són un país";
+English treats such names as singular, "The Philippines is"). Rendering a template for a subject
+replaces the markers and keeps "{}" where the subject goes, so the result is a CounterFact prompt
+whose subject is the bare name.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ _CA_FORMS = {
 ARTICLES = {"en": ("", "the"), "ca": tuple(_CA_FORMS)}
 MARKERS = {"en": ("the", "The"), "ca": ("de", "a", "A", "art", "Art")}
 _MARKER = re.compile(r"<(\w+)>")
+_AGREEMENT = re.compile(r"<([^<>|]+)\|([^<>|]+)>")
+_PLURAL_ARTICLES = ("els", "les")
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,9 @@ def render(template: str, lang: str, name: Name) -> str:
                              f"use one of {', '.join(MARKERS[lang])}")
         return _form(lang, match.group(1), name)
 
-    return _MARKER.sub(replace, template)
+    plural = lang == "ca" and name.article in _PLURAL_ARTICLES
+    agreed = _AGREEMENT.sub(lambda m: m.group(2 if plural else 1), template)
+    return _MARKER.sub(replace, agreed)
 
 
 def sentence(template: str, lang: str, name: Name) -> str:

@@ -3,7 +3,8 @@
 Each relation has four templates per language, index-aligned (template i in Catalan says what
 template i says in English), so that a record and its Catalan twin use the same template. One is
 the rewrite prompt; the paraphrase prompts use two of the other three after an unrelated sentence,
-as CounterFact's do. A marker before "{}" (see grammar.py) puts the subject's article in place.
+as CounterFact's do. A marker before "{}" puts the subject's article in place and `<és|són>` makes a verb agree
+with it (grammar.py).
 Templates end where the object starts: the object follows as " " + its phrase ("the Netherlands",
 "el Japó"), so the Catalan templates end on a verb ("és", "s'anomena", "parla") after which the
 object takes its own article, never on a preposition that would contract with it.
@@ -45,7 +46,7 @@ RELATIONS = (
     Relation("P36", "capital", COUNTRY, {
         "en": ("The capital of <the>{} is", "The capital city of <the>{} is", "<The>{}'s capital is",
                "The seat of government of <the>{} is in"),
-        "ca": ("La capital <de>{} és", "La ciutat capital <de>{} és", "<Art>{} té la capital a",
+        "ca": ("La capital <de>{} és", "La ciutat capital <de>{} és", "<Art>{} <té|tenen> la capital a",
                "El govern <de>{} té la seu a"),
     }, {
         "en": ("What is the capital of <the>{}?", "Which city is the capital of <the>{}?"),
@@ -54,11 +55,11 @@ RELATIONS = (
     Relation("P30", "continent", COUNTRY, {
         "en": ("<The>{} is a country in", "<The>{} is located in the continent of",
                "The continent where <the>{} lies is", "<The>{} is part of the continent of"),
-        "ca": ("El continent on es troba <art>{} és", "El continent al qual pertany <art>{} és",
-               "<Art>{} és un país. El seu continent és", "<Art>{} forma part del continent anomenat"),
+        "ca": ("El continent on <es troba|es troben> <art>{} és", "El continent al qual <pertany|pertanyen> <art>{} és",
+               "<Art>{} <és|són> un país. El seu continent és", "<Art>{} <forma|formen> part del continent anomenat"),
     }, {
         "en": ("On which continent is <the>{}?", "Which continent is <the>{} part of?"),
-        "ca": ("A quin continent és <art>{}?", "De quin continent forma part <art>{}?"),
+        "ca": ("A quin continent <és|són> <art>{}?", "De quin continent <forma|formen> part <art>{}?"),
     }),
     Relation("P37", "official language", COUNTRY, {
         "en": ("The official language of <the>{} is", "In <the>{}, people speak",
@@ -100,7 +101,7 @@ GENERATION = {
     CITY: {"en": ("{} is", "The city of {} is known for", "People who visit {}"),
            "ca": ("{} és", "La ciutat <de>{} és coneguda per", "La gent que visita {}")},
     COUNTRY: {"en": ("<The>{} is", "<The>{} is known for", "People who live in <the>{}"),
-              "ca": ("<Art>{} és", "<Art>{} destaca per", "La gent que viu <a>{}")},
+              "ca": ("<Art>{} <és|són>", "<Art>{} <destaca|destaquen> per", "La gent que viu <a>{}")},
 }
 
 
