@@ -159,6 +159,33 @@ def test_in_place_with_force_swaps_the_directory_whole(applied, tmp_path, capsys
     assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
 
 
+def test_refusals_of_the_library(applied, tmp_path, monkeypatch):
+    base, delta_file, edited = applied
+    model, _ = make_model("gpt2")
+    with pytest.raises(CheckpointError, match="no apply record"):
+        prepare(edited, _delta(model), revert=True)
+    with pytest.raises(CheckpointError, match="holds no model.safetensors"):
+        prepare(tmp_path, EditDelta.load(delta_file))
+    # Δ recomputed differently here than where the delta was made (another device or build):
+    # the written checkpoint would not be the one the delta records, so nothing is.
+    edited_value = EditDelta.edited_value
+    monkeypatch.setattr(EditDelta, "edited_value", lambda self, name, w: edited_value(self, name, w) * (1 + 2**-20))
+    with pytest.raises(CheckpointError, match="does not reproduce the edited weights"):
+        prepare(base, EditDelta.load(delta_file))
+
+
+def test_checkpoint_of_links_like_a_hub_cache_snapshot(applied, tmp_path):
+    base, delta_file, edited = applied
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snapshot").mkdir()
+    for f in base.iterdir():
+        shutil.copy(f, tmp_path / "blobs" / f.name)
+        (tmp_path / "snapshot" / f.name).symlink_to(Path("..") / "blobs" / f.name)
+    assert _delta_cli("apply", tmp_path / "snapshot", delta_file, tmp_path / "out") == 0
+    assert _files(tmp_path / "out") == _files(edited)
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+
+
 def test_delta_that_adds_parameters_is_refused(tmp_path):
     from massedit.edits.delta import ParameterAdditions
 

@@ -22,6 +22,7 @@ and computes every result once) before anything is written, so a refusal leaves 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import warnings
@@ -39,6 +40,8 @@ SAFETENSORS_SINGLE = "model.safetensors"
 DCP_METADATA = ".metadata"
 
 _COPY_BYTES = 1 << 20  # the one buffer verbatim byte copies go through
+_DCP_FILE = re.compile(r"^(\.metadata|.+\.distcp)$")
+_SAFETENSORS_FILE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
 
 
 class CheckpointError(ValueError):
@@ -56,25 +59,20 @@ class CheckpointEdit:
     tensor_names: dict[str, str]  # delta weight name -> the checkpoint's name for it
     shards: dict[str, list[str]]  # safetensors: shard file -> the delta weights it holds
 
-    def weight_files(self) -> list[str]:
-        """The files of the checkpoint's own format in `path` (the ones `write` rewrites or copies
-        as weights); every other file is copied as it is."""
-        return weight_files(self.path)
-
     def write(self, out) -> None:
-        """Write the edited (or reverted) checkpoint into the existing empty directory `out`."""
+        """Write the edited (or reverted) checkpoint into the existing empty directory `out`. Links
+        are followed (a Hugging Face cache snapshot links its files to blobs): `out` holds files."""
         out = Path(out)
-        saved_by_dcp = set(self.weight_files()) if self.format == "dcp" else set()
         for entry in sorted(self.path.iterdir()):
-            if entry.name in saved_by_dcp:
-                continue
+            if self.format == "dcp" and _DCP_FILE.match(entry.name):
+                continue  # written by dcp.save below
             if entry.name in self.shards:
                 _write_shard(entry, out / entry.name, {self.tensor_names[n]: n for n in self.shards[entry.name]},
                              self._result)
-            elif entry.is_dir() and not entry.is_symlink():
-                shutil.copytree(entry, out / entry.name, symlinks=True)
+            elif entry.is_dir():
+                shutil.copytree(entry, out / entry.name)
             else:
-                shutil.copy2(entry, out / entry.name, follow_symlinks=False)
+                shutil.copy2(entry, out / entry.name)
         if self.format == "dcp":
             _save_dcp(self, out)
 
@@ -93,11 +91,9 @@ class CheckpointEdit:
 
 
 def weight_files(path) -> list[str]:
-    """The names of the weight files of the checkpoint in `path`: safetensors shards and index, or
-    DCP's `.metadata` and `*.distcp` files."""
-    path = Path(path)
-    return sorted(p.name for p in path.iterdir()
-                  if p.name in (SAFETENSORS_INDEX, DCP_METADATA) or p.suffix in (".safetensors", ".distcp"))
+    """The names of the checkpoint weight files in directory `path` (model.safetensors, its shards
+    and index; DCP's .metadata and *.distcp): what a checkpoint written there supersedes."""
+    return sorted(p.name for p in Path(path).iterdir() if _SAFETENSORS_FILE.match(p.name) or _DCP_FILE.match(p.name))
 
 
 def prepare(checkpoint, delta: EditDelta, revert: bool = False) -> CheckpointEdit:
@@ -105,7 +101,7 @@ def prepare(checkpoint, delta: EditDelta, revert: bool = False) -> CheckpointEdi
     reading the weights it changes one at a time; CheckpointError, one line, when it cannot."""
     path = Path(checkpoint)
     if not path.is_dir():
-        raise CheckpointError(f"--checkpoint {path}: not a directory; give a checkpoint directory")
+        raise CheckpointError(f"{path}: not a directory; give a checkpoint directory")
     if delta.additions is not None:
         raise CheckpointError(
             f"{path}: this delta adds {len(delta.additions.parameters)} parameters (e.g. MEMAT's biases), which a "
@@ -115,19 +111,18 @@ def prepare(checkpoint, delta: EditDelta, revert: bool = False) -> CheckpointEdi
     if not records and revert:
         raise CheckpointError(f"{path}: the delta carries no apply record (it was never applied), which an exact "
                               "revert needs; nothing to revert")
-    _check_config(path, delta, records)
     if (path / SAFETENSORS_INDEX).is_file() or (path / SAFETENSORS_SINGLE).is_file():
-        fmt, where = "safetensors", _safetensors_layout(path)
+        fmt, file_of = "safetensors", _safetensors_layout(path)
     elif (path / DCP_METADATA).is_file():
-        fmt, where = "dcp", {name: None for name in _dcp_metadata(path).state_dict_metadata}
+        fmt, file_of = "dcp", dict.fromkeys(_dcp_metadata(path).state_dict_metadata)
     else:
-        raise CheckpointError(f"--checkpoint {path}: holds no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or DCP "
+        raise CheckpointError(f"{path}: holds no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or DCP "
                               f"{DCP_METADATA}; give a Hugging Face or torch.distributed.checkpoint directory")
-    names = _match_names(path, [wd.name for wd in delta.weights], list(where))
+    _check_config(path, delta, records)
+    names = _match_names(path, [wd.name for wd in delta.weights], list(file_of))
     shards: dict[str, list[str]] = {}
-    for wd in delta.weights:
-        if fmt == "safetensors":
-            shards.setdefault(where[names[wd.name]], []).append(wd.name)
+    for wd in delta.weights if fmt == "safetensors" else ():
+        shards.setdefault(file_of[names[wd.name]], []).append(wd.name)
     edit = CheckpointEdit(path, delta, revert, fmt, names, shards)
     for name, w in _stored(edit):
         _check_identity(edit, name, w)
@@ -182,8 +177,8 @@ def _check_identity(edit: CheckpointEdit, name: str, w: torch.Tensor) -> None:
             return
         if digest == after:
             raise CheckpointError(f"{where} already holds this delta's edited weights: the delta is already applied")
-    raise CheckpointError(f"{where} matches neither the base nor the edited weights the delta recorded: another "
-                          f"model's checkpoint, or trained since ({w.dtype})")
+    raise CheckpointError(f"{where} ({w.dtype}) matches neither the base nor the edited weights the delta recorded: "
+                          "another model's checkpoint, or trained since")
 
 
 def _match_names(path: Path, wanted: list[str], present: list[str]) -> dict[str, str]:
