@@ -5,6 +5,7 @@ import warnings
 import pytest
 
 import massedit.inputs.tokens as tokens
+from massedit.inputs.records import case_id_of, load_records
 from massedit.inputs.requests import EditRequest, RequestError, load_requests, parse_records, validate_requests
 from tiny import make_tokenizer
 
@@ -98,6 +99,31 @@ def test_zsre_subject_twice_replaces_first():
     rec = dict(ZSRE[0], src="Watts Humphrey and Watts Humphrey?")
     (r,) = parse_records([rec], "mem")
     assert r.prompt == "{} and Watts Humphrey?" and r.text() == rec["src"]
+
+
+def test_requests_and_evaluation_read_records_by_one_schema(tmp_path):
+    """massedit.inputs.records: the edit and the evaluation accept and refuse the same records."""
+    # a zsRE record without "answers" is zsRE still; EasyEdit's mapping edits it toward "alt"
+    p = write(tmp_path, "alt.json", [{k: v for k, v in ZSRE[0].items() if k != "answers"}])
+    (req,) = load_requests(p, zsre_target="alt")
+    assert req.target_new == "University of Michigan" and req.target_true is None
+    assert load_records(p)[0] == "zsre"
+    # a CounterFact record without case_id is numbered by its index, as evaluation numbers it
+    cf = json.loads(json.dumps(CF))
+    del cf[1]["case_id"]
+    assert load_requests(write(tmp_path, "ids.json", cf))[1].case_id == 1 == case_id_of(cf[1], 1)
+    # malformed records: the same one-line error from both
+    for field, change in (("neighborhood_prompts[1]", lambda r: r.__setitem__("neighborhood_prompts", ["a", 7])),
+                          ("requested_rewrite.target_true", lambda r: r["requested_rewrite"].pop("target_true"))):
+        cf = json.loads(json.dumps(CF))
+        change(cf[1])
+        p = write(tmp_path, "bad.json", cf)
+        with pytest.raises(RequestError) as edit_err:
+            load_requests(p)
+        with pytest.raises(RequestError) as eval_err:
+            load_records(p)
+        assert str(edit_err.value) == str(eval_err.value)
+        assert_names(edit_err, "bad.json", "record 1", f'field "{field}"')
 
 
 def test_simple_json_jsonl_csv(tmp_path):

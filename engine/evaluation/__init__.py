@@ -15,7 +15,7 @@ from massedit.evaluation.aggregate import aggregate as _aggregate
 from massedit.evaluation.aggregate import summary
 from massedit.evaluation.counterfact import CF_METRICS, GEN_METRICS, evaluate_counterfact
 from massedit.evaluation.zsre import ZSRE_METRICS, evaluate_zsre
-from massedit.inputs.records import check_records, rewrite
+from massedit.inputs.records import case_id_of, check_records
 from massedit.model.quantized import cpu_repacking_off
 
 __all__ = ["evaluate", "summary"]
@@ -38,15 +38,15 @@ def evaluate(model, tok, records: list, kind: str = "auto", batch_size: int = 64
             isinstance(v, list) and all(isinstance(t, str) for t in v) for v in reference_texts.values()
         ):
             raise ValueError("reference_texts must be a dict {object: [texts]}")
-    cases = [(rewrite(rec, kind, f"{source}, record {i}", i, zsre_target), rec) for i, rec in enumerate(records)]
+    cases = [(case_id_of(rec, i), rec) for i, rec in enumerate(records)]
     if case_ids is not None:
         wanted = list(dict.fromkeys(case_ids))
-        present = {rw.case_id for rw, _ in cases}
+        present = {cid for cid, _ in cases}
         missing = [c for c in wanted if c not in present]
         if missing:
             raise ValueError(f"{source}: case ids not found: {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
         keep = set(wanted)
-        cases = [(rw, rec) for rw, rec in cases if rw.case_id in keep]
+        cases = [(cid, rec) for cid, rec in cases if cid in keep]
 
     notes: list[str] = []
     # Evaluating before an edit (edit --eval, demo) must leave a 4-bit model editable.
@@ -57,7 +57,7 @@ def evaluate(model, tok, records: list, kind: str = "auto", batch_size: int = 64
             names = CF_METRICS + (GEN_METRICS if generation else ())
             composite = ("S", ("ES", "PS", "NS"))
         else:
-            per_case = evaluate_zsre(model, tok, cases, batch_size)
+            per_case = evaluate_zsre(model, tok, cases, batch_size, zsre_target)
             names, composite = ZSRE_METRICS, ("score", ZSRE_METRICS)
 
     by_relation = {}

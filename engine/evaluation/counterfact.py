@@ -21,14 +21,14 @@ Conventions (and what the reference, kmeng01/memit, does):
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from massedit.evaluation.scoring import score_continuations
 from massedit.evaluation.text import Tfidf, generate_texts, n_gram_entropy
 from massedit.inputs import tokens as T
-from massedit.inputs.records import Rewrite
+from massedit.inputs.records import Rewrite, rewrite
 
 CF_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
 GEN_METRICS = ("GE", "RS")
@@ -46,15 +46,17 @@ def _mean_or_none(values: list[float]) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
-def evaluate_counterfact(model, tok, cases: Sequence[tuple[Rewrite, dict]], batch_size: int, generation: bool,
-                         reference_texts: Optional[dict], gen_opts: dict, notes: list[str]) -> list[dict]:
-    """Per-case metrics of checked CounterFact records, each with its rewrite; notes are appended to `notes`."""
+def evaluate_counterfact(model, tok, cases: Sequence[tuple[Union[int, str], dict]], batch_size: int,
+                         generation: bool, reference_texts: Optional[dict], gen_opts: dict,
+                         notes: list[str]) -> list[dict]:
+    """Per-case metrics of checked CounterFact records (case id, record); notes are appended to `notes`."""
     prepared = []
     pairs = []
-    for rw, rec in cases:
+    for case_id, rec in cases:
+        rw = rewrite(rec, "counterfact", f"case {case_id}")
         new, true = rw.target_new, rw.target_true
         prompts = _cf_prompts(rw, rec)
-        prepared.append((rw.case_id, rec, new, true, prompts))
+        prepared.append((case_id, rec, new, true, prompts))
         for group in prompts.values():
             for p in group:
                 pairs.extend([(p, new), (p, true)])

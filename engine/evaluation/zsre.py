@@ -12,12 +12,12 @@ Convention (and what the reference, kmeng01/memit, does):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 
 from massedit.evaluation.scoring import score_continuations
-from massedit.inputs.records import Rewrite
+from massedit.inputs.records import zsre_targets
 
 ZSRE_METRICS = ("efficacy", "paraphrase", "specificity")
 
@@ -26,11 +26,12 @@ def _loc_prompt(loc: str) -> str:
     return loc if loc.endswith("?") else loc + "?"
 
 
-def evaluate_zsre(model, tok, cases: Sequence[tuple[Rewrite, dict]], batch_size: int) -> list[dict]:
-    """Per-case metrics of checked zsRE records, each with its rewrite (whose target_new is scored)."""
+def evaluate_zsre(model, tok, cases: Sequence[tuple[Union[int, str], dict]], batch_size: int,
+                  zsre_target: str) -> list[dict]:
+    """Per-case metrics of checked zsRE records (case id, record); `zsre_target` chooses the target."""
     prepared, pairs = [], []
-    for rw, rec in cases:
-        case_id, target = rw.case_id, rw.target_new
+    for case_id, rec in cases:
+        target, _ = zsre_targets(rec, zsre_target)
         groups = {"efficacy": [(rec["src"], target)]}
         groups["paraphrase"] = [(rec["rephrase"], target)] if rec.get("rephrase") else []
         groups["specificity"] = [(_loc_prompt(rec["loc"]), rec["loc_ans"])] if rec.get("loc") else []

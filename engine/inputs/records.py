@@ -42,6 +42,7 @@ __all__ = [
     "check_list",
     "check_records",
     "rewrite",
+    "zsre_targets",
     "read_text",
     "read_json_list",
     "load_records",
@@ -242,9 +243,14 @@ def _zsre(record: dict, source: str, index: int, zsre_target: str) -> Rewrite:
     if prompt.count("{}") != 1:
         raise RequestError(f'{where(source, "src")}: the question already contains "{{}}"; remove the braces '
                            f"from {question!r}")
+    return Rewrite(subject, prompt, *zsre_targets(record, zsre_target), case_id_of(record, index))
+
+
+def zsre_targets(record: dict, zsre_target: str) -> tuple[str, Optional[str]]:
+    """(target_new, target_true) of a checked zsRE record: MEMIT's mapping ("answers":
+    answers[0], none) or EasyEdit's ("alt": alt, answers[0] when given)."""
     first = record["answers"][0] if record.get("answers") else None
-    new, true = (first, None) if zsre_target == "answers" else (record["alt"], first)
-    return Rewrite(subject, prompt, new, true, case_id_of(record, index))
+    return (first, None) if zsre_target == "answers" else (record["alt"], first)
 
 
 def _check_zsre_target(zsre_target: str) -> None:
