@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     package_dir=PACKAGE_DIR,
     packages=PACKAGES,
-    package_data={"massedit.world": ["prebuilt/*.tar.xz"]},
+    package_data={"massedit.world": ["prebuilt/*.tar.xz"], "massedit.hparams": ["presets/*.json"]},
     install_requires=[
         "torch>=2.1",
         # Upper bound: the newest version the test suite passed on (README, "Install", says how to try a newer one).

@@ -159,6 +159,28 @@ def test_in_place_with_force_swaps_the_directory_whole(applied, tmp_path, capsys
     assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
 
 
+def test_failure_mid_write_leaves_the_checkpoint_as_it_was(applied, tmp_path, monkeypatch):
+    import massedit.edits.checkpoint as checkpoint_mod
+
+    base, delta_file, _ = applied
+    shutil.copytree(base, tmp_path / "work")
+    original = _files(tmp_path / "work")
+    write_shard, calls = checkpoint_mod._write_shard, []
+
+    def dies_on_the_second_shard(*args):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C would, after one shard was written
+        write_shard(*args)
+
+    monkeypatch.setattr(checkpoint_mod, "_write_shard", dies_on_the_second_shard)
+    assert _delta_cli("apply", tmp_path / "work", delta_file, tmp_path / "work", "--force") == 130
+    calls.clear()
+    assert _delta_cli("apply", base, delta_file, tmp_path / "new") == 130
+    assert _files(tmp_path / "work") == original and not (tmp_path / "new").exists()
+    assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
+
+
 def test_refusals_of_the_library(applied, tmp_path, monkeypatch):
     base, delta_file, edited = applied
     model, _ = make_model("gpt2")

@@ -119,7 +119,7 @@ def test_reference_memit_json(tmp_path):
     hp = MEMITHyperParams.from_file(p)
     assert hp.layers == [3, 4, 5, 6, 7, 8] and hp.v_lr == 0.5 and hp.v_num_grad_steps == 25
     assert hp.mom2_update_weight == 15000 and hp.rewrite_module_tmp == "transformer.h.{}.mlp.fc_out"
-    assert hp.extras == {} and hp.z_layer == 8 and hp.loss_layer(28) == 27
+    assert hp.extras == {} and max(hp.layers) == 8 and hp.v_loss_layer == 27
     assert hp.module_overrides()["lm_head_module"] == "lm_head"
     # the reference file is the GPT-J preset plus explicit module paths
     assert hp.replace(**{k: None for k in hp.module_overrides()}) == preset("gpt-j-6b")

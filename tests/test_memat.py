@@ -14,8 +14,8 @@ from massedit import MassEditor
 from massedit.model.arch import ModelLayout
 from massedit.edits.delta import HEADER_KEY, EditDelta, ParameterAdditions
 from massedit.methods.memat.heads import fold_into_bias, head_corrections, head_outputs
-from massedit.hparams import HParamsError, MEMITHyperParams
-from massedit.methods.memat.method import Memat
+from massedit.hparams import HParamsError
+from massedit.methods.memat.method import Memat, MematHyperParams
 from massedit.methods.memat.probes import fit_logistic
 from massedit.inputs.requests import RequestError
 
@@ -24,10 +24,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge", "ignore:.*n
 DOCS = ["the a of in is was plays sport", "Michael Jordan plays basketball.", "Paris London Berlin", "I you it"]
 
 
-def _hp(**changes) -> MEMITHyperParams:
+def _hp(**changes) -> MematHyperParams:
     values = dict(layers=[1], v_num_grad_steps=25, clamp_norm_factor=10, mom2_n_samples=4, mom2_update_weight=1.0,
                   memat_top_k=4, memat_batch_size=4, memat_epochs=2)
-    return MEMITHyperParams(**{**values, **changes})
+    return MematHyperParams(**{**values, **changes})
 
 
 def _requests(n: int = 8):

@@ -8,15 +8,20 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import (
     FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTJConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    OlmoConfig,
     OPTConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from massedit.model.loading import dtype_kwargs
@@ -90,6 +95,12 @@ def _configs(vocab: int) -> dict:
         "mistral": MistralConfig(**llama_like),
         "qwen2": Qwen2Config(**llama_like),
         "gemma": GemmaConfig(**llama_like, head_dim=8),
+        "qwen3": Qwen3Config(**llama_like, head_dim=8),
+        # Gemma 2 / 3 and OLMo 2 normalize the MLP's output before the residual (post_feedforward_layernorm).
+        "gemma2": Gemma2Config(**llama_like, head_dim=8, query_pre_attn_scalar=8),
+        "gemma3_text": Gemma3TextConfig(**llama_like, head_dim=8, query_pre_attn_scalar=8),
+        "olmo": OlmoConfig(**llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "olmo2": Olmo2Config(**llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         "phi3": Phi3Config(**llama_like, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         "falcon": FalconConfig(vocab_size=vocab, num_hidden_layers=layers, hidden_size=d, num_attention_heads=heads,
                                new_decoder_architecture=False, multi_query=True, bos_token_id=0, eos_token_id=0),
@@ -100,7 +111,7 @@ def _configs(vocab: int) -> dict:
 
 
 MODEL_TYPES = tuple(_configs(10))
-SENTENCEPIECE_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3")
+SENTENCEPIECE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3")
 
 
 def make_model(model_type: str = "gpt2", tok=None, seed: int = 0, dtype=torch.float32):

@@ -166,7 +166,8 @@ def run(args) -> int:
     if not world.main:
         parallel.barrier()  # returns once rank 0 has written OUT
         return 0
-    report = {**result.report(), "hparams": editor.hp.to_dict()}  # the settings that made the delta, for reruns
+    # the settings that made the delta (the method's own keys included), for reruns
+    report = {**result.report(), "hparams": method.hparams(editor).to_dict()}
     if records:
         report["metrics"] = {"pre": pre, "post": summary(evaluate(model, tok, records, zsre_target=args.zsre_target))}
     t0 = time.perf_counter()

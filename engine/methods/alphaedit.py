@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,11 +34,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from massedit.hparams import MEMITHyperParams, above, at_least, hparam
+from massedit.hparams.keys import checked
 from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
 from massedit.compute.stats import stats_file
 
 _HEADER_KEY = "massedit.nullspace"
+
+
+@dataclass
+class AlphaEditHyperParams(MEMITHyperParams):
+    """MEMIT's keys and AlphaEdit's own, under the key names of its public hparams files, with their values."""
+
+    # eigenvalues of C below it span the null space updates go to
+    nullspace_threshold: float = hparam(2e-2, check=above(0, "AlphaEdit projects onto the eigenvectors of C with "
+                                                               "eigenvalues below it; its public files use 2e-2"))
+    # weight of the identity term in AlphaEdit's solve
+    L2: float = hparam(10.0, check=at_least(0, "AlphaEdit's regularizer; its public files use 10"))
 
 
 def null_space_basis(cov: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -110,6 +124,7 @@ def cached_basis(stats_path: Optional[Path], cov: torch.Tensor, threshold: float
 @register_method
 class AlphaEdit(Memit):
     name = "alphaedit"
+    hparams_class = AlphaEditHyperParams
     preserves_keys = True
     shards_requests = False
 
@@ -118,17 +133,17 @@ class AlphaEdit(Memit):
         """nullspace_threshold and l2 default to the editor's hparams (keys "nullspace_threshold" and
         "L2", as in AlphaEdit's own hparams files)."""
         super().__init__(serial_z)
-        if (nullspace_threshold is not None and nullspace_threshold <= 0) or (l2 is not None and l2 < 0):
-            raise ValueError(f"AlphaEdit needs nullspace_threshold > 0 and l2 >= 0, got {nullspace_threshold}, {l2}")
-        self.threshold = None if nullspace_threshold is None else float(nullspace_threshold)
-        self.l2 = None if l2 is None else float(l2)
+        given = {k: v for k, v in (("nullspace_threshold", nullspace_threshold), ("L2", l2)) if v is not None}
+        given = checked(AlphaEditHyperParams, given, "AlphaEdit()")
+        self.threshold, self.l2 = given.get("nullspace_threshold"), given.get("L2")
         self._projectors: dict[tuple[int, float], torch.Tensor] = {}
         self._editor = None
 
     def settings(self, editor) -> tuple[float, float]:
         """(nullspace_threshold, L2) this method uses with `editor`."""
-        return (self.threshold if self.threshold is not None else editor.hp.nullspace_threshold,
-                self.l2 if self.l2 is not None else editor.hp.L2)
+        hp = self.hparams(editor)
+        return (hp.nullspace_threshold if self.threshold is None else self.threshold,
+                hp.L2 if self.l2 is None else self.l2)
 
     def projectors(self, editor) -> dict[int, torch.Tensor]:
         """P per edited layer, on the layer's covariance device (computed once per editor, layer and

@@ -7,6 +7,7 @@ from typing import ClassVar, Optional, Sequence
 import torch
 
 from massedit.edits.delta import WeightDelta
+from massedit.hparams import MEMITHyperParams, register_hparams
 from massedit.inputs.requests import EditRequest
 from massedit.compute.targets import ZResult
 
@@ -14,8 +15,10 @@ from massedit.compute.targets import ZResult
 class EditMethod(ABC):
     """Turns validated requests into weight deltas on an editor's model, leaving the model unchanged.
 
-    `name` is the registry key (`--method` on the CLI); `hparams_family` is the preset family
-    `default_for` uses for it ("memit" or "rome"). `preserves_keys`: the method's solves use the keys
+    `name` is the registry key (`--method` on the CLI); `hparams_class` declares its hyperparameter
+    keys (MEMITHyperParams, or a dataclass subclass of it adding the method's own keys, which hparams
+    files may then carry); `hparams_family` is the preset family `default_for` uses for it ("memit"
+    or "rome"). `preserves_keys`: the method's solves use the keys
     of earlier rounds (`preserved`, per layer K_p K_pᵀ), so sequential editing collects them.
     `shards_requests`: it runs under torch.distributed, each rank taking a share of the requests
     (massedit.model.parallel); the others are refused with several processes. `edits_in_rounds`: it may
@@ -23,6 +26,7 @@ class EditMethod(ABC):
     """
 
     name: ClassVar[str]
+    hparams_class: ClassVar[type[MEMITHyperParams]] = MEMITHyperParams
     hparams_family: ClassVar[str] = "memit"
     preserves_keys: ClassVar[bool] = False
     shards_requests: ClassVar[bool] = False
@@ -30,6 +34,11 @@ class EditMethod(ABC):
 
     def check(self, hp) -> None:
         """Raise a one-line error for hparams this method cannot use, before any work."""
+
+    def hparams(self, editor) -> MEMITHyperParams:
+        """The editor's hparams as this method's `hparams_class` (its own keys at their defaults where
+        the editor's hparams lack them)."""
+        return self.hparams_class.from_hparams(editor.hp)
 
     @classmethod
     def add_arguments(cls, parser) -> list[str]:
@@ -74,12 +83,14 @@ METHODS: dict[str, type[EditMethod]] = {}
 
 
 def register_method(cls: type[EditMethod]) -> type[EditMethod]:
-    """Class decorator: make `cls` available as `cls.name` to MassEditor.edit and the CLI."""
+    """Class decorator: make `cls` available as `cls.name` to MassEditor.edit and the CLI, and the keys
+    of its `hparams_class` to hparams files."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name` to be registered")
     if name in METHODS and METHODS[name] is not cls:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].__name__})")
+    register_hparams(name, cls.hparams_class)
     METHODS[name] = cls
     return cls
 

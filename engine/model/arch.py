@@ -1,10 +1,12 @@
 """Architecture registry: the one place that knows where things live inside each model family.
 
 Every other module asks a `ModelLayout` for blocks, rewrite modules (MLP down projections), the
-final norm and the LM head; nothing else branches on `model_type`.
+final norm and the LM head; nothing else branches on `model_type`. `REGISTRY` has one entry per
+`model_type`, each naming its family: a family whose MLP ends in one down projection is one line
+there (e.g. ``"qwen3": _LLAMA_BIASED``).
 
 The key of a layer is the *input* of its rewrite module, read with a forward pre-hook. For gated
-MLPs (Llama, Mistral, Qwen2, Gemma, Phi-3) that input already is act(gate(x)) * up(x), so one rule
+MLPs (Llama, Mistral, Qwen2/3, Gemma 1-3, OLMo 1-2, Phi-3) that input already is act(gate(x)) * up(x), so one rule
 serves every family.
 
 Attention heads (MEMAT) are read the same way: the input of the attention output projection is
@@ -33,6 +35,9 @@ class UnsupportedModelError(ValueError):
 class ArchSpec:
     """Module paths of one model family, in the reference hparams' template style."""
 
+    # Which family the entry belongs to; default hyperparameters are chosen per family
+    # (massedit.hparams.defaults: "llama-like" gets EasyEdit's Llama values).
+    family: str
     layer_module_tmp: str  # a transformer block, e.g. "transformer.h.{}"
     rewrite_module_tmp: str  # the MLP down projection, e.g. "transformer.h.{}.mlp.c_proj"
     ln_f_module: str  # final norm before the LM head
@@ -48,9 +53,14 @@ class ArchSpec:
     # The config flag that makes the family build (and from_pretrained load) a bias on the
     # attention output projection, where it has none by default; None: no such flag.
     attn_bias_flag: Optional[str] = None
+    # A norm applied to the MLP's output before it joins the residual stream (Gemma 2 / 3 and
+    # OLMo 2's post_feedforward_layernorm), so the rewrite module's output reaches the residual
+    # only through it; "" where the MLP output is added as it is.
+    mlp_output_norm: str = ""
 
 
 _LLAMA_LIKE = ArchSpec(
+    family="llama-like",
     layer_module_tmp="model.layers.{}",
     rewrite_module_tmp="model.layers.{}.mlp.down_proj",
     ln_f_module="model.norm",
@@ -59,9 +69,15 @@ _LLAMA_LIKE = ArchSpec(
     attn_out_module_tmp="model.layers.{}.self_attn.o_proj",
     mlp_module_tmp="model.layers.{}.mlp",
 )
+# `attention_bias` gives q/k/v/o_proj biases; Mistral, Qwen2 and Phi-3 have no flag for o_proj's.
+_LLAMA_BIASED = dataclasses.replace(_LLAMA_LIKE, attn_bias_flag="attention_bias")
+_POST_FFN_NORM = "model.layers.{}.post_feedforward_layernorm"
 
+# One line per model_type (transformers' config.model_type). Not here: Mixtral and other
+# mixture-of-experts models, whose MLP is several experts' down projections, not one.
 REGISTRY: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
+        family="gpt2",
         layer_module_tmp="transformer.h.{}",
         rewrite_module_tmp="transformer.h.{}.mlp.c_proj",
         ln_f_module="transformer.ln_f",
@@ -71,6 +87,7 @@ REGISTRY: dict[str, ArchSpec] = {
         mlp_module_tmp="transformer.h.{}.mlp",
     ),
     "gptj": ArchSpec(
+        family="gptj",
         layer_module_tmp="transformer.h.{}",
         rewrite_module_tmp="transformer.h.{}.mlp.fc_out",
         ln_f_module="transformer.ln_f",
@@ -80,6 +97,7 @@ REGISTRY: dict[str, ArchSpec] = {
         mlp_module_tmp="transformer.h.{}.mlp",
     ),
     "gpt_neox": ArchSpec(
+        family="gpt-neox",
         layer_module_tmp="gpt_neox.layers.{}",
         rewrite_module_tmp="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         ln_f_module="gpt_neox.final_layer_norm",
@@ -88,21 +106,18 @@ REGISTRY: dict[str, ArchSpec] = {
         attn_out_module_tmp="gpt_neox.layers.{}.attention.dense",
         mlp_module_tmp="gpt_neox.layers.{}.mlp",
     ),
-    # `attention_bias` gives q/k/v/o_proj biases; Mistral and Qwen2 have no flag for o_proj's.
-    "llama": dataclasses.replace(_LLAMA_LIKE, attn_bias_flag="attention_bias"),
+    "llama": _LLAMA_BIASED,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "gemma": dataclasses.replace(_LLAMA_LIKE, attn_bias_flag="attention_bias"),
-    "phi3": ArchSpec(
-        layer_module_tmp="model.layers.{}",
-        rewrite_module_tmp="model.layers.{}.mlp.down_proj",
-        ln_f_module="model.norm",
-        lm_head_module="lm_head",
-        attn_module_tmp="model.layers.{}.self_attn",
-        attn_out_module_tmp="model.layers.{}.self_attn.o_proj",
-        mlp_module_tmp="model.layers.{}.mlp",
-    ),
+    "qwen3": _LLAMA_BIASED,
+    "gemma": _LLAMA_BIASED,
+    "gemma2": dataclasses.replace(_LLAMA_BIASED, mlp_output_norm=_POST_FFN_NORM),
+    "gemma3_text": dataclasses.replace(_LLAMA_BIASED, mlp_output_norm=_POST_FFN_NORM),
+    "olmo": _LLAMA_BIASED,
+    "olmo2": dataclasses.replace(_LLAMA_BIASED, mlp_output_norm=_POST_FFN_NORM),
+    "phi3": _LLAMA_LIKE,
     "falcon": ArchSpec(
+        family="falcon",
         layer_module_tmp="transformer.h.{}",
         rewrite_module_tmp="transformer.h.{}.mlp.dense_4h_to_h",
         ln_f_module="transformer.ln_f",
@@ -113,6 +128,7 @@ REGISTRY: dict[str, ArchSpec] = {
         attn_bias_flag="bias",  # gives every linear layer a bias
     ),
     "opt": ArchSpec(
+        family="opt",
         layer_module_tmp="model.decoder.layers.{}",
         rewrite_module_tmp="model.decoder.layers.{}.fc2",
         ln_f_module="model.decoder.final_layer_norm",
@@ -124,15 +140,19 @@ REGISTRY: dict[str, ArchSpec] = {
     ),
 }
 
-_OVERRIDE_KEYS = ("layer_module_tmp", "rewrite_module_tmp", "ln_f_module", "lm_head_module")
+# Module paths an hparams file may set (its keys of the same names); the first four are needed
+# to edit a model_type that is not in the table.
+OVERRIDE_KEYS = ("layer_module_tmp", "rewrite_module_tmp", "ln_f_module", "lm_head_module", "mlp_module_tmp",
+                 "attn_module_tmp")
+_REQUIRED_KEYS = OVERRIDE_KEYS[:4]
 
 
 def spec_for(model_type: str, overrides: Optional[dict] = None) -> ArchSpec:
-    """The registry entry for `model_type`, with module paths from hparams taking precedence."""
-    overrides = {k: v for k, v in (overrides or {}).items() if k in _OVERRIDE_KEYS and v}
+    """The table's entry for `model_type`, with module paths from hparams taking precedence."""
+    overrides = {k: v for k, v in (overrides or {}).items() if k in OVERRIDE_KEYS and v}
     base = REGISTRY.get(model_type)
     if base is None:
-        missing = [k for k in _OVERRIDE_KEYS if k not in overrides]
+        missing = [k for k in _REQUIRED_KEYS if k not in overrides]
         if missing:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not in massedit's architecture registry "
@@ -141,17 +161,8 @@ def spec_for(model_type: str, overrides: Optional[dict] = None) -> ArchSpec:
                 "rewrite_module_tmp='model.layers.{}.mlp.down_proj', ln_f_module='model.norm', "
                 "lm_head_module='lm_head')."
             )
-        return ArchSpec(
-            layer_module_tmp=overrides["layer_module_tmp"],
-            rewrite_module_tmp=overrides["rewrite_module_tmp"],
-            ln_f_module=overrides["ln_f_module"],
-            lm_head_module=overrides["lm_head_module"],
-            attn_module_tmp="",
-            attn_out_module_tmp="",
-        )
-    fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
-    fields.update(overrides)
-    return ArchSpec(**fields)
+        return ArchSpec(**{"family": "", "attn_module_tmp": "", "attn_out_module_tmp": "", **overrides})
+    return dataclasses.replace(base, **overrides)
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
