@@ -215,10 +215,9 @@ def _stored(edit: CheckpointEdit) -> Iterator[tuple[str, torch.Tensor]]:
 def _safetensors_header(file: Path) -> tuple[int, dict]:
     """(bytes before the data, the header): a u64 little-endian length, then that many bytes of JSON."""
     with open(file, "rb") as f:
-        raw = f.read(8)
         try:
-            (n,) = struct.unpack("<Q", raw)
-            header = json.loads(f.read(n))
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n <= file.stat().st_size - 8 else None
         except (struct.error, ValueError):
             header = None
     if not isinstance(header, dict):
@@ -238,8 +237,10 @@ def _safetensors_layout(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: not an index (JSON with a 'weight_map' object); restore it") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: 'weight_map' is not an object; restore it")
-    for shard in sorted(set(weight_map.values())):
-        if not (path / str(shard)).is_file():
+    for shard in sorted(set(map(str, weight_map.values()))):
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index}: names the shard {shard!r}, not a file beside the index; restore the index")
+        if not (path / shard).is_file():
             raise CheckpointError(f"{index}: names the shard {shard}, which is missing from {path}")
     return weight_map
 
