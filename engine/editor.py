@@ -161,6 +161,8 @@ class MassEditor:
         return cls(model, tok, hparams, **editor_kwargs)
 
     def context_templates(self) -> ContextTemplates:
+        """The context templates every edit of this editor uses: those given, else generated once
+        from the model (and cached)."""
         if self._templates is None:
             # Sampled on rank 0 and sent to the others: the same seed need not sample the same
             # text on other hardware, and every rank must edit with the same templates.
@@ -168,6 +170,11 @@ class MassEditor:
                 self._templates = parallel.from_main(
                     lambda: generate_templates(self.model, self.tok, self.hp.context_template_plan(), self.seed))
         return self._templates
+
+    def set_context_templates(self, templates: ContextTemplates) -> None:
+        """Edit with `templates` from now on (checked as the constructor checks them): e.g. those a
+        ledger recorded in its first round, or one set shared by several editors."""
+        self._templates = validate_templates(templates)
 
     def solvers(self) -> dict[int, Optional[LayerSolver]]:
         """Factors of λC per edited layer (cached here), from covariances of the unedited model (cached on disk).
@@ -184,9 +191,14 @@ class MassEditor:
             main = parallel.world().main
             for l in missing:
                 mom2, count = sums.pop(l)
-                self._solvers[l] = self._make_solver(l, mom2, count) if main else None
+                self._solvers[l] = self.make_solver(l, mom2, count) if main else None
                 del mom2
         return self._solvers
+
+    def use_solvers(self, solvers: dict[int, Optional[LayerSolver]]) -> None:
+        """Take these factors for their layers instead of building them from statistics: e.g.
+        another editor's of the same model, or ones built with `make_solver` on a known covariance."""
+        self._solvers.update(solvers)
 
     def covariances(self) -> dict[int, torch.Tensor]:
         """C^l = E[k kᵀ] (float64, host) per edited layer, read again from the statistics (cached on disk),
@@ -196,8 +208,9 @@ class MassEditor:
                                      self.corpus, self.progress, self._explicit_name)
         return {l: mom2.double() / count for l, (mom2, count) in sums.items()}
 
-    def _make_solver(self, layer: int, cov: torch.Tensor, count: int = 1) -> LayerSolver:
-        """The solver of `layer` for C = cov / count, placed and typed as this editor's solve options say."""
+    def make_solver(self, layer: int, cov: torch.Tensor, count: int = 1) -> LayerSolver:
+        """The solver of `layer` for C = cov / count (factoring λC, λ = mom2_update_weight), placed and
+        typed as this editor's solve options say; not cached (see `use_solvers`)."""
         compute = execution_device(self.layout.rewrite_module(layer))
         keep = compute if self.solve_device == "layer" else self.solve_device
         return LayerSolver(cov, self.hp.mom2_update_weight, layer, count=count, dtype=SOLVE_DTYPES[self.solve_dtype],
@@ -228,7 +241,8 @@ class MassEditor:
         # A composed text can tokenize a little longer than its parts, and generated templates end in ". ".
         return self.layout.context_length - reserve - TEMPLATE_SLACK
 
-    def edit(self, requests, method: str = "memit", batch_size: Optional[int] = None, apply: bool = True) -> EditResult:
+    def edit(self, requests, method: Union[str, EditMethod] = "memit", batch_size: Optional[int] = None,
+             apply: bool = True, *, preserved: Optional[dict[int, torch.Tensor]] = None) -> EditResult:
         """Edit `requests` (EditRequest objects or dicts) into the model.
 
         Every stage runs in eval mode without parameter gradients; the model's own mode and
@@ -238,13 +252,15 @@ class MassEditor:
         Under torch.distributed (torchrun, accelerate launch) every rank calls this with the same
         requests: z and keys are computed for each rank's share and gathered (massedit.solve.spread,
         massedit.compute.targets), and every rank returns the same delta and applies it.
+
+        `preserved`: per edited layer, the earlier rounds' K_p K_pᵀ, for methods that keep them
+        (massedit.edits.sequential passes it).
         """
         with frozen_eval(self.model):
-            return self._edit(requests, method, batch_size, apply)
+            return self._edit(requests, method, batch_size, apply, preserved)
 
     def _edit(self, requests, method: Union[str, EditMethod], batch_size: Optional[int], apply: bool,
-              preserved: Optional[dict[int, torch.Tensor]] = None) -> EditResult:
-        """`preserved`: per layer, the earlier rounds' K_p K_pᵀ, for methods that keep them (massedit.edits.sequential)."""
+              preserved: Optional[dict[int, torch.Tensor]]) -> EditResult:
         impl = check_method(method)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):

@@ -186,3 +186,91 @@ def test_cache_is_passed_under_the_keyword_the_forward_takes(keyword):
     assert prefix.reuse_prefix
     reqs = _requests("middle")
     assert _rel(prefix.optimize(reqs, 5, False).z, plain.optimize(reqs, 5, False).z) <= 1e-4
+
+
+# ------------------------------------------------------------------ the probe on real-scale logits
+
+
+def _real_scale(model_type: str, dtype, peak: float = 30.0):
+    """A tiny model as deep as SmolLM2-135M (30 layers) with its LM head scaled so that the probe's
+    logits reach ±peak, as a real model's do (SmolLM2-135M: 31.5); tied embeddings keep their values."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny import dtype_kwargs
+
+    config = make_model(model_type)[0].config
+    config.num_hidden_layers = 30
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", **dtype_kwargs(dtype)).eval()
+    with torch.no_grad():
+        now = model(input_ids=torch.arange(1, 6)[None]).logits.abs().max().item()
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach() * (peak / now), requires_grad=False)
+    return model
+
+
+def _continuing(model, change):
+    """The model with each forward's keyword inputs and output passed through `change(kwargs,
+    cache_is_empty, run)`, `run(**kwargs)` being the real forward; calls without a cache pass."""
+    from massedit.compute.targets import cache_keyword
+
+    key, inner = cache_keyword(model), model.forward
+
+    def forward(**kwargs):
+        cache = kwargs.get(key)
+        if cache is None:
+            return inner(**kwargs)
+        return change(kwargs, cache.get_seq_length() == 0, inner)
+
+    forward.__signature__ = inspect.signature(inner)
+    model.forward = forward
+    return model
+
+
+def _layers_reversed(kwargs, empty, run):
+    """Continues from the prefix's keys/values with the layers in reverse order."""
+    from massedit.compute.targets import filled_cache, kv_pairs
+
+    if not empty:
+        key = next(k for k in kwargs if k in ("cache", "past_key_values"))
+        kwargs[key] = filled_cache(kv_pairs(kwargs[key])[::-1])
+    return run(**kwargs)
+
+
+def _prefix_at_wrong_positions(kwargs, empty, run):
+    """Records the prefix as if it stood three positions later."""
+    if empty:
+        kwargs["position_ids"] = kwargs["position_ids"] + 3
+    return run(**kwargs)
+
+
+def _float32_noise_of_smollm2(kwargs, empty, run):
+    """A correct cache whose continuation differs from the full forward by what float32 summation
+    order gave on SmolLM2-135M (1.44e-3 on logits up to 31.5): ±1.44e-3 on every logit."""
+    out = run(**kwargs)
+    if not empty:
+        sign = torch.randint(0, 2, out.logits.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        out.logits = out.logits + (1.44e-3 * sign).to(out.logits.dtype)
+    return out
+
+
+_PROBE_CASES = [(m, d, c, r) for m in ("llama", "gpt2") for d in (torch.float32, torch.bfloat16)
+                for c, r in ((None, True), (_float32_noise_of_smollm2, True), (_layers_reversed, False),
+                             (_prefix_at_wrong_positions, False))
+                # Shifting a rotary model's prefix by 3 positions moves these logits by 0.3 (2 units in
+                # the last place of bfloat16 at 30), 0.05 in float32 where rounding is 1e-5: a
+                # comparison of bfloat16 logits cannot tell that from rounding; float32 covers it.
+                if not (m == "llama" and d == torch.bfloat16 and c is _prefix_at_wrong_positions)]
+
+
+@pytest.mark.parametrize("model_type, dtype, cache, reused", _PROBE_CASES)
+def test_prefix_probe_tells_a_wrong_cache_from_rounding_at_real_logit_scale(model_type, dtype, cache, reused):
+    """Logits of a real model's scale (~30) and float32 rounding of the size measured on SmolLM2 keep
+    prefix reuse on (the former absolute 1e-3 tolerance turned it off); a cache read from the wrong
+    layers or recorded at the wrong positions turns it off, in float32 and in bfloat16."""
+    from massedit.compute.targets import supports_prefix_reuse
+
+    model = _real_scale(model_type, dtype)
+    if cache is not None:
+        model = _continuing(model, cache)
+    assert supports_prefix_reuse(model) is reused

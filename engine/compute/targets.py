@@ -1,4 +1,4 @@
-"""Target vectors z_i (DESIGN §2.2): batched optimization and the serial reference.
+"""Target vectors z_i (DESIGN §2.2): batched optimization, the serial baseline, and the z loop they share.
 
 For request i a vector δ_i is added to the output of block L at the subject token of each of its
 prompts (every context template + the target tokens but the last, and the KL prompt "{} is a").
@@ -6,6 +6,12 @@ Per-request loss = NLL of the target + kl_factor·KL(P_now ‖ P_init) at the KL
 token + v_weight_decay·‖δ_i‖/‖h_i‖². Requests are independent and Adam is elementwise, so the
 batched engine optimizes all δ_i of a chunk with the sum of their losses, freezes each request
 as soon as it stops, and clamps each δ_i on its own: the result equals the serial loop.
+
+`descend` is that loop for every method: Adam on δ clamped to a norm ball, weight decay, a KL
+term and an early stop (`Descent`), with the place δ is added and the prompts it is judged on
+left to an objective: block L's output (MEMIT, batched or one request at a time), the rewrite
+module's output (ROME, `site="mlp"`), or attention heads' outputs (MEMAT's ω,
+massedit.methods.memat.method).
 
 The KL term uses the same logits as the NLL (those of block `v_loss_layer`), which are the model's
 output logits whenever v_loss_layer is the last layer, as in every reference configuration.
@@ -17,7 +23,7 @@ import inspect
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -35,16 +41,29 @@ from massedit.inputs.tokens import Encoded, compose, encode_prompt, fill, pad, p
 KL_PROMPT = "{} is a"
 
 
-@dataclass(frozen=True)
-class ZSettings:
-    layer: int  # L: δ is added to this block's output
-    loss_layer: int
+@dataclass(frozen=True, kw_only=True)
+class Descent:
+    """How the z loop moves δ (`descend`).
+
+    Adam (lr) for at most num_grad_steps forwards. Each group of δ rows has one loss: NLL +
+    kl_factor·KL + weight_decay·(mean over its rows of ‖δ_r‖/‖s_r‖²), s_r the state row r is added
+    to; after each update row r is clamped to the ball of radius clamp_norm_factor·‖s_r‖. With an
+    early_stop_loss a group stops (no more updates) once its loss is below it, and every group at
+    the last forward, so at most num_grad_steps − 1 updates (the reference's z loop); with None
+    every forward is followed by an update (a fixed schedule: MEMAT's epochs)."""
+
     num_grad_steps: int
     lr: float
     weight_decay: float
     clamp_norm_factor: float
     kl_factor: float
-    early_stop_loss: float = 5e-2
+    early_stop_loss: Optional[float] = 5e-2
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZSettings(Descent):
+    layer: int  # L: δ is added to this block's output (ROME: to its rewrite module's output)
+    loss_layer: int
 
     @classmethod
     def from_hparams(cls, hp, layout: ModelLayout, layer: Optional[int] = None) -> "ZSettings":
@@ -186,7 +205,8 @@ def filled_cache(pairs) -> DynamicCache:
 
 
 class _PlainForward:
-    """Each step runs the whole model on every position (the reference's arithmetic)."""
+    """Each step runs the whole model on every position (the reference's arithmetic), δ added to
+    the optimizer's site (block L's output, or its rewrite module's output)."""
 
     def __init__(self, opt: "TargetOptimizer", chunk: PromptChunk):
         self.opt, self.chunk = opt, chunk
@@ -195,7 +215,7 @@ class _PlainForward:
         return _PlainForward(self.opt, chunk)
 
     def __call__(self, delta: torch.Tensor):
-        """(loss-block output, column offset of that output, block-L state at first-row subjects)."""
+        """(loss-block output, column offset of that output, the site's state at first-row subjects)."""
         chunk, store = self.chunk, {}
 
         def add_delta(h: torch.Tensor) -> torch.Tensor:
@@ -203,7 +223,7 @@ class _PlainForward:
             values = delta.to(h.device, h.dtype)[chunk.subj_req.to(h.device)]
             return h.index_put((chunk.subj_row.to(h.device), chunk.subj_col.to(h.device)), values, accumulate=True)
 
-        with edit_output(self.opt.block, add_delta), capture_outputs({"out": self.opt.loss_block}, store):
+        with edit_output(self.opt.site, add_delta), capture_outputs({"out": self.opt.loss_block}, store):
             run_until(self.opt.model, self.opt.loss_block, **chunk.batch.model_inputs())
         return store["out"], 0, store["h"]
 
@@ -310,12 +330,26 @@ def cache_inputs(model, cache) -> dict:
     return {cache_keyword(model): cache, "use_cache": True}
 
 
+# Continuing from a correct cache sums in another order than the full forward, so the logits differ
+# by rounding, which grows with their scale and the depth. Measured with the probe below in float32
+# (in units of eps·max|logit|·n_layers): SmolLM2-135M 13 (1.4e-3 on logits up to 31, which an
+# absolute 1e-3 tolerance took for a wrong cache), Gemma-3-270M 1.0, the tiny test models < 1; in
+# bfloat16 all of them continued bit-exactly.
+PREFIX_ROUNDING = 64
+# The rounding bound is loose in bfloat16 (eps 2^-7); a cache that is ignored or read from the wrong
+# layers also moves the logits by a good part of what dropping the prefix moves them.
+PREFIX_GAP_FRACTION = 0.05
+
+
 @torch.no_grad()
 def supports_prefix_reuse(model) -> bool:
     """Whether continuing from a DynamicCache built with `update` reproduces a full forward.
 
     Older transformers versions keep some families on legacy tuple caches; probing once per model
-    is more reliable than a version table."""
+    is more reliable than a version table. On a 5-token probe whose first 2 tokens are the prefix,
+    the continued logits must be within rounding of the full forward's (PREFIX_ROUNDING·eps of the
+    model's dtype·max|logit|·n_layers) and within PREFIX_GAP_FRACTION of how far the logits move
+    when the prefix is dropped, compared in float64."""
     if model in _PREFIX_SUPPORT:
         return _PREFIX_SUPPORT[model]
     device = input_device(model)
@@ -323,14 +357,19 @@ def supports_prefix_reuse(model) -> bool:
     mask = torch.ones_like(ids)
     positions = torch.arange(5, device=device)[None]
     try:
-        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        full = logits[:, 2:].double()
         cache = DynamicCache()
         model(input_ids=ids[:, :2], attention_mask=mask[:, :2], position_ids=positions[:, :2],
               **cache_inputs(model, cache))
         fresh = filled_cache(kv_pairs(cache))
         rest = model(input_ids=ids[:, 2:], attention_mask=mask, position_ids=positions[:, 2:],
-                     **cache_inputs(model, fresh)).logits
-        ok = torch.allclose(rest.float(), full[:, 2:].float(), rtol=1e-3, atol=1e-3)
+                     **cache_inputs(model, fresh)).logits.double()
+        alone = model(input_ids=ids[:, 2:], attention_mask=mask[:, 2:], position_ids=positions[:, 2:]).logits.double()
+        error, gap = (rest - full).abs().max(), (alone - full).abs().max()
+        depth = int(getattr(model.config.get_text_config(), "num_hidden_layers", 1))
+        rounding = PREFIX_ROUNDING * torch.finfo(logits.dtype).eps * full.abs().max() * depth
+        ok = bool(error <= torch.minimum(rounding, PREFIX_GAP_FRACTION * gap))
     except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError):
         ok = False
     _PREFIX_SUPPORT[model] = ok
@@ -341,26 +380,168 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def log_probs_at(layout: ModelLayout, out: torch.Tensor, chunk: PromptChunk, offset: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Log-probabilities from a loss-block output `out` (its columns start at `offset`) at the
+    chunk's label positions, then at its KL positions: [labels + requests, vocab]."""
+    dev = out.device
+    picked = torch.cat([out[chunk.lbl_row.to(dev), chunk.lbl_col.to(dev) - offset],
+                        out[chunk.kl_row.to(dev), chunk.kl_col.to(dev) - offset]])
+    return torch.log_softmax(layout.logits(picked).to(dtype), dim=-1)
+
+
+def target_nll(logp: torch.Tensor, chunk: PromptChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per request of the chunk, the target's NLL (mean over rewriting prompts of the mean token
+    NLL), and the log-probabilities at its KL prompt's subject token."""
+    dev, n_lbl = logp.device, chunk.lbl_row.numel()
+    token_lp = logp[:n_lbl].gather(1, chunk.lbl_tok.to(dev)[:, None]).squeeze(1)
+    nll = torch.zeros(chunk.n, device=dev, dtype=logp.dtype).index_add(
+        0, chunk.lbl_req.to(dev), -token_lp * chunk.lbl_w.to(dev, logp.dtype))
+    return nll, logp[n_lbl:]
+
+
+def kl_from(logp: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """KL(P ‖ P_init) per row, from log-probabilities."""
+    return (logp.exp() * (logp - init.to(logp.device))).sum(1)
+
+
+class Objective(Protocol):
+    """What `descend` differentiates: where δ is added, and on which prompts.
+
+    δ has `groups` groups of equally many consecutive rows; each group has one loss and stops on
+    its own. `norms` [rows]: ‖s_r‖ of the state each row is added to, read after the first call.
+    """
+
+    groups: int
+    norms: torch.Tensor
+
+    def __call__(self, step: int, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL, KL) per group still moving, `delta` being those groups' rows."""
+
+    def drop(self, moving: torch.Tensor) -> None:
+        """Keep only the groups still moving where `moving` (a bool per group of the last call) is
+        true; called only with an early stop."""
+
+
+@dataclass
+class Descended:
+    loss: torch.Tensor  # [groups] total loss at the forward each group stopped (the last one it ran)
+    steps: torch.Tensor  # [groups] that forward's index
+    history: list[float]  # per forward, the summed loss of the groups it ran
+
+
+def _group_rows(groups: list[int], per: int, device) -> torch.Tensor:
+    return torch.tensor([g * per + r for g in groups for r in range(per)], dtype=torch.long, device=device)
+
+
+def descend(delta: torch.Tensor, d: Descent, objective: Objective) -> Descended:
+    """The z loop (see `Descent`): optimizes the leaf tensor `delta` [rows, width] in place."""
+    n = objective.groups
+    per = delta.shape[0] // n
+    opt = torch.optim.Adam([delta], lr=d.lr)
+    final_loss = torch.zeros(n, dtype=delta.dtype)
+    steps = torch.zeros(n, dtype=torch.long)
+    history: list[float] = []
+    active = list(range(n))
+    for it in range(d.num_grad_steps):
+        opt.zero_grad(set_to_none=True)
+        rows = _group_rows(active, per, delta.device)
+        nll, kl = objective(it, delta[rows])
+        dev = nll.device
+        decay = delta[rows].to(dev).norm(dim=1) / objective.norms[rows].to(dev, nll.dtype) ** 2
+        loss = nll + d.kl_factor * kl + d.weight_decay * decay.view(len(active), per).mean(1)
+        values = loss.detach().cpu()
+        final_loss[active], steps[active] = values.to(final_loss.dtype), it
+        history.append(float(values.sum()))
+        if d.early_stop_loss is None:
+            stop = torch.zeros(len(active), dtype=torch.bool)
+        else:
+            stop = (values < d.early_stop_loss) | (it == d.num_grad_steps - 1)
+        if bool(stop.all()):
+            break
+        go = ~stop
+        loss[go.to(dev)].sum().backward()
+        keep = [g for g, s in zip(active, stop.tolist()) if not s]
+        moving = _group_rows(keep, per, delta.device)
+        with torch.no_grad():
+            # Adam's moments would move a stopped group's rows on: they are put back after the step.
+            frozen = torch.ones(delta.shape[0], dtype=torch.bool, device=delta.device)
+            frozen[moving] = False
+            saved = delta[frozen].clone()
+        opt.step()
+        with torch.no_grad():
+            delta[frozen] = saved
+            radius = d.clamp_norm_factor * objective.norms[moving].to(delta.device, delta.dtype)
+            norms = delta[moving].norm(dim=1)
+            scale = torch.where(norms > radius, radius / norms, torch.ones_like(norms))
+            delta[moving] = delta[moving] * scale[:, None]
+        if len(keep) < len(active):
+            objective.drop(go)
+            active = keep
+    return Descended(final_loss, steps, history)
+
+
+class _RequestChunk:
+    """The z objective of a chunk of requests: one group per request, δ_i at its subject tokens
+    (module doc); the KL reference and the states s_i are those of the first forward (δ = 0)."""
+
+    def __init__(self, opt: "TargetOptimizer", prompts: Sequence[ZPrompts], prefix: bool):
+        self.opt, self.prompts, self.prefix = opt, list(prompts), prefix
+        self.groups = len(prompts)
+        self.forward = (_PrefixForward if prefix else _PlainForward)(opt, opt._chunk(prompts, prefix))
+        self.kl_init: Optional[torch.Tensor] = None
+        self.init: Optional[torch.Tensor] = None  # [n, d] s_i: the site's state at request i's first subject token
+        self.norms: Optional[torch.Tensor] = None
+
+    def __call__(self, step: int, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.forward.chunk
+        out, offset, h = self.forward(delta)
+        nll, kl_logp = target_nll(log_probs_at(self.opt.layout, out, chunk, offset, self.opt.dtype), chunk)
+        if self.kl_init is None:
+            self.kl_init = kl_logp.detach()
+            self.init = h.detach().to(self.opt.device, self.opt.dtype)
+            self.norms = self.init.norm(dim=1)
+        return nll, kl_from(kl_logp, self.kl_init)
+
+    def drop(self, moving: torch.Tensor) -> None:
+        go = torch.nonzero(moving).flatten()
+        self.kl_init = self.kl_init[go.to(self.kl_init.device)]
+        per = self.forward.chunk.rows_per_request
+        rows = torch.cat([torch.arange(j * per, (j + 1) * per) for j in go.tolist()])
+        self.prompts = [self.prompts[j] for j in go.tolist()]
+        frame = self.forward.chunk.frame if self.prefix else None
+        self.forward = self.forward.select(self.opt._chunk(self.prompts, self.prefix, frame), rows)
+
+
 class TargetOptimizer:
     """Computes z for many requests, `batch_size` requests per forward/backward.
 
     reuse_prefix=True (the default) runs each step only over what δ can change; False runs the
     whole model each step like the reference. Both give the same z up to float rounding.
+    site="residual" adds δ to block L's output (MEMIT); "mlp" to its rewrite module's output
+    (ROME's v*: z is then that module's output plus δ, and every step runs the whole model).
     """
 
+    SITES = ("residual", "mlp")
+
     def __init__(self, model, layout: ModelLayout, tok, settings: ZSettings, templates: Sequence[Sequence[str]],
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, site: str = "residual"):
+        if site not in self.SITES:
+            raise ValueError(f"site must be one of {', '.join(self.SITES)}, got {site!r}")
         self.model, self.layout, self.tok, self.s = model, layout, tok, settings
         self.templates = [t for group in templates for t in group]
         self.pad_id, self.side = pad_id_of(tok), padding_side(tok)
-        self.reuse_prefix = reuse_prefix and supports_prefix_reuse(model)
-        if reuse_prefix and not self.reuse_prefix:
+        # The prefix path replays whole blocks, so it serves δ on the residual stream only.
+        wants_prefix = reuse_prefix and site == "residual"
+        self.reuse_prefix = wants_prefix and supports_prefix_reuse(model)
+        if wants_prefix and not self.reuse_prefix:
             warnings.warn(f"{type(model).__name__}: continuing from a key/value cache (passed as "
                           f"`{cache_keyword(model)}`) did not reproduce a full forward, so prefix reuse is off; the z "
                           "phase runs the whole model at each step (same results, slower)")
         self.block = layout.block(settings.layer)
+        self.site = self.block if site == "residual" else layout.rewrite_module(settings.layer)
         self.loss_block = layout.block(settings.loss_layer)
-        param = next(self.block.parameters())  # its dtype is right even when its values are offloaded
+        param = next(self.site.parameters())  # its dtype is right even when its values are offloaded
         self.device = execution_device(self.block)
         # δ, Adam state and the loss are float32 at least, wider when the model is (float64 runs
         # make float-order effects negligible, which the equivalence tests rely on).
@@ -369,78 +550,18 @@ class TargetOptimizer:
     def prompts(self, requests: Sequence[EditRequest]) -> list[ZPrompts]:
         return [build_prompts(self.tok, r, self.templates) for r in requests]
 
-    def _chunk(self, prompts, frame=None) -> PromptChunk:
-        return PromptChunk(prompts, self.pad_id, "subject" if self.reuse_prefix else self.side, self.device, frame)
-
-    def _losses(self, forward, delta: torch.Tensor, kl_init, h_norm_sq):
-        """One forward: per-request total loss, block-L subject states, KL log-probs."""
-        chunk = forward.chunk
-        out, offset, h = forward(delta)
-        dev = out.device
-        picked = torch.cat([out[chunk.lbl_row.to(dev), chunk.lbl_col.to(dev) - offset],
-                            out[chunk.kl_row.to(dev), chunk.kl_col.to(dev) - offset]])
-        logp = torch.log_softmax(self.layout.logits(picked).to(self.dtype), dim=-1)
-        n_lbl = chunk.lbl_row.numel()
-        token_lp = logp[:n_lbl].gather(1, chunk.lbl_tok.to(dev)[:, None]).squeeze(1)
-        nll = torch.zeros(chunk.n, device=dev, dtype=self.dtype).index_add(
-            0, chunk.lbl_req.to(dev), -token_lp * chunk.lbl_w.to(dev, self.dtype)
-        )
-        kl_logp = logp[n_lbl:]
-        h = h.to(dev, self.dtype)
-        if kl_init is None:
-            kl_init = kl_logp.detach()
-            h_norm_sq = h.pow(2).sum(1)
-        kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(1)
-        wd = self.s.weight_decay * delta.to(dev).norm(dim=1) / h_norm_sq
-        return nll + self.s.kl_factor * kl + wd, h, kl_init, h_norm_sq
+    def _chunk(self, prompts, prefix: bool, frame=None) -> PromptChunk:
+        return PromptChunk(prompts, self.pad_id, "subject" if prefix else self.side, self.device, frame)
 
     def optimize_chunk(self, prompts: Sequence[ZPrompts]) -> ZResult:
-        n, d = len(prompts), self.layout.hidden_size
-        delta = torch.zeros(n, d, device=self.device, dtype=self.dtype, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=self.s.lr)
-        h_init = torch.zeros(n, d, device=self.device, dtype=self.dtype)
-        final_loss = torch.zeros(n, dtype=self.dtype)
-        steps = torch.zeros(n, dtype=torch.long)
-        active = list(range(n))
-        chunk = self._chunk(prompts)
-        forward = (_PrefixForward if self.reuse_prefix else _PlainForward)(self, chunk)
-        kl_init = h_norm_sq = None
-        for it in range(self.s.num_grad_steps):
-            opt.zero_grad(set_to_none=True)
-            idx = torch.tensor(active, device=self.device)
-            loss, h, kl_init, h_norm_sq = self._losses(forward, delta[idx], kl_init, h_norm_sq)
-            if it == 0:
-                h_init.copy_(h.to(self.device))
-            values = loss.detach().cpu()
-            stop = (values < self.s.early_stop_loss) | (it == self.s.num_grad_steps - 1)
-            for j in torch.nonzero(stop).flatten().tolist():
-                final_loss[active[j]], steps[active[j]] = values[j], it
-            if bool(stop.all()):
-                break
-            go = ~stop.to(loss.device)
-            loss[go].sum().backward()
-            keep = [r for j, r in enumerate(active) if not stop[j]]
-            with torch.no_grad():
-                frozen_rows = torch.ones(n, dtype=torch.bool, device=self.device)
-                frozen_rows[keep] = False
-                saved = delta[frozen_rows].clone()
-            opt.step()
-            with torch.no_grad():
-                delta[frozen_rows] = saved
-                k = torch.tensor(keep, device=self.device)
-                max_norm = self.s.clamp_norm_factor * h_init[k].norm(dim=1)
-                norms = delta[k].norm(dim=1)
-                scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
-                delta[k] = delta[k] * scale[:, None]
-            if len(keep) < len(active):
-                go_idx = torch.nonzero(go).flatten()
-                kl_init, h_norm_sq = kl_init[go_idx], h_norm_sq[go_idx]
-                per = chunk.rows_per_request
-                rows = torch.cat([torch.arange(j * per, (j + 1) * per) for j in go_idx.tolist()])
-                chunk = self._chunk([prompts[r] for r in keep], chunk.frame if self.reuse_prefix else None)
-                forward = forward.select(chunk, rows)
-                active = keep
-        return ZResult(h_init + delta.detach(), h_init, final_loss, steps)
+        return self._descend(prompts, self.reuse_prefix)
+
+    def _descend(self, prompts: Sequence[ZPrompts], prefix: bool) -> ZResult:
+        delta = torch.zeros(len(prompts), self.layout.hidden_size, device=self.device, dtype=self.dtype,
+                            requires_grad=True)
+        objective = _RequestChunk(self, prompts, prefix)
+        run = descend(delta, self.s, objective)
+        return ZResult(objective.init + delta.detach(), objective.init, run.loss, run.steps)
 
     def _optimize_split(self, prompts: Sequence[ZPrompts]) -> list[ZResult]:
         """Optimize a chunk; on out-of-memory, halve it and retry (requests are independent)."""
@@ -516,58 +637,9 @@ class TargetOptimizer:
         return max(len(e.ids) - e.subject_index for e in rows), max(e.subject_index for e in rows)
 
     def optimize_serial(self, requests: Sequence[EditRequest], progress: bool = True) -> ZResult:
-        """One request at a time, written as the reference code runs it; the equivalence baseline."""
-        results = []
+        """One request at a time on the whole model, padded as the tokenizer pads, as the reference
+        code runs it; the equivalence baseline."""
         with frozen_eval(self.model):
-            for prompts in tqdm(self.prompts(requests), desc="z (serial)", disable=not progress, unit="req"):
-                results.append(self._serial_one(prompts))
-        return ZResult(*(torch.stack([r[i] for r in results]) for i in range(4)))
-
-    def _serial_one(self, p: ZPrompts):
-        rows = list(p.rewrite) + [p.kl]
-        batch = pad([r.ids for r in rows], self.pad_id, self.side, self.device)
-        shift = batch.shift.tolist()
-        cols = [r.subject_index + s for r, s in zip(rows, shift)]
-        m, n_rw = len(p.target), len(p.rewrite)
-        labels = torch.full(batch.input_ids.shape, -100, dtype=torch.long, device=self.device)
-        for i, plen in enumerate(p.prompt_lengths):
-            labels[i, shift[i] + plen - 1 : shift[i] + plen - 1 + m] = torch.tensor(p.target)
-        labels = labels[:n_rw]
-        mask = (labels != -100).float()
-        delta = torch.zeros(self.layout.hidden_size, device=self.device, dtype=self.dtype, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=self.s.lr)
-        target_init = kl_init = None
-
-        def add_delta(h):
-            nonlocal target_init
-            if target_init is None:
-                target_init = h[0, cols[0]].detach().to(self.dtype).clone()
-            h = h.clone()
-            for i, c in enumerate(cols):
-                h[i, c] += delta.to(h.dtype)
-            return h
-
-        for it in range(self.s.num_grad_steps):
-            opt.zero_grad()
-            store: dict = {}
-            with edit_output(self.block, add_delta), capture_outputs({"out": self.loss_block}, store):
-                run_until(self.model, self.loss_block, **batch.model_inputs())
-            logits = self.layout.logits(store["out"]).to(self.dtype)
-            log_probs = torch.log_softmax(logits[:n_rw], dim=2)
-            token_lp = torch.gather(log_probs, 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-            nll = (-(token_lp * mask).sum(1) / m).mean()
-            kl_logp = torch.log_softmax(logits[n_rw, cols[-1]], dim=-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl = self.s.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum()
-            wd = self.s.weight_decay * (delta.norm() / target_init.norm() ** 2)
-            loss = nll + kl + wd
-            if loss.item() < self.s.early_stop_loss or it == self.s.num_grad_steps - 1:
-                break
-            loss.backward()
-            opt.step()
-            max_norm = self.s.clamp_norm_factor * target_init.norm()
-            if delta.norm() > max_norm:
-                with torch.no_grad():
-                    delta[...] = delta * max_norm / delta.norm()
-        return target_init + delta.detach(), target_init, loss.detach().cpu(), torch.tensor(it)
+            results = [self._descend([p], prefix=False)
+                       for p in tqdm(self.prompts(requests), desc="z (serial)", disable=not progress, unit="req")]
+        return ZResult(*(torch.cat([getattr(r, f) for r in results]) for f in ("z", "h", "loss", "steps")))

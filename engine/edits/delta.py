@@ -43,6 +43,7 @@ File format: a single safetensors file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,7 +51,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -571,6 +572,33 @@ class EditDelta:
 
 
 _SHA256_HEX = frozenset("0123456789abcdef")
+
+
+class AppliedDeltas:
+    """The deltas applied so far inside an `applied` block; more can be applied as the block goes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.deltas: list[EditDelta] = []
+
+    def apply(self, delta: EditDelta) -> None:
+        delta.apply(self.model)
+        self.deltas.append(delta)
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, deltas: Iterable[EditDelta] = ()) -> Iterator[AppliedDeltas]:
+    """Apply `deltas` (and whatever the block applies through the yielded `AppliedDeltas`) for the
+    duration of the block; on leaving it, also by an exception, revert every one that was applied,
+    last first, so the model comes back bit for bit."""
+    stack = AppliedDeltas(model)
+    try:
+        for delta in deltas:
+            stack.apply(delta)
+        yield stack
+    finally:
+        for delta in reversed(stack.deltas):
+            delta.revert(model)
 
 
 def _parse(path, raw: Optional[str], keys: set, get_tensor) -> EditDelta:

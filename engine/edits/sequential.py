@@ -57,7 +57,7 @@ class SequentialEditor:
             self.method.layer_solvers(self.editor, None)
         ledger.replay(self.editor.model)
         # Later rounds must see round 1's templates, not ones generated from the edited model.
-        self.editor._templates = [list(g) for g in ledger.header["context_templates"]]
+        self.editor.set_context_templates(ledger.header["context_templates"])
         self._keys = [ledger.keys(i) for i in range(1, len(ledger) + 1)]
         self._accumulate()
 
@@ -92,7 +92,7 @@ class SequentialEditor:
             self.ledger.start(ed.model, [ed.layout.rewrite_weight_name(l) for l in ed.hp.layers], self.method.name,
                               ed.hp, ed.context_templates(), ed.model_name)
         with frozen_eval(ed.model):
-            result = ed._edit(requests, self.method, batch_size, True, self.preserved)
+            result = ed.edit(requests, self.method, batch_size, preserved=self.preserved)
             try:
                 t = time.perf_counter()
                 keys = self._round_keys(result.requests) if self.method.preserves_keys else {}

@@ -62,5 +62,5 @@ class MemitPreserve(Memit):
             return editor.solvers()
         # A solver factors λ·C, so K_p K_pᵀ enters as C + K_p K_pᵀ / λ.
         lam = editor.hp.mom2_update_weight
-        return {l: editor._make_solver(l, c + preserved[l].to(c.device, torch.float64) / lam)
+        return {l: editor.make_solver(l, c + preserved[l].to(c.device, torch.float64) / lam)
                 for l, c in editor.covariances().items()}

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from massedit.model import parallel
 from massedit.model.arch import ModelLayout
-from massedit.edits.delta import EditDelta, WeightDelta
+from massedit.edits.delta import EditDelta, WeightDelta, applied
 from massedit.model.devices import execution_device
 from massedit.compute.keys import LayerStates
 
@@ -39,11 +39,10 @@ def spread_update(
 ) -> list[WeightDelta]:
     """Per-layer weight deltas; the model is unchanged when this returns (or raises)."""
     target_layer = max(layers)
-    applied: list[EditDelta] = []
     weights: list[WeightDelta] = []
     mine = parallel.world().shard(requests)
     states = LayerStates(model, layout, tok, mine, templates, target_layer, batch_size) if mine else None
-    try:
+    with applied(model) as layers_applied:
         for j, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, unit="layer")):
             t0 = time.perf_counter()
             keys, h = states.at_layer(layer) if states else (
@@ -64,14 +63,9 @@ def spread_update(
                 v=solved.to(keep).contiguous(),
                 transposed=layout.rewrite_is_conv1d(layer),
             )
-            step = EditDelta([wd], {})
-            step.apply(model)
-            applied.append(step)
+            layers_applied.apply(EditDelta([wd], {}))
             weights.append(wd)
             t2 = time.perf_counter()
             timings["keys"] = timings.get("keys", 0.0) + t1 - t0
             timings["solve"] = timings.get("solve", 0.0) + t2 - t1
-    finally:
-        for step in reversed(applied):
-            step.revert(model)
     return weights

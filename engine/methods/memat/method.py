@@ -46,14 +46,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
-from massedit.edits.delta import EditDelta, ParameterAdditions
-from massedit.hparams import MEMITHyperParams, above, at_least, between, hparam
+from massedit.edits.delta import EditDelta, ParameterAdditions, applied
 from massedit.model.devices import execution_device
 from massedit.evaluation.scoring import score_continuations
 from massedit.inputs.records import check_records
@@ -62,30 +60,11 @@ from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
 from massedit.methods.memat.probes import fit_logistic
 from massedit.inputs.requests import EditRequest, RequestError, parse_records, validate_requests
-from massedit.compute.targets import PromptChunk, build_prompts
+from massedit.compute.targets import Descent, PromptChunk, build_prompts, descend, kl_from, target_nll
 from massedit.inputs.tokens import pad_id_of, padding_side, spaced_target
 
 # The fewest right facts that leave one for training and one for validation.
 MIN_RIGHT_FACTS = 2
-
-
-@dataclass
-class MematHyperParams(MEMITHyperParams):
-    """MEMIT's keys and MEMAT's (DESIGN §4): the heads corrected, and the correction's optimization and
-    probes. Defaults are the MEMAT paper's public code (dtamayo-nlp/MEMAT: hparams/MEMIT/aguila.json and
-    attention_translation/multiple_head_optimization.py); its probes are scikit-learn's default logistic
-    regression (C = 1) on a 70/30 split."""
-
-    memat_top_k: int = hparam(16, check=at_least(1, "heads to correct"))  # K: heads kept, by validation accuracy
-    memat_lr: float = hparam(0.2, check=above(0))  # Adam learning rate for the ω vectors
-    memat_weight_decay: float = hparam(1e-3, check=at_least(0))  # λ_ω: penalty (λ_ω/K)·Σ‖ω_h‖/‖a_0,h‖²
-    memat_clamp_norm_factor: float = hparam(0.75, check=above(0))  # ‖ω_h‖ ≤ factor·‖a_0,h‖
-    memat_kl_factor: float = hparam(0.0625, check=at_least(0))  # weight of KL(P_now ‖ P_before ω) on "{} is a"
-    memat_batch_size: int = hparam(32, check=at_least(1, "requests per ω step"))
-    memat_epochs: int = hparam(1, check=at_least(1, "passes over the requests"))
-    memat_probe_c: float = hparam(1.0, check=above(0))  # inverse L2 strength of the probes (scikit-learn's C)
-    # share of the correctly edited facts held out to rank heads
-    memat_val_fraction: float = hparam(0.3, check=between(0, 1, "0.3"))
 
 
 def load_l2_records(path: Union[str, Path]) -> list[dict]:
@@ -144,7 +123,6 @@ class Memat(Memit):
     """MEMIT followed by attention-head corrections learned from L2 records (see the module doc)."""
 
     name = "memat"
-    hparams_class = MematHyperParams
     shards_requests = False
     # Its rounds would change the model's structure (added biases, config flags) under the ledger.
     edits_in_rounds = False
@@ -177,9 +155,8 @@ class Memat(Memit):
         validate_requests(l2, editor.tok)
         editor.layout.check_heads()
         n_heads = editor.layout.n_layers * editor.layout.n_heads
-        top_k = self.hparams(editor).memat_top_k
-        if top_k > n_heads:
-            raise RequestError(f'hparams, key "memat_top_k": {top_k} heads asked, the model has '
+        if editor.hp.memat_top_k > n_heads:
+            raise RequestError(f'hparams, key "memat_top_k": {editor.hp.memat_top_k} heads asked, the model has '
                                f"{n_heads} ({editor.layout.n_layers} layers x {editor.layout.n_heads}); lower it")
 
     def check_saved_model(self, layout) -> None:
@@ -200,12 +177,8 @@ class Memat(Memit):
         weights, z = super().compute(editor, requests, templates, solvers, timings, batch_size)
         timings["memit"] = time.perf_counter() - t
         l2 = match_l2(requests, self.l2, self.source)
-        memit = EditDelta(weights)
-        memit.apply(editor.model)
-        try:
+        with applied(editor.model, [EditDelta(weights)]):
             heads, omega, details = self._corrections(editor, l2, templates, timings)
-        finally:
-            memit.revert(editor.model)
         found = editor.layout.attn_out_bias_additions()
         self._additions = None if found is None else ParameterAdditions(found[1], found[0])
         details["reloadable"] = self._additions is None or self._additions.reloadable
@@ -213,7 +186,7 @@ class Memat(Memit):
         return weights + fold_into_bias(editor.model, editor.layout, heads, omega), z
 
     def _corrections(self, editor, l2: list[EditRequest], templates, timings: dict):
-        hp, layout = self.hparams(editor), editor.layout
+        hp, layout = editor.hp, editor.layout
         t = time.perf_counter()
         features, labels, fact_of_row, n_right = _features(editor, l2)
         a0 = features.norm(dim=-1).mean(dim=-1)  # [L, H]
@@ -276,42 +249,42 @@ def _features(editor, l2: list[EditRequest]):
     return features, torch.tensor(labels), torch.tensor(fact_of_row), len(right)
 
 
+class _OmegaObjective:
+    """MEMAT's ω loss (module doc, step 3) for the z loop: every request shares ω, so there is one
+    group; step i trains on mini-batch i mod the number of mini-batches (epoch after epoch)."""
+
+    groups = 1
+
+    def __init__(self, editor, l2: list[EditRequest], templates, heads, a0: torch.Tensor):
+        self.model, self.layout, self.heads, self.norms = editor.model, editor.layout, heads, a0
+        tok, size = editor.tok, editor.hp.memat_batch_size
+        flat = [t for group in templates for t in group]  # the NLL is a plain mean over all, as in the z step
+        prompts = [build_prompts(tok, r, flat) for r in l2]
+        self.chunks = [PromptChunk(prompts[start : start + size], pad_id_of(tok), padding_side(tok), a0.device)
+                       for start in range(0, len(prompts), size)]
+        # P_0 of each mini-batch's KL prompts: the distributions with ω = 0.
+        with torch.no_grad():
+            self.before = [logits_at(self.model, self.layout, c.batch, c.kl_row, c.kl_col).float().log_softmax(-1)
+                           for c in self.chunks]
+
+    def __call__(self, step: int, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i = step % len(self.chunks)
+        chunk = self.chunks[i]
+        rows, cols = torch.cat([chunk.lbl_row, chunk.kl_row]), torch.cat([chunk.lbl_col, chunk.kl_col])
+        with head_corrections(self.layout, self.heads, omega):
+            logp = logits_at(self.model, self.layout, chunk.batch, rows, cols).float().log_softmax(-1)
+        nll, now = target_nll(logp, chunk)
+        return nll.mean()[None], kl_from(now, self.before[i]).mean()[None]
+
+
 def _optimize_omega(editor, l2: list[EditRequest], templates, heads, a0: torch.Tensor):
     """ω [K, head_dim] (float32) and the loss of each step (see the module doc, step 3)."""
-    hp, layout, model, tok = MematHyperParams.from_hparams(editor.hp), editor.layout, editor.model, editor.tok
+    hp, layout = editor.hp, editor.layout
     device = execution_device(layout.attn_out_module(heads[0][0]))
     # A head that never outputs anything gets no room to move rather than a division by zero.
-    a0 = a0.to(device).clamp_min(1e-12)
+    objective = _OmegaObjective(editor, l2, templates, heads, a0.to(device).clamp_min(1e-12))
     omega = torch.zeros(len(heads), layout.head_dim, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([omega], lr=hp.memat_lr)
-    flat = [t for group in templates for t in group]  # the NLL is a plain mean over all, as in the z step
-    prompts = [build_prompts(tok, r, flat) for r in l2]
-    pad_id, side = pad_id_of(tok), padding_side(tok)
-    limit = hp.memat_clamp_norm_factor * a0
-    losses = []
-    for _ in range(hp.memat_epochs):
-        for start in range(0, len(prompts), hp.memat_batch_size):
-            chunk = PromptChunk(prompts[start : start + hp.memat_batch_size], pad_id, side, device)
-            rows = torch.cat([chunk.lbl_row, chunk.kl_row])
-            cols = torch.cat([chunk.lbl_col, chunk.kl_col])
-            n_lbl = len(chunk.lbl_row)
-            with torch.no_grad():
-                before = logits_at(model, layout, chunk.batch, chunk.kl_row, chunk.kl_col).float().log_softmax(-1)
-            with head_corrections(layout, heads, omega):
-                logp = logits_at(model, layout, chunk.batch, rows, cols).float().log_softmax(-1)
-            target_logp = logp[:n_lbl].gather(1, chunk.lbl_tok.to(logp.device)[:, None])[:, 0]
-            nll = torch.zeros(chunk.n, device=logp.device).index_add(
-                0, chunk.lbl_req.to(logp.device), -target_logp * chunk.lbl_w.to(logp.device))
-            now = logp[n_lbl:]
-            kl = (now.exp() * (now - before.to(now.device))).sum(dim=1)
-            penalty = hp.memat_weight_decay / len(heads) * (omega.norm(dim=1) / a0 ** 2).sum()
-            loss = (nll + hp.memat_kl_factor * kl).mean() + penalty.to(nll.device)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                norms = omega.norm(dim=1)
-                scale = torch.where(norms > limit, limit / norms.clamp_min(1e-30), torch.ones_like(norms))
-                omega.mul_(scale[:, None])
-            losses.append(float(loss.detach()))
-    return omega.detach(), losses
+    schedule = Descent(num_grad_steps=hp.memat_epochs * len(objective.chunks), lr=hp.memat_lr,
+                       weight_decay=hp.memat_weight_decay, clamp_norm_factor=hp.memat_clamp_norm_factor,
+                       kl_factor=hp.memat_kl_factor, early_stop_loss=None)
+    return omega.detach(), descend(omega, schedule, objective).history

@@ -13,8 +13,8 @@ For each request, in order, on the model as edited by the requests before it:
    This is the reference's `compute_v` (kmeng01/rome) and differs from MEMIT's z (§2.2) in where
    δ lives: the MLP output of l*, so the clamp and the weight decay are relative to ‖m‖, not to the
    residual stream's ‖h‖ (for GPT-2/GPT-J/NeoX/Llama blocks the gradient is the same, since the
-   MLP output is added to the residual). `massedit.compute.targets.TargetOptimizer` adds δ to block outputs,
-   so ROME's single-request optimization is written here (`optimize_target`).
+   MLP output is added to the residual). It is the z loop of `massedit.compute.targets` with
+   `site="mlp"`, one request at a time (`optimize_target`).
 2. **Left vector** (d_ff wide; `compute_u`): k̄ = mean key at the subject token over the context
    templates (`massedit.compute.keys.subject_keys`: mean within each template group, then over groups, as
    everywhere in this engine; the reference ROME takes a plain mean over its templates),
@@ -40,23 +40,21 @@ rounds once, so the edited weights may differ from the sequentially rounded ones
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from massedit.model.arch import ModelLayout
-from massedit.edits.delta import EditDelta, WeightDelta
-from massedit.model.devices import execution_device, read_parameter
-from massedit.model.hooks import capture_outputs, edit_output, run_until
+from massedit.edits.delta import EditDelta, WeightDelta, applied
+from massedit.model.devices import read_parameter
 from massedit.hparams import HParamsError
 from massedit.compute.keys import collect_at_subject, subject_keys
 from massedit.model.quantized import DENSE, dequantized, storage_of
 from massedit.inputs.requests import EditRequest
 from massedit.solve.cholesky import LayerSolver
-from massedit.compute.targets import ZResult, ZSettings, build_prompts, frozen_eval
-from massedit.inputs.tokens import encode_prompt, pad, pad_id_of, padding_side
+from massedit.compute.targets import TargetOptimizer, ZResult, ZSettings, frozen_eval
+from massedit.inputs.tokens import encode_prompt
 
 CONSTRAINTS = ("prompt", "mean")
 
@@ -78,76 +76,12 @@ def constraint_of(hp) -> str:
     return "mean" if bool(getattr(hp, "extras", {}).get("enable_random_prefix_keys", False)) else "prompt"
 
 
-@dataclass
-class RomeTarget:
-    target: torch.Tensor  # v* = m + δ, [d_model]
-    init: torch.Tensor  # m: the MLP output at the subject token of the first rewriting prompt
-    loss: torch.Tensor  # total loss at the iteration that stopped (scalar, cpu)
-    steps: int  # that iteration
-
-
 def optimize_target(model, layout: ModelLayout, tok, request: EditRequest, templates: Sequence[str],
-                    s: ZSettings) -> RomeTarget:
-    """ROME's v* for one request: δ added to the output of layer s.layer's rewrite module."""
-    module = layout.rewrite_module(s.layer)
-    loss_block = layout.block(s.loss_layer)
-    p = build_prompts(tok, request, templates)
-    rows = list(p.rewrite) + [p.kl]
-    device = execution_device(layout.block(s.layer))
-    batch = pad([r.ids for r in rows], pad_id_of(tok), padding_side(tok), device)
-    shift = batch.shift.tolist()
-    subj_cols = torch.tensor([r.subject_index + sh for r, sh in zip(rows, shift)], device=device)
-    subj_rows = torch.arange(len(rows), device=device)
-    m, n_rw = len(p.target), len(p.rewrite)
-    # Label positions: the last prompt token, then the target tokens but the last (teacher forcing).
-    lbl_row = [i for i in range(n_rw) for _ in range(m)]
-    lbl_col = [shift[i] + p.prompt_lengths[i] - 1 + t for i in range(n_rw) for t in range(m)]
-    lbl_row, lbl_col = torch.tensor(lbl_row, device=device), torch.tensor(lbl_col, device=device)
-    lbl_tok = torch.tensor([p.target[t] for _ in range(n_rw) for t in range(m)], device=device)
-    kl_row, kl_col = n_rw, int(subj_cols[-1])
-
-    dtype = torch.promote_types(torch.float32, next(module.parameters()).dtype)
-    delta = torch.zeros(layout.hidden_size, device=device, dtype=dtype, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=s.lr)
-    init: Optional[torch.Tensor] = None
-    kl_init: Optional[torch.Tensor] = None
-
-    def add_delta(out: torch.Tensor) -> torch.Tensor:
-        nonlocal init
-        if init is None:
-            init = out[0, subj_cols[0]].detach().to(dtype).clone()
-        values = delta.to(out.device, out.dtype).expand(len(rows), -1)
-        return out.index_put((subj_rows.to(out.device), subj_cols.to(out.device)), values, accumulate=True)
-
-    loss = torch.tensor(float("nan"))
-    it = 0
-    for it in range(s.num_grad_steps):
-        opt.zero_grad(set_to_none=True)
-        store: dict = {}
-        with edit_output(module, add_delta), capture_outputs({"out": loss_block}, store):
-            run_until(model, loss_block, **batch.model_inputs())
-        out = store["out"]
-        dev = out.device
-        picked = torch.cat([out[lbl_row.to(dev), lbl_col.to(dev)], out[kl_row, kl_col][None]])
-        logp = torch.log_softmax(layout.logits(picked).to(dtype), dim=-1)
-        token_lp = logp[:-1].gather(1, lbl_tok.to(dev)[:, None]).squeeze(1)
-        nll = -token_lp.sum() / (m * n_rw)  # mean over prompts of −Σ_t log P / len(target)
-        kl_logp = logp[-1]
-        if kl_init is None:
-            kl_init = kl_logp.detach().clone()
-        kl = s.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum()
-        wd = s.weight_decay * delta.to(dev).norm() / init.to(dev).norm() ** 2
-        loss = nll + kl + wd
-        if loss.item() < s.early_stop_loss or it == s.num_grad_steps - 1:
-            break
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            max_norm = s.clamp_norm_factor * init.norm()
-            norm = delta.norm()
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
-    return RomeTarget(init + delta.detach(), init, loss.detach().cpu(), it)
+                    s: ZSettings) -> ZResult:
+    """ROME's v* for one request, as a one-row ZResult (z: v* = m + δ, h: m): δ added to the output
+    of layer s.layer's rewrite module."""
+    optimizer = TargetOptimizer(model, layout, tok, s, [templates], reuse_prefix=False, site="mlp")
+    return optimizer.optimize_serial([request], progress=False)
 
 
 def _weight_and_bias(layout: ModelLayout, layer: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -222,37 +156,31 @@ def rome_update(
     name = layout.rewrite_weight_name(layer)
     transposed = layout.rewrite_is_conv1d(layer)
     rights, lefts, targets, inits, losses, steps = [], [], [], [], [], []
-    applied: list[EditDelta] = []
     for key in ("z", "keys", "solve"):
         timings.setdefault(key, 0.0)
     # Eval mode throughout (no dropout in z, keys or values); restored afterwards.
-    with frozen_eval(model):
-        try:
-            for req in tqdm(requests, desc="rome", disable=not progress, unit="req"):
-                t0 = time.perf_counter()
-                tgt = optimize_target(model, layout, tok, req, flat_templates, settings)
-                t1 = time.perf_counter()
-                k_bar = subject_keys(model, layout, tok, [req], templates, layer)[0]
-                k_c = k_bar if constraint == "mean" else bare_prompt_keys(model, layout, tok, [req], layer)[0]
-                t2 = time.perf_counter()
-                right, left = rank_one(layout, layer, tgt.target, k_bar, k_c, solver)
-                wd = WeightDelta(name, right[:, None].contiguous(), left[:, None].contiguous(), transposed)
-                step = EditDelta([wd], {})
-                step.apply(model)
-                applied.append(step)
-                t3 = time.perf_counter()
-                timings["z"] += t1 - t0
-                timings["keys"] += t2 - t1
-                timings["solve"] += t3 - t2
-                rights.append(right)
-                lefts.append(left)
-                targets.append(tgt.target.float().cpu())
-                inits.append(tgt.init.float().cpu())
-                losses.append(tgt.loss.float())
-                steps.append(tgt.steps)
-        finally:
-            for step in reversed(applied):
-                step.revert(model)
+    with frozen_eval(model), applied(model) as steps_applied:
+        for req in tqdm(requests, desc="rome", disable=not progress, unit="req"):
+            t0 = time.perf_counter()
+            tgt = optimize_target(model, layout, tok, req, flat_templates, settings)
+            target = tgt.z[0]
+            t1 = time.perf_counter()
+            k_bar = subject_keys(model, layout, tok, [req], templates, layer)[0]
+            k_c = k_bar if constraint == "mean" else bare_prompt_keys(model, layout, tok, [req], layer)[0]
+            t2 = time.perf_counter()
+            right, left = rank_one(layout, layer, target, k_bar, k_c, solver)
+            wd = WeightDelta(name, right[:, None].contiguous(), left[:, None].contiguous(), transposed)
+            steps_applied.apply(EditDelta([wd], {}))
+            t3 = time.perf_counter()
+            timings["z"] += t1 - t0
+            timings["keys"] += t2 - t1
+            timings["solve"] += t3 - t2
+            rights.append(right)
+            lefts.append(left)
+            targets.append(target.float().cpu())
+            inits.append(tgt.h[0].float().cpu())
+            losses.append(tgt.loss[0].float())
+            steps.append(int(tgt.steps[0]))
     combined = WeightDelta(name, torch.stack(rights, 1), torch.stack(lefts, 1), transposed)
     z = ZResult(torch.stack(targets), torch.stack(inits), torch.stack(losses), torch.tensor(steps, dtype=torch.long))
     return [combined], z
