@@ -123,9 +123,9 @@ class MEMITHyperParams:
 
     layers: list[int] = hparam(check=_layers)
     layer_selection: str = hparam("all", check=_only("all", "every listed layer is edited"))
-    fact_token: str = hparam("subject_last", check=lambda v: None if v == "subject_last" else (
-        f'only "subject_last" is supported (the last token of the subject), got {v!r}; '
-        'massedit does not implement "last", "subject_first" or "subject_first_after_last"'))
+    fact_token: str = hparam("subject_last", check=_only("subject_last", (
+        'the last token of the subject; massedit does not implement "last", "subject_first" or '
+        '"subject_first_after_last"')))
     v_num_grad_steps: int = hparam(20, check=at_least(1))
     v_lr: float = hparam(0.5, check=above(0, "the Adam learning rate for delta, e.g. 0.5"))
     v_loss_layer: Optional[int] = None  # None → last layer of the model
