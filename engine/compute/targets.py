@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from massedit.model import parallel
 from massedit.model.arch import ModelLayout
 from massedit.model.devices import execution_device, input_device
-from massedit.model.hooks import capture_outputs, edit_output, hidden_of, replayed, run_until, with_hidden
+from massedit.model.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
 from massedit.model.quantized import cpu_repacking_off
 from massedit.inputs.requests import EditRequest
 from massedit.inputs.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
@@ -248,21 +248,18 @@ class _PrefixForward:
     def _record(self):
         opt, S = self.opt, self.S
         raw: dict = {}
-        handles = [opt.layout.block(l).register_forward_hook(self._keep(raw, l)) for l in range(opt.s.layer + 1)]
         # Subject alignment left-pads rows; fully masked padding queries can come out NaN (float64
         # eager attention) and would leak into real tokens through 0·NaN. Padding is never
         # attended to, so zeroing it after each block changes nothing else.
         padding = self.chunk.batch.attention_mask == 0
+        cache = DynamicCache()
         with contextlib.ExitStack() as stack:
+            # Registered first, so each block's output is kept as the block returned it.
+            stack.enter_context(hooks(lambda: [opt.layout.block(l).register_forward_hook(self._keep(raw, l))
+                                               for l in range(opt.s.layer + 1)]))
             for l in range(opt.s.loss_layer + 1):
                 stack.enter_context(edit_output(opt.layout.block(l), self._zero(padding)))
-            cache = DynamicCache()
-            try:
-                run_until(opt.model, opt.loss_block, **self.chunk.batch.model_inputs(),
-                          **cache_inputs(opt.model, cache))
-            finally:
-                for h in handles:
-                    h.remove()
+            run_until(opt.model, opt.loss_block, **self.chunk.batch.model_inputs(), **cache_inputs(opt.model, cache))
         h_suffix = hidden_of(raw[opt.s.layer])[:, S:].detach()
         structs = {l: with_hidden(out, None) for l, out in raw.items()}
         kv = [(k[:, :, :S], v[:, :, :S]) for k, v in kv_pairs(cache)]
