@@ -24,6 +24,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from massedit.model.arch import REGISTRY
 from massedit.model.loading import dtype_kwargs
 
 WORDS = (
@@ -111,7 +112,8 @@ def _configs(vocab: int) -> dict:
 
 
 MODEL_TYPES = tuple(_configs(10))
-SENTENCEPIECE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3")
+# Llama-like families get a Llama-like tokenizer (BOS, SentencePiece pieces).
+SENTENCEPIECE_TYPES = tuple(t for t in MODEL_TYPES if REGISTRY[t].family == "llama-like")
 
 
 def make_model(model_type: str = "gpt2", tok=None, seed: int = 0, dtype=torch.float32):

@@ -49,7 +49,6 @@ class ArchSpec:
     mlp_module_tmp: str = ""
     # Modules applied between the final norm and the LM head when present (OPT's project_out).
     extra_head_modules: tuple[str, ...] = ()
-    n_layers_attr: str = "num_hidden_layers"
     # The config flag that makes the family build (and from_pretrained load) a bias on the
     # attention output projection, where it has none by default; None: no such flag.
     attn_bias_flag: Optional[str] = None
