@@ -299,3 +299,15 @@ def test_default_for():
         assert layers == sorted(set(layers)) and 0 <= layers[0] and layers[-1] <= max(0, n - 2)
     with pytest.raises(HParamsError, match="depth"):
         default_for({"model_type": "x"})
+
+
+def test_every_module_path_key_reaches_the_architecture_spec():
+    """No module-path key is read and then ignored: each one replaces the table's path."""
+    from massedit.model.arch import OVERRIDE_KEYS, spec_for
+
+    keys = [k for k in MEMITHyperParams.from_dict({"layers": [1]}).to_dict() if k.endswith(("_module", "_module_tmp"))]
+    assert sorted(keys) == sorted(OVERRIDE_KEYS)
+    hp = preset("gpt2-xl").replace(**{k: f"my.{{}}.{k}" if k.endswith("_tmp") else f"my.{k}" for k in keys})
+    for model_type in ("gpt2", "not-in-the-table"):
+        spec = spec_for(model_type, hp.module_overrides())
+        assert all(getattr(spec, k) == getattr(hp, k) for k in keys), model_type
