@@ -97,3 +97,19 @@ def test_a_llama_like_family_is_one_table_line(monkeypatch, tmp_path):
     result = editor.edit(make_requests(3))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)} and result.n_edits == 3
+
+
+def test_a_key_is_declared_once():
+    @dataclass
+    class Clashing(MEMITHyperParams):
+        L2: float = 1.0  # AlphaEdit's
+
+    class Undecorated(MEMITHyperParams):
+        my_scale: float = 1.0
+
+    for hparams_class, error, words in ((Clashing, ValueError, "already declared by AlphaEditHyperParams"),
+                                        (Undecorated, TypeError, "@dataclass")):
+        method = type("Other", (Memit,), {"name": "test-other", "hparams_class": hparams_class})
+        with pytest.raises(error, match=words):
+            register_method(method)
+        assert "test-other" not in METHODS and "test-other" not in METHOD_HPARAMS
