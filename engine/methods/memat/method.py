@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
 from massedit.edits.delta import EditDelta, ParameterAdditions, applied
+from massedit.hparams import MEMITHyperParams, above, at_least, between, hparam
 from massedit.model.devices import execution_device
 from massedit.evaluation.scoring import score_continuations
 from massedit.inputs.records import check_records
@@ -65,6 +67,25 @@ from massedit.inputs.tokens import pad_id_of, padding_side, spaced_target
 
 # The fewest right facts that leave one for training and one for validation.
 MIN_RIGHT_FACTS = 2
+
+
+@dataclass
+class MematHyperParams(MEMITHyperParams):
+    """MEMIT's keys and MEMAT's (DESIGN §4): the heads corrected, and the correction's optimization and
+    probes. Defaults are the MEMAT paper's public code (dtamayo-nlp/MEMAT: hparams/MEMIT/aguila.json and
+    attention_translation/multiple_head_optimization.py); its probes are scikit-learn's default logistic
+    regression (C = 1) on a 70/30 split."""
+
+    memat_top_k: int = hparam(16, check=at_least(1, "heads to correct"))  # K: heads kept, by validation accuracy
+    memat_lr: float = hparam(0.2, check=above(0))  # Adam learning rate for the ω vectors
+    memat_weight_decay: float = hparam(1e-3, check=at_least(0))  # λ_ω: penalty (λ_ω/K)·Σ‖ω_h‖/‖a_0,h‖²
+    memat_clamp_norm_factor: float = hparam(0.75, check=above(0))  # ‖ω_h‖ ≤ factor·‖a_0,h‖
+    memat_kl_factor: float = hparam(0.0625, check=at_least(0))  # weight of KL(P_now ‖ P_before ω) on "{} is a"
+    memat_batch_size: int = hparam(32, check=at_least(1, "requests per ω step"))
+    memat_epochs: int = hparam(1, check=at_least(1, "passes over the requests"))
+    memat_probe_c: float = hparam(1.0, check=above(0))  # inverse L2 strength of the probes (scikit-learn's C)
+    # share of the correctly edited facts held out to rank heads
+    memat_val_fraction: float = hparam(0.3, check=between(0, 1, "0.3"))
 
 
 def load_l2_records(path: Union[str, Path]) -> list[dict]:
@@ -123,6 +144,7 @@ class Memat(Memit):
     """MEMIT followed by attention-head corrections learned from L2 records (see the module doc)."""
 
     name = "memat"
+    hparams_class = MematHyperParams
     shards_requests = False
     # Its rounds would change the model's structure (added biases, config flags) under the ledger.
     edits_in_rounds = False
@@ -155,8 +177,9 @@ class Memat(Memit):
         validate_requests(l2, editor.tok)
         editor.layout.check_heads()
         n_heads = editor.layout.n_layers * editor.layout.n_heads
-        if editor.hp.memat_top_k > n_heads:
-            raise RequestError(f'hparams, key "memat_top_k": {editor.hp.memat_top_k} heads asked, the model has '
+        top_k = self.hparams(editor).memat_top_k
+        if top_k > n_heads:
+            raise RequestError(f'hparams, key "memat_top_k": {top_k} heads asked, the model has '
                                f"{n_heads} ({editor.layout.n_layers} layers x {editor.layout.n_heads}); lower it")
 
     def check_saved_model(self, layout) -> None:
@@ -186,7 +209,7 @@ class Memat(Memit):
         return weights + fold_into_bias(editor.model, editor.layout, heads, omega), z
 
     def _corrections(self, editor, l2: list[EditRequest], templates, timings: dict):
-        hp, layout = editor.hp, editor.layout
+        hp, layout = self.hparams(editor), editor.layout
         t = time.perf_counter()
         features, labels, fact_of_row, n_right = _features(editor, l2)
         a0 = features.norm(dim=-1).mean(dim=-1)  # [L, H]
@@ -257,7 +280,7 @@ class _OmegaObjective:
 
     def __init__(self, editor, l2: list[EditRequest], templates, heads, a0: torch.Tensor):
         self.model, self.layout, self.heads, self.norms = editor.model, editor.layout, heads, a0
-        tok, size = editor.tok, editor.hp.memat_batch_size
+        tok, size = editor.tok, MematHyperParams.from_hparams(editor.hp).memat_batch_size
         flat = [t for group in templates for t in group]  # the NLL is a plain mean over all, as in the z step
         prompts = [build_prompts(tok, r, flat) for r in l2]
         self.chunks = [PromptChunk(prompts[start : start + size], pad_id_of(tok), padding_side(tok), a0.device)
@@ -279,7 +302,7 @@ class _OmegaObjective:
 
 def _optimize_omega(editor, l2: list[EditRequest], templates, heads, a0: torch.Tensor):
     """ω [K, head_dim] (float32) and the loss of each step (see the module doc, step 3)."""
-    hp, layout = editor.hp, editor.layout
+    hp, layout = MematHyperParams.from_hparams(editor.hp), editor.layout
     device = execution_device(layout.attn_out_module(heads[0][0]))
     # A head that never outputs anything gets no room to move rather than a division by zero.
     objective = _OmegaObjective(editor, l2, templates, heads, a0.to(device).clamp_min(1e-12))
