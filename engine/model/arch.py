@@ -277,6 +277,10 @@ class ModelLayout:
     def rewrite_module(self, layer: int) -> nn.Module:
         return get_module(self.model, self.rewrite_name(layer))
 
+    def mlp_output_norm(self, layer: int) -> Optional[nn.Module]:
+        """The norm between the rewrite module's output and the residual stream, if the family has one."""
+        return get_module(self.model, self.spec.mlp_output_norm.format(layer)) if self.spec.mlp_output_norm else None
+
     def rewrite_is_conv1d(self, layer: int) -> bool:
         return stores_transposed(self.rewrite_module(layer))
 

@@ -24,6 +24,29 @@ from massedit.model.devices import execution_device
 from massedit.compute.keys import LayerStates
 
 
+def through_output_norm(norm: torch.nn.Module, rewrite: torch.nn.Module, keys: torch.Tensor,
+                        residual: torch.Tensor) -> torch.Tensor:
+    """The change of the rewrite module's outputs u = rewrite(keys) that moves norm(u) by `residual`.
+
+    With a norm after the MLP (Gemma 2/3, OLMo 2), the residual stream receives norm(u), not u, and
+    adding the residual to u itself would move it by about residual / rms(u). RMS norms are scale
+    invariant, so u' = s · y / w (w the norm's scale, y = norm(u) + residual) gives norm(u') =
+    y / rms(y / w): the target exactly where it is reachable, else its nearest point of the same
+    direction. s is chosen to make u' − u smallest, which keeps ΔW small."""
+    with torch.no_grad():
+        device = execution_device(rewrite)
+        dtype = next((p.dtype for p in norm.parameters()), keys.dtype)
+        u = rewrite(keys.to(device, dtype)).to(torch.float64)
+        y = norm(u.to(dtype)).to(torch.float64) + residual.to(device, torch.float64)
+        scale = norm(torch.ones(1, u.shape[-1], device=device, dtype=dtype)).to(torch.float64)
+        # A scale entry of 0 can carry nothing; leave that coordinate of u where it is.
+        tiny = scale.abs() < 1e-8 * scale.abs().max()
+        v = torch.where(tiny, u, y / torch.where(tiny, torch.ones_like(scale), scale))
+        s = (v * u).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(1e-300)
+        s = torch.where(s > 0, s, u.pow(2).mean(-1, keepdim=True).sqrt())
+        return (s * v - u).to(residual.device, residual.dtype)
+
+
 def spread_update(
     model,
     layout: ModelLayout,
@@ -51,6 +74,9 @@ def spread_update(
             keys, h = parallel.gather_sharded(keys, len(requests)), parallel.gather_sharded(h, len(requests))
             t1 = time.perf_counter()
             residual = (z.to(h.device) - h) / (len(layers) - j)
+            norm = layout.mlp_output_norm(layer)
+            if norm is not None:
+                residual = through_output_norm(norm, layout.rewrite_module(layer), keys, residual)
             solver = solvers[layer]
             # Each layer's ΔW factors (8n(h + d) bytes: 9 GB for GPT-J's six layers at n = 10,000) are
             # kept beside the solver's factor, host memory by default; applying copies one layer's in.
