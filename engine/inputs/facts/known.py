@@ -13,6 +13,7 @@ from typing import Callable, Hashable, Optional, Sequence
 # (prompt, continuation) pairs -> summed log-probability of each continuation given its prompt.
 Scorer = Callable[[Sequence[tuple[str, str]]], list[float]]
 
+STAGES = (4, 16)
 TEST = ("the true object's summed token log-probability after the rewrite prompt (teacher forced, the object "
         "with a leading space) is higher than that of every candidate object of the relation")
 
@@ -36,15 +37,27 @@ class Probe:
     others: tuple[str, ...]
 
 
-def knows(scorer: Scorer, probes: Sequence[Probe]) -> list[bool]:
-    """One answer per probe, all probes scored in one call (the scorer batches them)."""
-    pairs = [(p.prompt, o) for p in probes for o in (p.true, *p.others)]
-    scores = iter(scorer(pairs))
-    answers = []
-    for p in probes:
-        true = next(scores)
-        answers.append(all(true > next(scores) for _ in p.others))
-    return answers
+def knows(scorer: Scorer, probes: Sequence[Probe], stages: Sequence[int] = STAGES) -> list[bool]:
+    """One answer per probe. Candidates are scored in stages (the first `stages[0]`, then up to
+    `stages[1]`, ..., then the rest), each stage one scorer call for all probes still standing: a
+    probe whose true object loses to one candidate is out, so most unknown facts cost a few
+    candidates' scores instead of all of them. The answer is the same as scoring everything."""
+    verdict = [True] * len(probes)
+    true: list = [None] * len(probes)
+    longest = max((len(p.others) for p in probes), default=0)
+    bounds = [0, *(s for s in stages if s < longest), longest]
+    for lo, hi in zip(bounds, bounds[1:]):
+        alive = [i for i, ok in enumerate(verdict) if ok]
+        fresh = [i for i in alive if true[i] is None]
+        pairs = [(probes[i].prompt, probes[i].true) for i in fresh]
+        pairs += [(probes[i].prompt, o) for i in alive for o in probes[i].others[lo:hi]]
+        scores = iter(scorer(pairs))
+        for i in fresh:
+            true[i] = next(scores)
+        for i in alive:
+            # A list, not a generator: every score of the stage is read, in order.
+            verdict[i] = all([true[i] > next(scores) for _ in probes[i].others[lo:hi]])
+    return verdict
 
 
 def select_known(pending: dict, test: Callable[[list], list[bool]], subjects: Callable[[object], frozenset],
