@@ -348,6 +348,9 @@ def test_update_equals_memit_formula(kind, layers, mom2_dtype, tol, tmp_path, mo
     for j, (layer, wd) in enumerate(zip(layers, result.delta.weights)):
         k, h = _hidden_and_keys_by_hand(model, tok, layout, REQUESTS, layer, target_layer, TEMPLATES)
         resid = ((z - h) / (len(layers) - j)).T  # R: [d, n]
+        norm = layout.mlp_output_norm(layer)
+        if norm is not None:  # a norm after the MLP: R carried through it (tests/test_output_norm.py)
+            resid = memit_mod.through_output_norm(norm, layout.rewrite_module(layer), k.float(), resid.T).T.double()
         kk = k.T  # K: [d_ff, n]
         delta = resid @ torch.linalg.solve(lam * covs[layer] + kk @ kk.T, kk).T  # R Kᵀ (λC + KKᵀ)⁻¹
         conv1d = layout.rewrite_is_conv1d(layer)

@@ -28,11 +28,15 @@ def through_output_norm(norm: torch.nn.Module, rewrite: torch.nn.Module, keys: t
                         residual: torch.Tensor) -> torch.Tensor:
     """The change of the rewrite module's outputs u = rewrite(keys) that moves norm(u) by `residual`.
 
-    With a norm after the MLP (Gemma 2/3, OLMo 2), the residual stream receives norm(u), not u, and
-    adding the residual to u itself would move it by about residual / rms(u). RMS norms are scale
-    invariant, so u' = s · y / w (w the norm's scale, y = norm(u) + residual) gives norm(u') =
-    y / rms(y / w): the target exactly where it is reachable, else its nearest point of the same
-    direction. s is chosen to make u' − u smallest, which keeps ΔW small."""
+    With a norm after the MLP (Gemma 2/3, OLMo 2), the residual stream receives norm(u), not u:
+    adding the residual to u itself would move it by about w * residual / rms(u) (w the norm's
+    scale, up to 600 on Gemma-3-270M). RMS norms are scale invariant, so u' = s * y / w (y = norm(u)
+    + residual) gives norm(u') = y / rms(y / w): the target exactly where it is reachable, else the
+    point of its direction (a normed output can turn, not grow). s sets |u'| = |u| * max(1, |y| /
+    |norm(u)|): u turns by the angle the normed output turns and grows as far as the target lies
+    beyond the normed output's reach, so that the edit also holds for the other contexts' u around
+    this one (the keys are their mean). Keeping |u'| = |u| there left the edits of tiny Gemma 2
+    without effect (tests/test_cli_edit.py)."""
     with torch.no_grad():
         device = execution_device(rewrite)
         dtype = next((p.dtype for p in norm.parameters()), keys.dtype)
@@ -42,8 +46,9 @@ def through_output_norm(norm: torch.nn.Module, rewrite: torch.nn.Module, keys: t
         # A scale entry of 0 can carry nothing; leave that coordinate of u where it is.
         tiny = scale.abs() < 1e-8 * scale.abs().max()
         v = torch.where(tiny, u, y / torch.where(tiny, torch.ones_like(scale), scale))
-        s = (v * u).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(1e-300)
-        s = torch.where(s > 0, s, u.pow(2).mean(-1, keepdim=True).sqrt())
+        base = norm(u.to(dtype)).to(torch.float64).norm(dim=-1, keepdim=True)
+        grow = (y.norm(dim=-1, keepdim=True) / base.clamp_min(1e-300)).clamp_min(1.0)
+        s = grow * u.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
         return (s * v - u).to(residual.device, residual.dtype)
 
 
