@@ -126,7 +126,7 @@ def build_facts(scorer: known.Scorer, relations: Sequence[str] = RELATION_IDS, l
     # on the facts the ones before it passed (a fact must pass all; this skips most of the scoring).
     steps = ["+".join(languages[: k + 1]) for k in range(len(languages))]
     known_in = {rid: dict.fromkeys(steps, 0) for rid in relations}
-    progress = {"tested": 0, "known": 0}
+    progress = {"tested": 0, "kept": dict.fromkeys(relations, 0)}
 
     def test(plans: list) -> list[bool]:
         alive = list(range(len(plans)))
@@ -136,9 +136,11 @@ def build_facts(scorer: known.Scorer, relations: Sequence[str] = RELATION_IDS, l
             for i in alive:
                 known_in[plans[i].fact.relation][step] += 1
         progress["tested"] += len(plans)
-        progress["known"] += len(alive)
+        for i in alive:
+            progress["kept"][plans[i].fact.relation] += 1
         if log:
-            log(f"tested {progress['tested']} facts, {progress['known']} known")
+            log(f"tested {progress['tested']} facts, known: "
+                + ", ".join(f"{rid} {n}" for rid, n in progress["kept"].items()))
         passed = set(alive)
         return [i in passed for i in range(len(plans))]
 
