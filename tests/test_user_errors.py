@@ -1,4 +1,4 @@
-"""User errors come early and as one line (issue 11, items 6, 7, 10, 11, 12, 13): every bad input
+"""User errors come early and as one line (issue 11, items 6, 7, 10, 11, 12, 13; issue 24): every bad input
 is refused before the work it would spoil, with exit code 2, one line on stderr that names the path
 or the field, no traceback, and nothing written."""
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -135,7 +136,43 @@ CASES = [
      ["latin1.txt", "line 3", "UTF-8"], [], True),
     ("mistyped-local-model-path", lambda r: r.edit("--model", str(Path(r.root.name) / "worlds" / "modle")),
      ["worlds/modle", "not found"], [], True),
+    # issue 24, item 2: a dataset name is a directory name, never a path
+    ("stats-dataset-dotdot", lambda r: r.stats_argv("--dataset", "../x"), ["dataset name", "'../x'", "--dataset"], [],
+     False),
+    ("stats-dataset-absolute", lambda r: r.stats_argv("--dataset", "/tmp/x"), ["dataset name", "'/tmp/x'"], [], False),
+    ("hparams-mom2-dataset-is-a-path", lambda r: r.edit("--hparams", _hparams(r, mom2_dataset="../../../tmp/evil")),
+     ["hparams.json", 'key "mom2_dataset"', "path separator"], [], False),
+    # issue 24, items 5 and 6: one line naming the file, no traceback
+    ("requests-nested-too-deep", lambda r: r.edit("--requests", str(r.write("deep.json", "[" * 100000 + "]" * 100000))),
+     ["deep.json", "nested too deeply"], ["RecursionError"], False),
+    ("random-bytes-pytorch-model-bin", lambda r: r.edit("--model", str(_model_copy(
+        r, "pickled", lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(
+            bytes(range(256)) * 40))))),
+     ["pickled", "pytorch_model", "not a readable checkpoint"], ["Weights only load failed"], True),
+    ("empty-tokenizer-config", lambda r: r.edit("--model", str(_model_copy(
+        r, "empty-tok", lambda d: (d / "tokenizer_config.json").write_text("")))),
+     ["empty-tok/tokenizer_config.json", "not valid JSON"], [], True),
+    ("world-build-zero-steps", lambda r: ["world", "build", "--out", str(r.root / "w"), "--quick", "--steps", "0"],
+     ["--steps must be at least 1"], [], False),
+    ("ledger-json-is-a-list", lambda r: ["ledger", "list", "--ledger", str(_ledger_dir(r, "[]"))],
+     ["ledger.json", "JSON list, not an object"], [], False),
+    ("ledger-json-without-fields", lambda r: ["ledger", "list", "--ledger", str(_ledger_dir(r, "{}"))],
+     ["ledger.json", "field 'method'"], [], False),
 ]
+
+
+def _model_copy(run: Run, name: str, change) -> Path:
+    copy = run.root / name
+    shutil.copytree(run.model, copy)
+    change(copy)
+    return copy
+
+
+def _ledger_dir(run: Run, header: str) -> Path:
+    ledger = run.root / "ledger"
+    ledger.mkdir()
+    (ledger / "ledger.json").write_text(header)
+    return ledger
 
 
 def _latin1_corpus(run: Run) -> Path:

@@ -225,7 +225,7 @@ def test_quick_build_outputs(quick_world):
 
     out, info = quick_world
     assert info["cached"] is False and is_complete(out)
-    assert not list(out.parent.glob(".quick.tmp-*"))
+    assert not list(out.parent.glob(".quick.massedit-staging-*"))
     tok = AutoTokenizer.from_pretrained(out / "model")
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.model_type == "gpt2" and model.config.vocab_size == len(tok)

@@ -14,7 +14,12 @@ directory: the user's other files stay; a file the run owns but did not write th
 an older run's plot, is dropped rather than left stale), then the two are swapped with one atomic
 renameat2(RENAME_EXCHANGE) where the platform has it, else with two renames a moment apart.
 A run killed before publishing leaves only a hidden `.NAME.massedit-staging-*` directory beside
-the target, which can be deleted.
+the target; the next run that claims the target removes it.
+
+One run at a time writes a target: `claim` creates the lock file `.NAME.massedit-lock` beside it
+exclusively (O_CREAT|O_EXCL, holding the owner's pid) for the whole run, so a second run on the same
+--out is refused before any work instead of silently replacing the first one's result. A lock whose
+pid is no longer running (a killed run) is stale and taken over.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from massedit.model import parallel
 
 
 class NotWritableError(ValueError):
@@ -48,6 +55,12 @@ def check_out(out: Path, force: bool) -> None:
     if real == cwd or real in cwd.parents:
         raise ValueError(f"--out {out} is the current directory or contains it, and is replaced as a whole when "
                          "the run finishes; run from another directory or choose another --out")
+    check_dir(out, "--out")
+    # The staging directory and the lock are created beside --out, so its parent must take them too.
+    parent = _nearest_existing(real.parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NotWritableError(f"--out {out}: its parent {parent} is not writable, and the run writes beside --out "
+                               "before publishing it; choose an --out in a directory you can write to")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -159,3 +172,63 @@ def staged(out, owned: Iterable[str] = ()) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.massedit-lock"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _take_lock(lock: Path, out: Path, flag: str) -> None:
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _running(pid):
+                raise ValueError(f"{flag} {out} is being written by another massedit run (pid {pid}, lock {lock}); "
+                                 "wait for it to finish or choose another directory") from None
+            try:  # stale: its run was killed
+                lock.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise ValueError(f"{flag} {out}: cannot take the lock {lock}; remove it if no massedit run is writing there")
+
+
+@contextmanager
+def claim(out, flag: str = "--out") -> Iterator[None]:
+    """Hold `out` for this run: refused (ValueError) while another live run holds it. Staging
+    directories a killed run left beside `out` are removed once the claim is held. Under torchrun
+    only rank 0, the one that publishes, takes it."""
+    if not parallel.world().main:
+        yield
+        return
+    out = Path(os.path.realpath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(out)
+    _take_lock(lock, out, flag)
+    try:
+        for leftover in out.parent.glob(f".{out.name}.massedit-staging-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        yield
+    finally:
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass

@@ -33,10 +33,11 @@ from massedit.editor import MassEditor, check_method
 from massedit.evaluation import evaluate, summary
 from massedit.inputs.records import load_records
 from massedit.hparams import default_for, load_hparams
+from massedit.compute.stats import stats_folder
 from massedit.model.loading import check_savable, load_model
 from massedit.methods import METHODS, method_names
 from massedit.commands._common import add_model_arguments, options_from_args
-from massedit.commands._outputs import check_dir, check_out, staged
+from massedit.commands._outputs import check_dir, check_out, claim, staged
 from massedit.edits.ledger import Ledger
 from massedit.edits.sequential import SequentialEditor, split_rounds
 from massedit.inputs.requests import load_requests
@@ -113,12 +114,14 @@ def _edit_in_rounds(args, editor, requests, out: Path, method) -> int:
         result = seq.edit_round(batch, batch_size=args.batch_size)
         print(f"round {i}/{len(rounds)}: {result.n_edits} edits with {result.method} in {result.timings['total']:.2f} s")
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    editor.model.save_pretrained(out)
-    editor.tok.save_pretrained(out)
-    report = {"method": seq.method.name, "n_edits": len(requests), "rounds": ledger.rounds(),
-              "ledger": str(ledger.path), "save_seconds": round(time.perf_counter() - t0, 4)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    # Published like a plain edit's: a run killed while saving leaves --out as it was (the base model,
+    # in place), and the rerun replays the ledger's rounds onto it and publishes again.
+    with staged(out, owned=("report.json",)) as stage:
+        editor.model.save_pretrained(stage)
+        editor.tok.save_pretrained(stage)
+        report = {"method": seq.method.name, "n_edits": len(requests), "rounds": ledger.rounds(),
+                  "ledger": str(ledger.path), "save_seconds": round(time.perf_counter() - t0, 4)}
+        (stage / "report.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out}/ (model, tokenizer: base + {len(ledger)} round(s) of {ledger.path}), {out / 'report.json'}")
     return 0
 
@@ -126,8 +129,14 @@ def _edit_in_rounds(args, editor, requests, out: Path, method) -> int:
 def run(args) -> int:
     out = Path(args.out)
     check_out(out, args.force)
-    check_dir(out, "--out")
     _check_stats_dir(args.stats_dir, computing=args.corpus is not None)
+    if args.ledger:
+        check_dir(args.ledger, "--ledger")
+    with claim(out):
+        return _run(args, out)
+
+
+def _run(args, out: Path) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     check_method(args.method)
@@ -158,6 +167,8 @@ def run(args) -> int:
         progress=not args.quiet,
     )
     method.check_saved_model(editor.layout)
+    if args.corpus is not None:  # where missing statistics go, checked before the work that needs them
+        check_dir(stats_folder(args.stats_dir, editor.model_name, hp.mom2_dataset), "--stats-dir")
     requests = editor.validate(requests)
     if args.ledger:
         return _edit_in_rounds(args, editor, requests, out, method)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from massedit.edits.ledger import Ledger
 from massedit.commands._common import add_model_arguments, options_from_args
-from massedit.commands._outputs import check_out, staged
+from massedit.commands._outputs import check_out, claim, staged
 from massedit.model.loading import check_savable, load_model
 
 NAME = "ledger"
@@ -59,26 +59,36 @@ def run(args) -> int:
         print(f"ledger {ledger.path}: {h['method']} on {h['model_name']}, layers {h['layers']}, {len(rounds)} round(s)")
         for r in rounds:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
-            print(f"  round {r['round']:>4}  {r['n_edits']:>6} edits  {r['report']['timings']['total']:9.2f} s  {stamp}"
+            seconds = r["report"].get("timings", {}).get("total", float("nan"))
+            print(f"  round {r['round']:>4}  {r['n_edits']:>6} edits  {seconds:9.2f} s  {stamp}"
                   f"  requests {r['requests_sha256'][:12]}")
         return 0
-    if args.action == "revert":
-        out = Path(args.out)
-        if out.is_dir() and any(out.iterdir()):
-            raise ValueError(f"--out {out} is not empty; ledger revert writes a new directory: choose one")
-        check_out(out, force=False)
-        if not 1 <= args.last <= len(ledger):
-            raise ValueError(f"--last must be between 1 and the number of rounds ({len(ledger)}), got {args.last}")
-    model, tok = load_model(args.model, options_from_args(args))
-    if args.action == "revert":
-        check_savable(model, args.model)
     if args.action == "verify":
-        problems = ledger.verify(model)
-        for p in problems:
-            print(f"massedit ledger verify: {p}", file=sys.stderr)
-        if not problems:
-            print(f"ok: {args.model} is the base of {ledger.path} plus its {len(ledger)} round(s), bit for bit")
-        return 1 if problems else 0
+        return _verify(args, ledger)
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; ledger revert writes a new directory: choose one")
+    check_out(out, force=False)
+    if not 1 <= args.last <= len(ledger):
+        raise ValueError(f"--last must be between 1 and the number of rounds ({len(ledger)}), got {args.last}")
+    ledger.check()
+    with claim(out):
+        return _revert(args, ledger, out)
+
+
+def _verify(args, ledger: Ledger) -> int:
+    model, _ = load_model(args.model, options_from_args(args))
+    problems = ledger.verify(model)
+    for p in problems:
+        print(f"massedit ledger verify: {p}", file=sys.stderr)
+    if not problems:
+        print(f"ok: {args.model} is the base of {ledger.path} plus its {len(ledger)} round(s), bit for bit")
+    return 1 if problems else 0
+
+
+def _revert(args, ledger: Ledger, out: Path) -> int:
+    model, tok = load_model(args.model, options_from_args(args))
+    check_savable(model, args.model)
     ledger.revert_last(model, args.last, drop=False)
     with staged(out) as stage:
         model.save_pretrained(stage)

@@ -27,8 +27,8 @@ from massedit.model import parallel
 from massedit.model.arch import ModelLayout
 from massedit.inputs.corpus import read_corpus
 from massedit.model.loading import load_model, model_name_for
-from massedit.compute.stats import (DTYPES, ModelIdentity, check_identity, check_model_name, check_storable, second_moments,
-                            stats_file, write_stats)
+from massedit.compute.stats import (DTYPES, ModelIdentity, check_dataset_name, check_identity, check_model_name,
+                                    check_storable, second_moments, stats_file, write_stats)
 from massedit.commands._common import add_deprecated_alias, add_model_arguments, options_from_args
 from massedit.commands._outputs import check_dir
 
@@ -71,6 +71,7 @@ def run(args) -> int:
     check_storable(args.stats_dtype)
     check_dir(args.stats_dir, "--stats-dir")
     name = check_model_name(args.model_name or model_name_for(args.model))
+    check_dataset_name(args.dataset)
     model, tok = load_model(args.model, options_from_args(args))
     layout = ModelLayout(model)
     layout.check_layers(layers, "--layers")
@@ -82,6 +83,8 @@ def run(args) -> int:
     for l in layers:
         if l not in todo:
             check_identity(paths[l], identity.of_layer(l), explicit_name=args.model_name is not None)
+    if todo:  # where the pass writes its checkpoint and files, before the pass
+        check_dir(paths[todo[0]].parent, "--stats-dir")
     t0 = time.perf_counter()
     n_docs = tokens = 0
     if todo:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 
 from massedit.commands._common import UserError
+from massedit.commands._outputs import claim
 from massedit.model.loading import dtype_kwargs
 
 NAME = "world"
@@ -115,12 +116,15 @@ def _build(args) -> int:
         raise UserError("--threads must be at least 1")
     if args.languages not in (1, 2):
         raise UserError(f"--languages must be 1 or 2, got {args.languages}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
     overrides = {"steps": args.steps} if args.steps is not None else {}
     log = None if (args.quiet or args.json) else print
-    info = build_world(args.out, n_subjects=args.subjects, arch=args.arch, seed=args.seed, quick=args.quick,
-                       force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs, train=args.train,
-                       relations=_relations(args.relations), names=args.names,
-                       languages=args.languages, **overrides)
+    with claim(args.out):
+        info = build_world(args.out, n_subjects=args.subjects, arch=args.arch, seed=args.seed, quick=args.quick,
+                           force=args.force, threads=args.threads, log=log, n_corpus_docs=args.corpus_docs,
+                           train=args.train, relations=_relations(args.relations), names=args.names,
+                           languages=args.languages, **overrides)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from massedit.model import parallel
 from massedit.model.arch import ModelLayout
 from massedit.inputs.corpus import read_corpus
+from massedit.inputs.names import check_name
 from massedit.edits.delta import config_hash
 from massedit.model.devices import execution_device, input_device, read_parameter
 from massedit.model.hooks import capture_inputs, run_until
@@ -66,10 +67,14 @@ def model_name_of(model) -> str:
 
 def check_model_name(name: str) -> str:
     """A model name is one directory inside the statistics directory, never a path out of it."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise StatsError(f"model name {name!r} is not a plain directory name; pass --model-name NAME "
-                         "(MassEditor(model_name=...)) with a name like 'gpt2-xl'")
-    return name
+    return check_name(name, "model name", "pass --model-name NAME (MassEditor(model_name=...)) with a name like "
+                      "'gpt2-xl'", StatsError)
+
+
+def check_dataset_name(name: str) -> str:
+    """A dataset name is one directory (NAME_stats) inside the model's, never a path out of it."""
+    return check_name(name, "statistics dataset name", 'give a plain name like "wikipedia" (stats --dataset, '
+                      'hparams key "mom2_dataset")', StatsError)
 
 
 def check_storable(dtype: str) -> None:
@@ -81,9 +86,14 @@ def check_storable(dtype: str) -> None:
                          "(--stats-dtype float32, or mom2_dtype in the hparams); existing float16 files are still read")
 
 
+def stats_folder(stats_dir, model_name: str, dataset: str) -> Path:
+    """The directory a model's statistics over one dataset are written into."""
+    return Path(stats_dir) / check_model_name(model_name) / f"{check_dataset_name(dataset)}_stats"
+
+
 def stats_file(stats_dir, model_name: str, dataset: str, module_name: str, dtype: str, n_samples: Optional[int]) -> Path:
     suffix = "" if n_samples is None else f"_{n_samples}"
-    return Path(stats_dir) / check_model_name(model_name) / f"{dataset}_stats" / f"{module_name}_{dtype}_mom2{suffix}.npz"
+    return stats_folder(stats_dir, model_name, dataset) / f"{module_name}_{dtype}_mom2{suffix}.npz"
 
 
 def _umask() -> int:
@@ -296,14 +306,26 @@ def _fingerprint(encoded: Sequence[Sequence[int]], layers, dtype, batch_tokens, 
     return h.hexdigest()
 
 
+def _contents_digest(count: int, done: int, sums: dict) -> str:
+    """SHA-256 of a checkpoint's position and partial sums: what it must still hold when resumed."""
+    h = hashlib.sha256(f"{count}|{done}".encode())
+    for l in sorted(sums):
+        h.update(f"|layer{l}|{sums[l].dtype}|{sums[l].shape}|".encode())
+        h.update(np.ascontiguousarray(sums[l]).tobytes())
+    return h.hexdigest()
+
+
 def _save_checkpoint(path: Path, acc: dict, count: int, done: int, fingerprint: str) -> None:
+    sums = {l: a.cpu().numpy() for l, a in acc.items()}
     _atomic_savez(path, {"count": np.array(count), "done": np.array(done), "fingerprint": np.array(fingerprint),
-                         **{f"layer{l}": a.cpu().numpy() for l, a in acc.items()}})
+                         "contents_sha256": np.array(_contents_digest(count, done, sums)),
+                         **{f"layer{l}": v for l, v in sums.items()}})
 
 
 def _load_checkpoint(path: Optional[Path], acc: dict, fingerprint: str) -> tuple[int, int]:
     """(count, batches done) from a matching checkpoint, else (0, 0). A checkpoint that cannot be
-    read (truncated, not an npz, wrong arrays) is discarded with a warning: it only saves time."""
+    read (truncated, not an npz, wrong arrays) or whose contents fail the digest written with them is
+    discarded with a warning and the pass starts over: it only saves time."""
     if path is None or not path.exists():
         return 0, 0
     try:
@@ -311,10 +333,12 @@ def _load_checkpoint(path: Optional[Path], acc: dict, fingerprint: str) -> tuple
             if str(data["fingerprint"]) != fingerprint:
                 warnings.warn(f"ignoring statistics checkpoint {path}: it was made for another model, corpus or settings")
                 return 0, 0
-            partial = {l: torch.from_numpy(data[f"layer{l}"]) for l in acc}
+            sums = {l: data[f"layer{l}"] for l in acc}
             count, done = int(data["count"]), int(data["done"])
+            if str(data["contents_sha256"]) != _contents_digest(count, done, sums):
+                raise ValueError("its sums do not match the digest written with them (changed after it was written)")
             for l, a in acc.items():
-                a.copy_(partial[l])
+                a.copy_(torch.from_numpy(sums[l]))
     except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile) as err:
         warnings.warn(f"discarding unreadable statistics checkpoint {path} ({type(err).__name__}: {err}); starting over")
         path.unlink()

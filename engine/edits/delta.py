@@ -59,6 +59,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from massedit.model import quantized
+from massedit.model.arch import REGISTRY
 from massedit.model.devices import read_parameter, write_parameter
 
 FORMAT_VERSION = 3
@@ -77,6 +78,12 @@ _VOLATILE_CONFIG_KEYS = frozenset({
 })
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# The config keys a delta's additions may set, and only to true: the flags that make a family build
+# the parameters a method adds (MEMAT's attention-output biases: "attention_bias" for Llama-like
+# families, "bias" for those whose flag biases every linear layer). Any other key (n_layer, ...)
+# would change the architecture the saved model reloads as, so a delta file setting one is refused.
+ADDITION_CONFIG_KEYS = frozenset(spec.attn_bias_flag for spec in REGISTRY.values() if spec.attn_bias_flag)
 
 
 class DeltaError(ValueError):
@@ -190,6 +197,15 @@ def tensor_digest(t: torch.Tensor) -> str:
     """SHA-256 of a weight's values as `digests()` records them, for a weight held outside a model
     (e.g. one tensor read from a checkpoint file)."""
     return _sha256(t)
+
+
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (a saved delta, a statistics file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def weight_digest(model: nn.Module, name: str) -> str:
@@ -445,9 +461,12 @@ class EditDelta:
 
     def apply(self, model: nn.Module, force: bool = False) -> None:
         """W ← round(W + Δ) for every weight, all or nothing: on any error the weights already
-        written are restored exactly. Refused when the weights already hold the edit. The model's
-        config hash must match metadata["config_hash"] when the delta has one; force=True skips
-        that check."""
+        written are restored exactly. Refused when the weights already hold the edit. A delta with
+        an apply record is checked against it: on its recorded base the result must have the recorded
+        edited digest (altered factors are refused), and weights other than that base (other edits
+        since, or this delta beneath them) are refused. The model's config hash must match
+        metadata["config_hash"] when the delta has one. force=True skips the config hash and base
+        checks."""
         names = [wd.name for wd in self.weights]
         self._check_config_hash(model, force)
         added = self._add(model)
@@ -457,10 +476,31 @@ class EditDelta:
             quantized.make_editable(model, names)
             params = self._checked_params(model)
             digests = self._refuse_if_applied(model, params)
-            for wd, before in zip(self.weights, digests):
+            recorded = self._record or [None] * len(self.weights)
+            # A quantized model's weights are a dequantized approximation of any float base: deltas
+            # made on the float model transfer to it by design, so its base is not held to the record.
+            transfer = getattr(getattr(model, "config", None), "quantization_config", None) is not None
+            for wd, p, before, r in zip(self.weights, params, digests, recorded):
+                elsewhere = (r is not None and not transfer and p.dtype == r.dtype
+                             and before != r.sha256_before != r.sha256_after)
+                if elsewhere and not force:
+                    raise DeltaError(
+                        f"{wd.name} is not the weight this delta was made on (base digest {r.sha256_before[:12]}, "
+                        f"the model's {before[:12]}): the model changed since (other edits, training), or this delta "
+                        "is already applied beneath later edits; pass force=True to apply it on these weights anyway"
+                    )
                 w = read_parameter(model, wd.name)
                 new, index, value = _edited(w, wd)
                 record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type)
+                # On its own base, on the device type it was made on, the delta must reproduce the edited
+                # weights it recorded: otherwise its factors are not the ones that made that record.
+                if r is not None and before == r.sha256_before and (r.dtype, r.device) == (w.dtype, w.device.type) \
+                        and record.sha256_after != r.sha256_after:
+                    raise DeltaError(
+                        f"{wd.name}: this delta does not produce the edited weights its record names (digest "
+                        f"{r.sha256_after[:12]}, got {record.sha256_after[:12]}): its factors were changed after it was "
+                        "saved; use the delta file the edit wrote. No weight was changed."
+                    )
                 write_parameter(model, wd.name, new)
                 done.append((wd, record))
         except BaseException:
@@ -702,6 +742,9 @@ def _parse_additions(bad, raw) -> Optional[ParameterAdditions]:
     for key, pair in raw["config"].items():
         if not isinstance(pair, list) or len(pair) != 2:
             raise bad(f"'additions'.config.{key}", "must be [value before, value after]")
+        if key not in ADDITION_CONFIG_KEYS or pair[1] is not True:
+            raise bad(f"'additions'.config.{key}", f"sets {key!r} to {pair[1]!r}; a delta may only set a bias flag "
+                      f"({', '.join(sorted(ADDITION_CONFIG_KEYS))}) to true")
         config[key] = tuple(pair)
     parameters = {}
     for i, entry in enumerate(raw["parameters"]):

@@ -10,13 +10,16 @@
         keys.safetensors            the round's keys per layer ("layer.<l>", [n, d], read on the
                                     model after the round), for rules that preserve earlier keys
         round.json                  round number, method, n_edits, SHA-256 of the requests,
-                                    timings, z loss
+                                    timings, z loss, the SHA-256 of delta.safetensors and of
+                                    round.json's own other fields (a changed file is refused)
     DIR/reverted/                   rounds taken off by `revert`, kept rather than deleted
 
 A round is written into DIR/rounds/.000001.partial and renamed into place: an interruption leaves
 either the whole round or none of it (a leftover .partial directory is removed on the next open).
 The model state a ledger describes is the base plus all its rounds; each weight's digests chain
-from the base through every round's before/after, which is what `verify` checks.
+from the base through every round's before/after. `check` (run by `rounds`, `replay`, `revert_last`
+and, as a list of problems, `verify`) refuses a ledger whose files no longer say that: a missing or
+renumbered round, a changed round.json or delta, a broken chain.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from massedit.edits.delta import EditDelta, config_hash, weight_digest
+from massedit.edits.delta import EditDelta, config_hash, file_digest, weight_digest
 
 FORMAT_VERSION = 1
 
@@ -56,12 +59,34 @@ def _digests_of(delta_path: Path) -> list[dict]:
     return digests
 
 
-def _read_json(path: Path) -> dict:
+_DAMAGED = "the ledger is damaged: restore the file, or start a new ledger directory"
+# The fields each file must have, with their JSON types.
+_HEADER_FIELDS = {"method": str, "model_name": str, "config_hash": str, "layers": list, "hparams": dict,
+                  "context_templates": list, "base": dict}
+_ROUND_FIELDS = {"round": int, "created": (int, float), "method": str, "n_edits": int, "requests_sha256": str,
+                 "report": dict}
+
+
+def _read_json(path: Path, fields: dict) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LedgerError(f"{path}: not valid JSON ({err}); the ledger is damaged: restore the file, "
-                          "or start a new ledger directory") from None
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LedgerError(f"{path}: missing; {_DAMAGED}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise LedgerError(f"{path}: not valid JSON ({str(err).splitlines()[0]}); {_DAMAGED}") from None
+    if not isinstance(data, dict):
+        raise LedgerError(f"{path}: holds a JSON {type(data).__name__}, not an object; {_DAMAGED}")
+    for key, kind in fields.items():
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise LedgerError(f"{path}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}; "
+                              f"{_DAMAGED}")
+    return data
+
+
+def _record_digest(info: dict) -> str:
+    """SHA-256 of a round.json's fields other than this digest itself."""
+    rest = {k: v for k, v in info.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 class Ledger:
@@ -81,7 +106,7 @@ class Ledger:
     @property
     def header(self) -> Optional[dict]:
         f = self.path / "ledger.json"
-        return _read_json(f) if f.is_file() else None
+        return _read_json(f, _HEADER_FIELDS) if f.is_file() else None
 
     def round_dirs(self) -> list[Path]:
         rounds = self.path / "rounds"
@@ -91,8 +116,9 @@ class Ledger:
         return len(self.round_dirs())
 
     def rounds(self) -> list[dict]:
-        """round.json of every round, in order."""
-        return [_read_json(d / "round.json") for d in self.round_dirs()]
+        """round.json of every round, in order; the ledger is checked first (`check`)."""
+        self.check()
+        return [_read_json(d / "round.json", _ROUND_FIELDS) for d in self.round_dirs()]
 
     def delta(self, index: int) -> EditDelta:
         """Round `index` (1-based)'s delta, as saved (applied)."""
@@ -111,6 +137,50 @@ class Ledger:
         return digests
 
     # ------------------------------------------------------------------ checks
+
+    def problems(self) -> list[str]:
+        """What keeps the ledger's files from describing base + rounds (empty: nothing): rounds
+        numbered 1..n without a gap, each round.json and delta as written, and each weight's digests
+        chaining from the base through every round's before/after. The model is not read."""
+        h = self.header
+        if h is None:
+            return [f"{self.path} holds no ledger (no ledger.json)"]
+        previous = dict(h["base"])
+        for index, d in enumerate(self.round_dirs(), 1):
+            if d.name != f"{index:06d}":
+                return [f"ledger {self.path}: round {index:06d} is missing (the next is {d.name}); {_DAMAGED}"]
+            try:
+                info = _read_json(d / "round.json", _ROUND_FIELDS)
+            except LedgerError as err:
+                return [str(err)]
+            if info["round"] != index:
+                return [f"{d / 'round.json'}: field 'round' is {info['round']}, the directory is round {index}; {_DAMAGED}"]
+            if "record_sha256" in info and info["record_sha256"] != _record_digest(info):
+                return [f"{d / 'round.json'}: changed since the round was recorded (its fields do not match "
+                        f"record_sha256); {_DAMAGED}"]
+            delta = d / "delta.safetensors"
+            if not delta.is_file():
+                return [f"{delta}: missing; {_DAMAGED}"]
+            if "delta_sha256" in info and info["delta_sha256"] != file_digest(delta):
+                return [f"{delta}: changed since the round was recorded (not the file round.json's delta_sha256 "
+                        f"names); {_DAMAGED}"]
+            try:
+                digests = _digests_of(delta)
+            except ValueError as err:
+                return [str(err).splitlines()[0]]
+            for w in digests:
+                if previous.get(w["name"]) != w["sha256_before"]:
+                    return [f"round {d.name}: {w['name']} was not applied on the previous round's result"]
+                previous[w["name"]] = w["sha256_after"]
+        return []
+
+    def check(self) -> None:
+        """LedgerError (one line) at the first of `problems`; nothing for a ledger not started yet."""
+        if self.header is None:
+            return
+        problems = self.problems()
+        if problems:
+            raise LedgerError(problems[0])
 
     def _params(self, model) -> dict[str, torch.nn.Parameter]:
         named = dict(model.named_parameters())
@@ -177,7 +247,10 @@ class Ledger:
         if keys:
             save_file({f"layer.{l}": k.detach().cpu().contiguous() for l, k in keys.items()},
                       str(partial / "keys.safetensors"))
-        (partial / "round.json").write_text(json.dumps({"round": index, "created": time.time(), **info}, indent=2))
+        record = {"round": index, "created": time.time(), **info,
+                  "delta_sha256": file_digest(partial / "delta.safetensors")}
+        record["record_sha256"] = _record_digest(record)
+        (partial / "round.json").write_text(json.dumps(record, indent=2))
         os.replace(partial, final)
         return final
 
@@ -185,6 +258,7 @@ class Ledger:
 
     def replay(self, model) -> None:
         """Apply every round to a model at the base state; afterwards it is at the head, bit for bit."""
+        self.check()
         state = self.state_of(model)
         if state == "head":
             return
@@ -217,6 +291,7 @@ class Ledger:
         n = len(self)
         if not 1 <= k <= n:
             raise LedgerError(f"--last must be between 1 and the number of rounds ({n}), got {k}")
+        self.check()
         if self.state_of(model) != "head":
             raise LedgerError(f"the model is not base + the {n} rounds of ledger {self.path}; "
                               "revert needs the model the ledger's last round produced")
@@ -245,20 +320,11 @@ class Ledger:
     def verify(self, model) -> list[str]:
         """Problems found (empty: the model's edited weights are the base plus every round, bit for bit).
 
-        Checks the digest chain base → round 1 → … → last round, the model's weights against the
-        last round's digests, and then recomputes: every round is reverted exactly (each revert
+        Checks the ledger's files (`problems`: the digest chain base → round 1 → … → last round among
+        them), the model's weights against the last round's digests, and then recomputes: every round is reverted exactly (each revert
         checks the weights it restores) down to the base and re-applied, leaving the model as it was.
         """
-        h = self.header
-        if h is None:
-            return [f"{self.path} holds no ledger (no ledger.json)"]
-        problems = []
-        previous = dict(h["base"])
-        for d in self.round_dirs():
-            for w in _digests_of(d / "delta.safetensors"):
-                if previous.get(w["name"]) != w["sha256_before"]:
-                    problems.append(f"round {d.name}: {w['name']} was not applied on the previous round's result")
-                previous[w["name"]] = w["sha256_after"]
+        problems = self.problems()
         if problems:
             return problems
         state = self.state_of(model)

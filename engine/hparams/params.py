@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from massedit.hparams.keys import HParamsError, above, at_least, checked, declared, hparam, one_of
+from massedit.inputs.names import unsafe
 from massedit.model.arch import OVERRIDE_KEYS
 
 __all__ = ["HParamsError", "MEMITHyperParams", "MOM2_DTYPES", "EXTRA_KEYS", "METHOD_HPARAMS", "register_hparams",
@@ -140,8 +141,9 @@ class MEMITHyperParams:
     attn_module_tmp: Optional[str] = hparam(None, check=_template)
     ln_f_module: Optional[str] = hparam(None, check=_module)
     lm_head_module: Optional[str] = hparam(None, check=_module)
-    mom2_dataset: str = hparam("wikipedia", check=lambda v: None if v.strip() else (
-        'is empty; name the statistics corpus, e.g. "wikipedia"'))
+    # A directory name in the statistics path (massedit.inputs.names).
+    mom2_dataset: str = hparam("wikipedia", check=lambda v: unsafe(v) and (
+        f'{unsafe(v)}; name the statistics corpus with a plain name, e.g. "wikipedia"'))
     mom2_n_samples: int = hparam(100000, check=at_least(1))
     mom2_dtype: str = hparam("float32", check=one_of(MOM2_DTYPES))
     # massedit additions

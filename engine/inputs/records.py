@@ -343,6 +343,9 @@ def read_json_list(path: Path, text: Optional[str] = None) -> list:
         raise RequestError(
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}{hint}; fix the syntax there"
         ) from None
+    except RecursionError:
+        raise RequestError(f"{path}: the JSON is nested too deeply to read; records are a flat list of objects, e.g. "
+                           f"{_LIST_EXAMPLE}") from None
     if isinstance(data, dict):
         raise RequestError(f"{path}: the top level is a JSON object; expected a JSON list of records, e.g. "
                            f"{_LIST_EXAMPLE} — wrap the object in [ ]")

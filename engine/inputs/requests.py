@@ -73,9 +73,20 @@ def parse_records(records: list, source: str, fmt: str = "auto", zsre_target: st
     return _requests(records, [f"{source}, record {i}" for i in range(len(records))], fmt, zsre_target)
 
 
+# The keys of a simple record; any other key is ignored, and said so once (a misspelt "target_true").
+_SIMPLE_KEYS = ("subject", "prompt", "target_new", "target_true", "case_id")
+
+
 def _requests(records: list, sources: list[str], fmt: str, zsre_target: str) -> list[EditRequest]:
     kind = fmt if fmt in ("counterfact", "zsre", "simple") else detect_kind(records[0]) or "simple"
-    return [EditRequest(*rewrite(rec, kind, src, i, zsre_target), src) for i, (rec, src) in enumerate(zip(records, sources))]
+    requests = [EditRequest(*rewrite(rec, kind, src, i, zsre_target), src)
+                for i, (rec, src) in enumerate(zip(records, sources))]
+    unknown = sorted({str(k) for rec in records for k in rec} - set(_SIMPLE_KEYS)) if kind == "simple" else []
+    if unknown:
+        first = next(src for rec, src in zip(records, sources) if set(map(str, rec)) - set(_SIMPLE_KEYS))
+        warnings.warn(f"{first}: ignoring key(s) a request does not have: {', '.join(map(repr, unknown))} "
+                      f"(a request reads {', '.join(_SIMPLE_KEYS)})", stacklevel=3)
+    return requests
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +105,9 @@ def _load_jsonl(path: Path, text: str) -> tuple[list, list[int]]:
                 f"{path}, line {lineno} (record {len(records)}): invalid JSON at column {err.colno}: "
                 f"{err.msg}; each line must hold one complete JSON object"
             ) from None
+        except RecursionError:
+            raise RequestError(f"{path}, line {lineno} (record {len(records)}): the JSON is nested too deeply to read; "
+                               "each line must hold one flat record object") from None
         lines.append(lineno)
     return records, lines
 
@@ -191,7 +205,8 @@ def validate_requests(requests: Sequence[EditRequest], tokenizer=None, max_token
        with one `warnings.warn` naming the records dropped;
     4. with a tokenizer, every subject must be locatable in its tokenized prompt
        (`massedit.inputs.tokens.encode_prompt`) and must not be or contain a special token ("<|endoftext|>",
-       "<s>": the model never saw it as text); else a RequestError naming the record and field "subject";
+       "<s>": the model never saw it as text); else a RequestError naming the record and field "subject"
+       (a target_new holding one, or equal to target_true, is accepted with a warning);
     5. with `max_tokens` (the room the model's context leaves after the longest context template),
        the prompt and its target together must fit, else a RequestError naming the longer of the two.
 
@@ -239,6 +254,14 @@ def validate_requests(requests: Sequence[EditRequest], tokenizer=None, max_token
             f"first of each: {_list_more(duplicates, 10)}",
             stacklevel=2,
         )
+    unchanged = [name(i) for i, req in kept
+                 if req.target_true is not None and req.target_true.strip() == req.target_new.strip()]
+    if unchanged:
+        warnings.warn(
+            f"{len(unchanged)} request(s) ask for the fact the model should already know (target_new equals "
+            f"target_true), so they change nothing that is measured: {_list_more(unchanged, 10)}",
+            stacklevel=2,
+        )
     if tokenizer is not None:
         special = [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t.strip()]
         for i, req in kept:
@@ -249,6 +272,10 @@ def validate_requests(requests: Sequence[EditRequest], tokenizer=None, max_token
                     f"{where(src, 'subject')}: {req.subject!r} contains the tokenizer's special token {token!r}, "
                     "which the model reads as a control token, not as text; give the subject as plain text"
                 )
+            token = next((t for t in special if t in req.target_new), None)
+            if token is not None:
+                warnings.warn(f"{where(src, 'target_new')}: {req.target_new!r} contains the tokenizer's special token "
+                              f"{token!r}: the edit teaches the model to emit a control token", stacklevel=2)
             try:
                 enc = _tokens.encode_prompt(tokenizer, req.prompt, req.subject)
             except _tokens.SubjectNotFoundError as err:

@@ -24,7 +24,6 @@ the statistics file it came from: a projector whose statistics changed is recomp
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from massedit.hparams.keys import checked
 from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
 from massedit.compute.stats import stats_file
+from massedit.edits.delta import file_digest
 
 _HEADER_KEY = "massedit.nullspace"
 
@@ -88,14 +88,6 @@ class NullSpaceSolver:
         return null_space_solve(self.projector, self.preserved, keys, self.l2)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def projector_file(stats_path: Path, threshold: float) -> Path:
     return stats_path.with_name(f"{stats_path.name}.nullspace-{threshold:g}.safetensors")
 
@@ -105,7 +97,7 @@ def cached_basis(stats_path: Optional[Path], cov: torch.Tensor, threshold: float
     computed (and written there, atomically)."""
     if stats_path is None or not stats_path.exists():
         return null_space_basis(cov, threshold)
-    digest = _sha256_file(stats_path)
+    digest = file_digest(stats_path)
     path = projector_file(stats_path, threshold)
     if path.exists():
         with safe_open(str(path), framework="pt") as f:

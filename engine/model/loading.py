@@ -8,6 +8,7 @@ module names from a skeleton built on the meta device (config only, no weights).
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -237,6 +238,14 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs, **dtype_kwargs(torch_dtype))
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{_unreadable_json(name_or_path) or name_or_path}: not valid JSON ({err}); restore or "
+                         "re-create the file (save_pretrained writes it)") from None
+    except (pickle.UnpicklingError, EOFError):
+        # torch.load refuses what is not a weights-only checkpoint, in 30 lines that do not name the file.
+        files = ", ".join(str(p) for p in sorted(Path(name_or_path).glob("*.bin"))) or name_or_path
+        raise ValueError(f"{files}: not a readable checkpoint (torch.load finds no weights-only PyTorch file: "
+                         "truncated, corrupt or holding code); restore or re-create it") from None
     # A named map decides placement only while loading; transformers then reads disk-offloaded
     # weights from the checkpoint without a folder, and an edit to them would fail after z.
     if options.offload_folder is None and "disk" in (getattr(model, "hf_device_map", None) or {}).values():
@@ -247,6 +256,17 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _unreadable_json(name_or_path: str) -> Optional[Path]:
+    """The first JSON file of a local model directory that does not parse (transformers does not say)."""
+    folder = Path(name_or_path)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return path
+    return None
 
 
 def _note(message: str) -> None:

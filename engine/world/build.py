@@ -23,12 +23,13 @@ import os
 import platform
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
+# The one publishing mechanism (staging beside OUT, then an atomic swap) of every command that writes a model.
+from massedit.commands._outputs import staged
 from massedit.world import prebuilt
 from massedit.world.generate import DEFAULT_RELATIONS, GENERATOR_VERSION, NAME_STYLES, generate_world, relation_ids, write_world_files
 from massedit.world.languages import check_languages, second_language, subject_token_jaccard
@@ -37,6 +38,9 @@ from massedit.world.train import ARCHS, TrainConfig, preset, recall_all, torch_s
 REQUIRED_FILES = ("world.json", "counterfact.json", "zsre.json", "reference_texts.json", "corpus.txt",
                   "build.json", "model/config.json", "model/tokenizer.json")
 L2_FILES = ("world.l2.json", "counterfact.l2.json", "zsre.l2.json")
+# Every top-level entry a build writes: what `force` replaces in an existing directory; anything
+# else there (the user's files) is kept.
+BUILD_ENTRIES = tuple(sorted({f.split("/")[0] for f in REQUIRED_FILES + L2_FILES}))
 # Enough people that most objects of the default relations have two holders (neighborhood prompts).
 QUICK_SUBJECTS = 40
 DEFAULT_SUBJECTS = 2000
@@ -113,6 +117,8 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
     out = Path(out_dir).expanduser().resolve()
     say = log or (lambda m: None)
 
+    if out.exists() and not out.is_dir():
+        raise WorldExistsError(f"{out} exists and is not a directory; choose another --out (a build is a directory)")
     if out.exists() and not force:
         prev = read_build(out)
         if prev is not None and prev.get("args") == args and is_complete(out, languages):
@@ -121,7 +127,7 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
         if prev is not None:
             raise WorldExistsError(f"{out} holds a world built with other arguments; use --force to rebuild it "
                                    "or choose another --out")
-        if out.is_file() or any(out.iterdir()):
+        if any(out.iterdir()):
             raise WorldExistsError(f"{out} exists and is not a world build; use --force to replace it "
                                    "or choose another --out")
 
@@ -134,7 +140,7 @@ def build_world(out_dir, n_subjects: Optional[int] = None, arch: str = "gpt2", s
                                          relations=relations, names=names, languages=languages, **overrides), log)
 
     t_start = time.perf_counter()
-    with _staging(out) as tmp:
+    with staged(out, owned=BUILD_ENTRIES) as tmp:
         timings = {}
         t = time.perf_counter()
         world, files = _write_data(tmp, n_subjects, seed, relations, names, languages, n_corpus_docs)
@@ -190,7 +196,7 @@ def _write_data(tmp: Path, n_subjects: int, seed: int, relations, names: str, la
 def _unpack_build(out: Path, archive: Path, data_args: tuple, say) -> dict:
     """A build from a shipped model: the world's files generated, the model unpacked."""
     t_start = time.perf_counter()
-    with _staging(out) as tmp:
+    with staged(out, owned=BUILD_ENTRIES) as tmp:
         _write_data(tmp, *data_args)
         build = prebuilt.unpack(archive, tmp)
         build["prebuilt"] = {"archive": archive.name, "sha256": prebuilt.sha256(archive)}
@@ -231,7 +237,8 @@ def _build_in_child(out: Path, kwargs: dict, log) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        shutil.rmtree(out.parent / f".{out.name}.tmp-{proc.pid}", ignore_errors=True)
+        for leftover in out.parent.glob(f".{out.name}.massedit-staging-*"):  # the stopped child's
+            shutil.rmtree(leftover, ignore_errors=True)
         raise
     if returncode != 0:
         raise RuntimeError(f"the world build in a child process failed (exit code {returncode}); "
@@ -247,34 +254,6 @@ def _child_main(payload: str) -> int:
     log = (lambda m: print(m, flush=True)) if spec["verbose"] else None
     build_world(spec["out"], log=log, **spec["kwargs"])
     return 0
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A sibling temporary directory that replaces `out` when the block ends, and is removed if it fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        yield tmp
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
 
 
 def _version(name: str) -> str:
