@@ -19,12 +19,12 @@ from massedit.inputs.facts.sources import load_facts
 from massedit.inputs.records import load_records
 from massedit.inputs.requests import load_requests, validate_requests
 from massedit.methods.memat.method import match_l2, parse_l2_records
-from tiny import make_model
+from tiny import WORDS, make_model
 
 FACTS = load_facts(MIN_POPULATION)
 
 
-def _oracle():
+def oracle():
     """A scorer that knows every fact: the true object scores 0 after any of its prompts, the rest -1."""
     truth = {}
     for rel in RELATIONS:
@@ -42,7 +42,7 @@ def _hashed(pairs):
 
 def _build(tmp_path: Path, name: str, **kwargs) -> Path:
     kwargs.setdefault("max_per_relation", 12)
-    built = build_facts(kwargs.pop("scorer", _oracle()), languages=("en", "ca"), model="stub", **kwargs)
+    built = build_facts(kwargs.pop("scorer", oracle()), languages=("en", "ca"), model="stub", **kwargs)
     built.write(tmp_path / name)
     return tmp_path / name
 
@@ -220,3 +220,14 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
         code, cap = _cli(capsys, "eval", "--model", str(tmp_path / "model"), "--data", str(data))
         assert code == 0, cap.err
         assert f"{n} case(s)" in cap.out
+    files = {"hparams.json": json.dumps({"layers": [1, 2], "v_num_grad_steps": 2, "mom2_n_samples": 10}),
+             "corpus.txt": "\n".join(" ".join(WORDS[i : i + 12]) for i in range(0, 120, 12)),
+             "templates.json": json.dumps([["{}"]])}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    code, cap = _cli(capsys, "edit", "--model", str(tmp_path / "model"), "--requests", str(out / "counterfact.json"),
+                     "--out", str(tmp_path / "edited"), "--stats-dir", str(tmp_path / "stats"), "--quiet",
+                     "--corpus", str(tmp_path / "corpus.txt"), "--context-templates", str(tmp_path / "templates.json"),
+                     "--hparams", str(tmp_path / "hparams.json"))
+    assert code == 0, cap.err
+    assert json.loads((tmp_path / "edited" / "report.json").read_text())["n_edits"] == n
