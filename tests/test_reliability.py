@@ -432,3 +432,38 @@ def test_unknown_keys_of_simple_requests_are_warned_about_once():
     assert len(caught) == 1
     assert str(caught[0].message).startswith("r.json, record 1: ignoring key(s) a request does not have: 'note', "
                                              "'target_ture'")
+
+
+# ------------------------------------------------------------------ also reported: rank 0 failing to write
+
+_RANK_0_CANNOT_WRITE = textwrap.dedent(
+    """
+    import os, sys
+    import massedit.cli as cli
+    from transformers import PreTrainedModel
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "edited/model.safetensors")
+
+    if os.environ["RANK"] == "0":
+        PreTrainedModel.save_pretrained = disk_full
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def test_an_error_on_rank_0_while_writing_ends_every_rank(files, tmp_path):
+    """Under torchrun the other ranks used to wait at a barrier for a rank 0 that had failed."""
+    from test_parallel import _free_port
+
+    model_dir = _save_model(tmp_path / "model")
+    script = tmp_path / "rank0_cannot_write.py"
+    script.write_text(_RANK_0_CANNOT_WRITE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), *files.edit(model_dir, tmp_path / "edited")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("massedit edit: error:")]
+    assert len(errors) == 2 and all("No space left on device: edited/model.safetensors" in e for e in errors), \
+        done.stderr[-3000:]
+    assert not (tmp_path / "edited").exists() and _leftovers(tmp_path) == []

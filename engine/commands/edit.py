@@ -174,20 +174,25 @@ def _run(args, out: Path) -> int:
         return _edit_in_rounds(args, editor, requests, out, method)
     pre = summary(evaluate(model, tok, records, zsre_target=args.zsre_target)) if records else None
     result = editor.edit(requests, method=method, batch_size=args.batch_size)
+
+    def publish() -> dict:
+        # the settings that made the delta (the method's own keys included), for reruns
+        report = {**result.report(), "hparams": method.hparams(editor).to_dict()}
+        if records:
+            report["metrics"] = {"pre": pre, "post": summary(evaluate(model, tok, records, zsre_target=args.zsre_target))}
+        t0 = time.perf_counter()
+        with staged(out, owned=("delta.safetensors", "report.json")) as stage:
+            result.delta.save(stage / "delta.safetensors")
+            model.save_pretrained(stage)
+            tok.save_pretrained(stage)
+            report["timings"]["save"] = round(time.perf_counter() - t0, 4)
+            (stage / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    # Rank 0 writes OUT; the other ranks wait for it and end with its outcome, its error included.
+    report = parallel.from_main(publish)
     if not world.main:
-        parallel.barrier()  # returns once rank 0 has written OUT
         return 0
-    # the settings that made the delta (the method's own keys included), for reruns
-    report = {**result.report(), "hparams": method.hparams(editor).to_dict()}
-    if records:
-        report["metrics"] = {"pre": pre, "post": summary(evaluate(model, tok, records, zsre_target=args.zsre_target))}
-    t0 = time.perf_counter()
-    with staged(out, owned=("delta.safetensors", "report.json")) as stage:
-        result.delta.save(stage / "delta.safetensors")
-        model.save_pretrained(stage)
-        tok.save_pretrained(stage)
-        report["timings"]["save"] = round(time.perf_counter() - t0, 4)
-        (stage / "report.json").write_text(json.dumps(report, indent=2))
     t = report["timings"]
     print(f"edited {result.n_edits} facts with {result.method} in {t['total']:.2f} s "
           f"(z {t['z']:.2f} s, keys {t.get('keys', 0):.2f} s, solve {t.get('solve', 0):.2f} s, "
@@ -196,5 +201,4 @@ def _run(args, out: Path) -> int:
         pre, post = report["metrics"]["pre"], report["metrics"]["post"]
         print("  ".join(f"{k} {_metric(pre[k])} -> {_metric(post[k])}" for k in pre))
     print(f"wrote {out}/ (model, tokenizer), {out / 'delta.safetensors'}, {out / 'report.json'}")
-    parallel.barrier()
     return 0
