@@ -467,3 +467,27 @@ def test_an_error_on_rank_0_while_writing_ends_every_rank(files, tmp_path):
     assert len(errors) == 2 and all("No space left on device: edited/model.safetensors" in e for e in errors), \
         done.stderr[-3000:]
     assert not (tmp_path / "edited").exists() and _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ also reported: a bare name not on the hub
+
+
+@pytest.mark.parametrize("hub", ["unknown", "unreachable"])
+def test_a_bare_model_name_the_hub_cannot_give_fails_at_once(hub, files, tmp_path, capsys, monkeypatch):
+    """One request, one line: transformers would retry for about a minute, printing each retry."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def model_info(name, timeout=None):
+        if hub == "unknown":
+            raise RepositoryNotFoundError.__new__(RepositoryNotFoundError, f"404: {name}")
+        raise ConnectionRefusedError("the hub is down")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _never)
+    capsys.readouterr()
+    assert cli.main(files.edit("no-such-model-xyz", tmp_path / "out")) == 2
+    _one_line_error(capsys, "edit", "'no-such-model-xyz'",
+                    "no such model on the Hugging Face hub" if hub == "unknown" else "hub cannot be reached")

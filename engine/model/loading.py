@@ -51,6 +51,27 @@ def check_local_model(name_or_path: str) -> None:
                                 "or a hub model name)")
 
 
+def check_hub_model(name: str) -> None:
+    """A hub name neither in the local hub cache nor on a reachable hub fails at once, in one line:
+    transformers would retry for about a minute, printing each retry. One request, no retries."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # offline mode fails fast by itself; a cached model loads without the hub
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"model {name!r}: no local directory of that name, and no such model on the Hugging "
+                                "Face hub; check the name, or give a directory written by save_pretrained") from None
+    except HfHubHTTPError:
+        return  # gated, private or rate limited: transformers says what it needs
+    except Exception as err:  # no connection: the HTTP library's own errors
+        raise FileNotFoundError(f"model {name!r}: not a local directory, not in the hub cache, and the hub cannot be "
+                                f"reached ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                "give a local model directory, or download the model while online") from None
+
+
 @dataclass
 class LoadOptions:
     """Where and how to load a model. `device` is the simple case of a device map: "auto" shards
@@ -212,6 +233,8 @@ def load_model(name_or_path: str, options: Optional[LoadOptions] = None):
     gguf = gguf_file_of(name_or_path)
     if gguf is None:
         check_local_model(name_or_path)
+        if not looks_local(name_or_path):
+            check_hub_model(name_or_path)
     dtype = _dtype(options.torch_dtype)
     max_memory = parse_max_memory(options.max_memory) if isinstance(options.max_memory, str) else options.max_memory
     if options.offload_folder is not None:
