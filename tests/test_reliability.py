@@ -491,3 +491,17 @@ def test_a_bare_model_name_the_hub_cannot_give_fails_at_once(hub, files, tmp_pat
     assert cli.main(files.edit("no-such-model-xyz", tmp_path / "out")) == 2
     _one_line_error(capsys, "edit", "'no-such-model-xyz'",
                     "no such model on the Hugging Face hub" if hub == "unknown" else "hub cannot be reached")
+
+
+# ------------------------------------------------------------------ also reported: a half-precision copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_copy_of_the_edited_model_holds_the_delta(dtype, edited):
+    model, delta = edited
+    path = delta(1, keep=True)  # recorded on float32 weights, left applied
+    copy = model.to(dtype)
+    loaded = EditDelta.load(path)
+    assert loaded.is_applied(copy)
+    with pytest.raises(DeltaError, match=f"already applied.*as a {str(dtype)[6:]} copy"):
+        loaded.apply(copy)

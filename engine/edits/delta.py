@@ -308,6 +308,9 @@ class _Applied:
     fix_index: torch.Tensor  # int64, flat indices into the weight
     fix_value: torch.Tensor  # the original values there, in `dtype`
     device: str  # device type Δ was computed on; revert must recompute it on the same
+    # A float32 weight's record also holds the digests of its values cast to float16 and bfloat16,
+    # {dtype: (before, after)}, so that a half-precision copy of the edited model is known to hold it.
+    as_half: dict = field(default_factory=dict)
 
     def header(self) -> dict:
         return {
@@ -315,7 +318,27 @@ class _Applied:
             "sha256_before": self.sha256_before,
             "sha256_after": self.sha256_after,
             "device": self.device,
+            **({"as_half": {k: list(v) for k, v in self.as_half.items()}} if self.as_half else {}),
         }
+
+    def holds_edit(self, dtype: torch.dtype, digest: str) -> bool:
+        """Whether a weight of `dtype` with `digest` holds the edit (of this dtype, or a half copy)."""
+        after = self.sha256_after if dtype == self.dtype else self.as_half.get(_dtype_name(dtype), (None, None))[1]
+        return digest == after
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _half_digests(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """For float32 weights, the digests of their values cast to each half dtype (see _Applied.as_half)."""
+    if before.dtype != torch.float32:
+        return {}
+    return {_dtype_name(d): (_sha256(before.to(d)), _sha256(after.to(d))) for d in _HALF}
 
 
 class EditDelta:
@@ -375,7 +398,7 @@ class EditDelta:
         if any(not named[wd.name].is_floating_point() for wd in self.weights if wd.name in named):
             return False  # a quantized weight holds no edit: edits live in dense stand-ins
         params = self._params(model)
-        return all(p.dtype == r.dtype and _sha256(read_parameter(model, wd.name)) == r.sha256_after
+        return all(r.holds_edit(p.dtype, _sha256(read_parameter(model, wd.name)))
                    for wd, p, r in zip(self.weights, params, self._record))
 
     def _params(self, model: nn.Module) -> list[nn.Parameter]:
@@ -422,9 +445,10 @@ class EditDelta:
         digests = [_sha256(read_parameter(model, wd.name)) for wd in self.weights]
         for wd, p, digest, r in zip(self.weights, params, digests, self._record or []):
             # A weight the delta leaves unchanged (Δ rounds away) holds its edit whether applied or not.
-            if p.dtype == r.dtype and digest == r.sha256_after != r.sha256_before:
+            if r.sha256_after != r.sha256_before and r.holds_edit(p.dtype, digest):
+                copy = "" if p.dtype == r.dtype else f", as a {_dtype_name(p.dtype)} copy of the edited weights"
                 raise DeltaError(
-                    f"this delta is already applied to this model ({wd.name} holds its edited values); "
+                    f"this delta is already applied to this model ({wd.name} holds its edited values{copy}); "
                     "revert it before applying it again"
                 )
         return digests
@@ -444,7 +468,8 @@ class EditDelta:
                 for wd, p, before in zip(self.weights, params, digests):
                     w = read_parameter(model, wd.name)
                     new, index, value = _edited(w, wd)
-                    records.append(_Applied(w.dtype, before, _sha256(new), index, value, w.device.type))
+                    records.append(_Applied(w.dtype, before, _sha256(new), index, value, w.device.type,
+                                            _half_digests(w, new)))
             finally:
                 quantized.restore_unchanged(model, names)
         finally:
@@ -491,7 +516,7 @@ class EditDelta:
                     )
                 w = read_parameter(model, wd.name)
                 new, index, value = _edited(w, wd)
-                record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type)
+                record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type, _half_digests(w, new))
                 # On its own base, on the device type it was made on, the delta must reproduce the edited
                 # weights it recorded: otherwise its factors are not the ones that made that record.
                 if r is not None and before == r.sha256_before and (r.dtype, r.device) == (w.dtype, w.device.type) \
@@ -730,7 +755,13 @@ def _parse_record(bad, field: str, i: int, r, wd: WeightDelta, keys: set, get_te
                   f"expected {dtype} {tuple(index.shape)}")
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
         raise bad(field, f"has {index_key!r} pointing outside the {wd.shape} weight")
-    return _Applied(dtype, r["sha256_before"], r["sha256_after"], index, value, r["device"])
+    as_half = r.get("as_half", {})
+    if not isinstance(as_half, dict) or not all(
+            k in map(_dtype_name, _HALF) and isinstance(v, list) and len(v) == 2
+            and all(isinstance(d, str) and len(d) == 64 and set(d) <= _SHA256_HEX for d in v) for k, v in as_half.items()):
+        raise bad(f"{field}.as_half", 'must be {"float16" or "bfloat16": [SHA-256 before, SHA-256 after]}')
+    return _Applied(dtype, r["sha256_before"], r["sha256_after"], index, value, r["device"],
+                    {k: tuple(v) for k, v in as_half.items()})
 
 
 def _parse_additions(bad, raw) -> Optional[ParameterAdditions]:
