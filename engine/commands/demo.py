@@ -33,7 +33,7 @@ from massedit.hparams import world_preset
 from massedit.model.loading import load_model
 from massedit.methods import method_names
 from massedit.commands._common import add_model_arguments, options_from_args
-from massedit.commands._outputs import check_dir, check_out, staged
+from massedit.commands._outputs import check_out, claim, staged
 from massedit.inputs.requests import parse_records
 from massedit.evaluation.heatmap import write_heatmaps
 from massedit.evaluation.trace import GROUPS, trace
@@ -99,15 +99,19 @@ def _plot(pre: dict, post: dict, path: Path) -> bool:
 
 
 def run(args) -> int:
-    from massedit.world.build import build_world, is_complete
-
     if args.n < 1:
         raise ValueError("--n must be at least 1")
     if args.trace < 0:
         raise ValueError("--trace must be 0 (no trace) or a number of facts")
     out = Path(args.out)
     check_out(out, args.force)
-    check_dir(out, "--out")
+    with claim(out):
+        return _demo(args, out)
+
+
+def _demo(args, out: Path) -> int:
+    from massedit.world.build import build_world, is_complete
+
     if args.threads:
         torch.set_num_threads(args.threads)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
