@@ -147,7 +147,7 @@ def test_stats_with_fewer_documents_than_samples_says_so(files, tmp_path, capsys
     argv[argv.index("--samples") + 1] = "1000"
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    assert f"{N_DOCS + 5} documents, fewer than --samples 1000" in captured.err
+    assert f"{N_DOCS + 5} documents, fewer than the 1000 samples asked" in captured.err
     path = Path(json.loads(captured.out)["files"]["1"])
     assert path.name.endswith("_mom2_1000.npz")
     with np.load(path, allow_pickle=False) as data:

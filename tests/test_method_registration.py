@@ -18,7 +18,7 @@ from test_cli_edit import HPARAMS, Files, _edit_argv, _save_model
 from tiny import make_model, make_requests
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*did not converge", "ignore:.*not positive definite",
-                                        "ignore:.*fewer than mom2_n_samples")
+                                        "ignore:.*fewer than the .* samples asked")
 
 
 @dataclass

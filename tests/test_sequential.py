@@ -12,7 +12,8 @@ from massedit.editor import MassEditor
 from massedit.hparams import default_for
 from massedit.compute.keys import subject_hidden, subject_keys
 from massedit.edits.ledger import Ledger
-from massedit.methods.alphaedit import AlphaEdit, cached_basis, null_space_solve, projector_file
+from massedit.methods.alphaedit import AlphaEdit
+from massedit.solve.nullspace import cached_basis, null_space_solve, projector_file
 from massedit.inputs.requests import EditRequest
 from massedit.edits.sequential import SequentialEditor, split_rounds
 from massedit.compute.stats import stats_file

@@ -113,7 +113,7 @@ def test_model_name_of_dot_and_dotdot(tmp_path, monkeypatch):
 
 def test_short_corpus_is_said_and_recorded(tmp_path):
     model, tok = make_model("gpt2")
-    with pytest.warns(UserWarning, match=r"12 documents, fewer than mom2_n_samples=50.*sample_size"):
+    with pytest.warns(UserWarning, match=r"12 documents, fewer than the 50 samples asked.*sample_size"):
         layer_covariances(model, ModelLayout(model), tok, _hp(model, n=50), tmp_path, "model", DOCS, progress=False)
     for path in _files(tmp_path):
         assert path.name.endswith("_mom2_50.npz")

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
-from massedit.model import parallel
+from massedit.model import catalog, parallel
 from massedit.model.loading import DEVICE_MAPS, DTYPES, QUANTIZE, LoadOptions
+
+# Measured against the other built-in corpora on SmolLM2-135M (README, "Real models").
+REAL_MODEL_CORPUS = "pydoc+sampled"
 
 
 class UserError(Exception):
@@ -47,6 +51,12 @@ def add_model_arguments(parser, dtype_alias: bool = False) -> None:
                    help="auto (checkpoint's dtype on GPU, float32 on CPU) | float32 | float16 | bfloat16")
     if dtype_alias:
         add_deprecated_alias(g, "--dtype", "--model-dtype", "model_dtype", tuple(DTYPES))
+
+
+def default_corpus(model: str, corpus: Optional[str]) -> Optional[str]:
+    """The corpus for missing statistics: the one given, else for a model of the catalog (massedit models
+    list), whose pretraining text cannot be had offline, the built-in REAL_MODEL_CORPUS."""
+    return corpus if corpus is not None or not catalog.is_catalog_name(model) else REAL_MODEL_CORPUS
 
 
 def options_from_args(args) -> LoadOptions:

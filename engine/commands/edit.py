@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from massedit.model import parallel
+from massedit.inputs.corpus import BUILTIN, is_builtin
 from massedit.inputs.templates import load_templates
 from massedit.editor import MassEditor, check_method
 from massedit.evaluation import evaluate, summary
@@ -36,7 +37,7 @@ from massedit.hparams import default_for, load_hparams
 from massedit.compute.stats import stats_folder
 from massedit.model.loading import check_savable, load_model
 from massedit.methods import METHODS, method_names
-from massedit.commands._common import add_model_arguments, options_from_args
+from massedit.commands._common import REAL_MODEL_CORPUS, add_model_arguments, default_corpus, options_from_args
 from massedit.commands._outputs import check_dir, check_out, claim, staged
 from massedit.edits.ledger import Ledger
 from massedit.edits.sequential import SequentialEditor, split_rounds
@@ -52,7 +53,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hparams", help="MEMIT hparams: reference JSON or EasyEdit YAML file, or a preset name "
                                      "(e.g. gpt-j-6b); default: chosen for the model")
     p.add_argument("--stats-dir", default="stats", help="covariance statistics cache (default ./stats)")
-    p.add_argument("--corpus", help="corpus to compute missing statistics from")
+    p.add_argument("--corpus", help="corpus to compute missing statistics from: a file, a saved dataset, or a built-in "
+                   f"corpus ({' | '.join(BUILTIN)}; {REAL_MODEL_CORPUS} by default for the models of `massedit models list`)")
     p.add_argument("--context-templates", help='JSON list of lists, e.g. [["{}"], ["Some text. {}"]]')
     p.add_argument("--method", default="memit", choices=method_names())
     # Each method's own options; which method owns which is kept for the check in `_method`.
@@ -127,6 +129,7 @@ def _edit_in_rounds(args, editor, requests, out: Path, method) -> int:
 
 
 def run(args) -> int:
+    args.corpus = default_corpus(args.model, args.corpus)
     out = Path(args.out)
     check_out(out, args.force)
     _check_stats_dir(args.stats_dir, computing=args.corpus is not None)
@@ -160,7 +163,10 @@ def _run(args, out: Path) -> int:
     model, tok = load_model(args.model, options_from_args(args))
     check_savable(model, args.model)
     records = records if world.main else None
-    hp = hp or default_for(model.config, method.hparams_family)
+    if hp is None:
+        hp = default_for(model.config, method.hparams_family)
+        if is_builtin(args.corpus):  # statistics are filed under the corpus they come from
+            hp.mom2_dataset = args.corpus
     editor = MassEditor(
         model, tok, hp, stats_dir=args.stats_dir, corpus=args.corpus,
         model_name=args.model_name, context_templates=templates, seed=args.seed,

@@ -18,18 +18,13 @@ sums are all-reduced and rank 0 writes the files:
 from __future__ import annotations
 
 import json
-import sys
-import time
-
-import torch
 
 from massedit.model import parallel
 from massedit.model.arch import ModelLayout
-from massedit.inputs.corpus import read_corpus
+from massedit.inputs.corpus import BUILTIN, is_builtin
 from massedit.model.loading import load_model, model_name_for
-from massedit.compute.stats import (DTYPES, ModelIdentity, check_dataset_name, check_identity, check_model_name,
-                                    check_storable, second_moments, stats_file, write_stats)
-from massedit.commands._common import add_deprecated_alias, add_model_arguments, options_from_args
+from massedit.compute.stats import DTYPES, check_dataset_name, check_model_name, check_storable, covariances, stats_file
+from massedit.commands._common import add_deprecated_alias, add_model_arguments, default_corpus, options_from_args
 from massedit.commands._outputs import check_dir
 
 NAME = "stats"
@@ -48,13 +43,15 @@ def parse_layers(text: str) -> list[int]:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="hub name or local directory")
-    p.add_argument("--corpus", required=True, help=".txt (one document per line), .jsonl ('text'), or a saved dataset dir")
+    p.add_argument("--corpus", help=".txt (one document per line), .jsonl ('text'), a saved dataset dir, or a built-in "
+                   f"corpus: {' | '.join(BUILTIN)} (the default for the models of `massedit models list`)")
     p.add_argument("--layers", required=True, help="comma-separated layer indices, e.g. 3,4,5")
     p.add_argument("--samples", type=int, default=100000, help="number of corpus documents (default 100000)")
     p.add_argument("--stats-dtype", default="float32", choices=sorted(DTYPES), help="statistics dtype (default float32)")
     add_deprecated_alias(p, "--dtype", "--stats-dtype", "stats_dtype", sorted(DTYPES))
     p.add_argument("--stats-dir", required=True, help="directory of the statistics cache")
-    p.add_argument("--dataset", default="wikipedia", help="dataset name in the file path (hparams' mom2_dataset)")
+    p.add_argument("--dataset", help="dataset name in the file path (hparams' mom2_dataset; default: the built-in "
+                   "corpus's name, else wikipedia)")
     p.add_argument("--model-name", help="name in the file path (default: the model directory's name); naming it "
                    "also accepts existing reference-layout files, which carry no model fingerprint")
     p.add_argument("--force", action="store_true", help="recompute even if the files exist")
@@ -71,47 +68,31 @@ def run(args) -> int:
     check_storable(args.stats_dtype)
     check_dir(args.stats_dir, "--stats-dir")
     name = check_model_name(args.model_name or model_name_for(args.model))
-    check_dataset_name(args.dataset)
+    corpus = default_corpus(args.model, args.corpus)
+    if corpus is None:
+        raise ValueError(f"--corpus is required for {args.model}: a text file, a saved dataset, or one of {', '.join(BUILTIN)}")
+    dataset = args.dataset or (corpus if is_builtin(corpus) else "wikipedia")
+    check_dataset_name(dataset)
     model, tok = load_model(args.model, options_from_args(args))
     layout = ModelLayout(model)
     layout.check_layers(layers, "--layers")
-    paths = {l: stats_file(args.stats_dir, name, args.dataset, layout.rewrite_name(l), args.stats_dtype, args.samples)
+    paths = {l: stats_file(args.stats_dir, name, dataset, layout.rewrite_name(l), args.stats_dtype, args.samples)
              for l in layers}
-    identity = ModelIdentity(model, layout, name)
-    # Rank 0's view of the cache decides, so that all ranks join the same pass.
-    todo = parallel.from_main(lambda: [l for l in layers if args.force or not paths[l].exists()])
-    for l in layers:
-        if l not in todo:
-            check_identity(paths[l], identity.of_layer(l), explicit_name=args.model_name is not None)
+    todo = [l for l in layers if args.force or not paths[l].exists()]
     if todo:  # where the pass writes its checkpoint and files, before the pass
         check_dir(paths[todo[0]].parent, "--stats-dir")
-    t0 = time.perf_counter()
-    n_docs = tokens = 0
-    if todo:
-        texts = read_corpus(args.corpus, args.samples)
-        n_docs = len(texts)
-        if n_docs < args.samples:
-            print(f"massedit stats: warning: {args.corpus} has {n_docs} documents, fewer than --samples "
-                  f"{args.samples}: the statistics use all {n_docs} and are filed under {args.samples} "
-                  "(sample_size in the file records the true number)", file=sys.stderr)
-        acc = torch.float64 if args.stats_dtype == "float64" else torch.float32
-        checkpoint = paths[todo[0]].with_name(f"pass_{'-'.join(map(str, todo))}_{args.stats_dtype}.partial.npz")
-        moments = second_moments(model, layout, tok, texts, todo, acc, progress=not args.quiet, checkpoint=checkpoint,
-                                 model_digest=identity.of_layer(max(todo))["weights_sha256"])
-        for l, (mom2, count) in moments.items():
-            if world.main:
-                write_stats(paths[l], mom2.to(DTYPES[args.stats_dtype]), count, n_docs, identity.of_layer(l))
-            tokens = count
-        parallel.barrier()
+    _, done = covariances(model, layout, tok, layers, args.stats_dir, name, dataset, args.stats_dtype, args.samples,
+                          corpus, progress=not args.quiet, explicit_name=args.model_name is not None, force=args.force)
     if not world.main:
         return 0
-    summary = {"files": {str(l): str(p) for l, p in paths.items()}, "computed_layers": todo, "documents": n_docs,
-               "tokens": tokens, "processes": world.size, "seconds": round(time.perf_counter() - t0, 3)}
+    summary = {"files": {str(l): str(p) for l, p in paths.items()}, "computed_layers": done.computed,
+               "documents": done.documents, "tokens": done.tokens, "processes": world.size,
+               "seconds": round(done.seconds, 3)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         for l in layers:
-            print(f"layer {l}: {'computed' if l in todo else 'cached  '}  {paths[l]}")
-        if todo:
-            print(f"{n_docs} documents, {tokens} tokens, {summary['seconds']} s")
+            print(f"layer {l}: {'computed' if l in done.computed else 'cached  '}  {paths[l]}")
+        if done.computed:
+            print(f"{done.documents} documents, {done.tokens} tokens, {summary['seconds']} s")
     return 0

@@ -27,8 +27,10 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 
 from massedit.model import parallel
 from massedit.model.arch import ModelLayout
-from massedit.inputs.corpus import read_corpus
+from massedit.inputs.corpus import corpus_texts
 from massedit.inputs.names import check_name
 from massedit.edits.delta import config_hash
 from massedit.model.devices import execution_device, input_device, read_parameter
@@ -412,36 +414,51 @@ def second_moments(
     return {l: (symmetrize(acc[l]), count) for l in layers}
 
 
-def layer_covariances(
+@dataclass
+class CovariancePass:
+    """What `covariances` did: which layers it computed (the others were cached) from how many
+    documents and tokens, in how many seconds."""
+
+    computed: list[int]
+    documents: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def covariances(
     model,
     layout: ModelLayout,
     tok,
-    hp,
+    layers: Sequence[int],
     stats_dir,
     model_name: str,
+    dataset: str,
+    dtype_name: str,
+    n_samples: int,
     corpus=None,
     progress: bool = True,
     explicit_name: bool = False,
-) -> dict[int, tuple[torch.Tensor, int]]:
-    """(Σ k kᵀ on the CPU in the statistics' dtype, token count) for every edited layer, so C^l = sum / count:
-    cached files, else computed from `corpus`. The sums, not C, are handed over so that the solver builds
-    each layer's factor in its own precision on its own device, one layer at a time.
+    force: bool = False,
+) -> tuple[dict[int, tuple[torch.Tensor, int]], CovariancePass]:
+    """(Σ k kᵀ on the CPU in the statistics' dtype, token count) per layer, so C^l = sum / count: cached
+    files, else computed in one pass over `corpus` (a file, a list of texts, or a built-in corpus name,
+    massedit.inputs.corpus.BUILTIN) and written to the cache; with `force`, computed even when cached.
+    The sums, not C, are handed over so that the solver builds each layer's factor in its own precision
+    on its own device, one layer at a time.
 
     Cached files must carry this model's identity; unmarked ones (reference layout) are used only
     with `explicit_name` (the caller named the model)."""
-    dtype_name = hp.mom2_dtype
     if dtype_name not in DTYPES:
         raise StatsError(f"mom2_dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
-    paths = {
-        l: stats_file(stats_dir, model_name, hp.mom2_dataset, layout.rewrite_name(l), dtype_name, hp.mom2_n_samples)
-        for l in hp.layers
-    }
+    t0 = time.perf_counter()
+    paths = {l: stats_file(stats_dir, model_name, dataset, layout.rewrite_name(l), dtype_name, n_samples) for l in layers}
     identity = ModelIdentity(model, layout, model_name)
     # Rank 0's view of the cache decides, so that all ranks join the same computation.
-    missing = parallel.from_main(lambda: [l for l in hp.layers if not paths[l].exists()])
+    missing = parallel.from_main(lambda: [l for l in layers if force or not paths[l].exists()])
     sums = {l: read_stats(p, layout.key_dim(l)) for l, p in paths.items() if l not in missing}
     for l in sums:
         check_identity(paths[l], identity.of_layer(l), explicit_name)
+    done = CovariancePass(computed=missing)
     if missing:
         if corpus is None:
             raise StatsError(
@@ -449,11 +466,11 @@ def layer_covariances(
                 "(--corpus FILE) to compute them, or --stats-dir / --model-name pointing at existing statistics"
             )
         check_storable(dtype_name)
-        texts = list(corpus)[: hp.mom2_n_samples] if isinstance(corpus, (list, tuple)) else read_corpus(corpus, hp.mom2_n_samples)
-        if len(texts) < hp.mom2_n_samples:
-            warnings.warn(f"the corpus has {len(texts)} documents, fewer than mom2_n_samples={hp.mom2_n_samples}: "
-                          f"the statistics use all {len(texts)} and are filed under {hp.mom2_n_samples} (their "
-                          "sample_size records the true number)")
+        texts = corpus_texts(corpus, n_samples, model, tok, cache_dir=paths[missing[0]].parent)
+        if len(texts) < n_samples:
+            warnings.warn(f"the corpus has {len(texts)} documents, fewer than the {n_samples} samples asked "
+                          f"(--samples / mom2_n_samples): the statistics use all {len(texts)} and are filed under "
+                          f"{n_samples} (their sample_size records the true number)")
         acc_dtype = torch.float64 if dtype_name == "float64" else torch.float32
         checkpoint = paths[missing[0]].with_name(f"pass_{'-'.join(map(str, missing))}_{dtype_name}.partial.npz")
         computed = second_moments(model, layout, tok, texts, missing, acc_dtype, progress=progress,
@@ -462,5 +479,16 @@ def layer_covariances(
             if parallel.world().main:
                 write_stats(paths[l], mom2.to(DTYPES[dtype_name]), count, len(texts), identity.of_layer(l))
             sums[l] = (mom2, count)
+            done.tokens = count
+        done.documents = len(texts)
         parallel.barrier()
-    return {l: (sums[l][0].cpu(), sums[l][1]) for l in hp.layers}
+    done.seconds = time.perf_counter() - t0
+    return {l: (sums[l][0].cpu(), sums[l][1]) for l in layers}, done
+
+
+def layer_covariances(model, layout: ModelLayout, tok, hp, stats_dir, model_name: str, corpus=None,
+                      progress: bool = True, explicit_name: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
+    """`covariances` of the hparams' edited layers, dataset, dtype and sample count."""
+    sums, _ = covariances(model, layout, tok, hp.layers, stats_dir, model_name, hp.mom2_dataset, hp.mom2_dtype,
+                          hp.mom2_n_samples, corpus, progress, explicit_name)
+    return sums

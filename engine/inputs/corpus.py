@@ -68,3 +68,78 @@ def read_corpus(path: str | Path, limit: Optional[int] = None) -> list[str]:
     if not texts:
         raise ValueError(f"corpus {path} holds no non-empty documents")
     return texts
+
+
+# Built-in corpora, for models whose pretraining text cannot be had offline (DESIGN §14): English prose
+# that ships with Python (its documentation topics, pydoc_data), text the model writes itself, or both.
+BUILTIN = ("pydoc", "sampled", "pydoc+sampled")
+SAMPLED_DOCS = 600  # generating is the slow part on a CPU (about 4 minutes for SmolLM2-135M on 2 cores)
+SAMPLED_TOKENS = 96
+_SAMPLE_STARTS = ("The", "In", "A", "It", "This", "When", "Many", "After", "One", "Some", "He", "She", "There",
+                  "According to", "During", "Most")
+
+
+def is_builtin(corpus) -> bool:
+    """A built-in corpus name, unless a file or directory of that name exists (a path always wins)."""
+    return isinstance(corpus, str) and corpus in BUILTIN and not Path(corpus).exists()
+
+
+def pydoc_texts() -> list[str]:
+    """The paragraphs of Python's documentation topics of at least 200 characters (751 with Python 3.11)."""
+    import re
+
+    from pydoc_data.topics import topics
+
+    paragraphs = (" ".join(p.split()) for _, text in sorted(topics.items()) for p in re.split(r"\n\s*\n", text))
+    return [p for p in paragraphs if len(p) >= 200]
+
+
+def sampled_texts(model, tok, n: int = SAMPLED_DOCS, seed: int = 0, max_new_tokens: int = SAMPLED_TOKENS,
+                  batch_size: int = 40) -> list[str]:
+    """`n` texts the model writes from short neutral starts (top-k 40 sampling, seeded): text whose key
+    statistics are the model's own, when its training text is not at hand."""
+    import torch
+
+    from massedit.model.devices import input_device
+
+    texts: list[str] = []
+    padding_side, tok.padding_side = tok.padding_side, "left"
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for start in range(0, n, batch_size):
+                prompts = [_SAMPLE_STARTS[i % len(_SAMPLE_STARTS)] for i in range(start, min(n, start + batch_size))]
+                batch = tok(prompts, return_tensors="pt", padding=True).to(input_device(model))
+                out = model.generate(**batch, do_sample=True, top_k=40, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tok.pad_token_id)
+                texts += [" ".join(t.split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = padding_side
+    return texts
+
+
+def corpus_texts(corpus, n: int, model=None, tok=None, cache_dir: Optional[Path] = None) -> list[str]:
+    """At most `n` documents of `corpus`: a list of texts, a file or saved dataset (iter_corpus), or a
+    built-in corpus name. Sampled text is written once to `cache_dir` and read back after that."""
+    if isinstance(corpus, (list, tuple)):
+        return list(corpus)[:n]
+    if not is_builtin(corpus):
+        return read_corpus(corpus, n)
+    parts = []
+    if "pydoc" in corpus:
+        parts.append(pydoc_texts())
+    if "sampled" in corpus:
+        cached = Path(cache_dir) / f"sampled-corpus-{SAMPLED_DOCS}x{SAMPLED_TOKENS}.txt" if cache_dir else None
+        if cached is not None and cached.exists():
+            parts.append(read_corpus(cached))
+        else:
+            texts = sampled_texts(model, tok, SAMPLED_DOCS)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                partial = cached.with_suffix(".partial")
+                partial.write_text("\n".join(texts) + "\n", encoding="utf-8")
+                partial.replace(cached)
+            parts.append(texts)
+    # Interleaved, so that a sample count below the total still takes from every part.
+    mixed = [t for group in zip(*parts) for t in group] + [t for p in parts for t in p[min(map(len, parts)):]]
+    return mixed[:n]

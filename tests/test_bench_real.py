@@ -1,0 +1,45 @@
+"""Smoke test of `python -m benchmarks.real` on a tiny Llama with facts from the real-facts builder
+(a stub knowledge check that knows every fact): trace, layers, MEMIT at two sizes, ROME, corpora."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import real
+from massedit.inputs.facts import build_facts
+from test_facts import oracle
+from tiny import make_model
+
+
+def _facts(tmp_path: Path) -> Path:
+    built = build_facts(oracle(), relations=("P36", "P30"), max_per_relation=4, model="tiny")
+    built.write(tmp_path / "facts")
+    return tmp_path / "facts"
+
+
+def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    import massedit.inputs.corpus as corpus
+
+    monkeypatch.setattr(corpus, "SAMPLED_DOCS", 6)  # the model-written corpus, small for a smoke test
+    model, tok = make_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    facts = _facts(tmp_path)
+    n_records = len(json.loads((facts / "counterfact.json").read_text()))
+    out = tmp_path / "real.json"
+    assert real.main(["--model", str(tmp_path / "model"), "--facts", str(facts), "--n", "2,max", "--trace", "2",
+                      "--trace-samples", "2", "--span", "2", "--rome", "2", "--corpora", "--corpora-n", "2",
+                      "--samples", "40", "--stats-dir", str(tmp_path / "stats"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["facts"]["records"] == n_records
+    trace = data["trace"]
+    assert trace["facts"] == 2 and len(trace["suggested_layers"]) == 2
+    assert all(Path(p).exists() for p in trace["heatmaps"])
+    assert [r["n"] for r in data["memit"]] == [2, n_records]
+    assert data["hparams"]["layers"] == trace["suggested_layers"]
+    for row in data["memit"]:
+        assert {"ES", "PS", "NS"} <= set(row["post"]) and row["timings"]["z"] > 0
+    assert data["rome"]["n"] == 2 and len(data["rome"]["layer"]) == 1
+    assert set(data["corpora"]) == {"pydoc", "sampled", "pydoc+sampled"}
+    printed = capsys.readouterr().out
+    assert "known facts" in printed and "ES pre→post" in printed
