@@ -16,6 +16,7 @@ Examples:
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from massedit.commands._common import UserError, add_model_arguments, options_from_args
@@ -77,7 +78,7 @@ def run(args) -> int:
     built = build_facts(model_scorer(model, tok, args.batch_size), relations, languages, seed=args.seed,
                         max_per_relation=args.max_per_relation, max_candidates=args.max_candidates,
                         distinct_subjects=not args.repeat_subjects, min_population=args.min_population,
-                        model=args.model, log=None if args.quiet else print)
+                        model=args.model, log=None if args.quiet else functools.partial(print, flush=True))
     with staged(out, owned=["facts.json", *FILES, *languages[1:]]) as stage:
         built.write(stage)
     if not args.quiet:
