@@ -1,13 +1,15 @@
 """CounterFact- and zsRE-shaped records of real facts that a model knows (DESIGN §5, §14).
 
 Every choice is seeded from (seed, relation, subject), not from the order facts are met in, so a
-run is reproducible byte for byte and a fact's record does not depend on which other relations
-were asked for. Per fact: the rewrite template, target_new (another object of the relation) and the
+run is reproducible byte for byte and a fact's CounterFact fields do not depend on which other
+relations were asked for (its case_id and zsRE loc do: they come from the set kept). Per fact: the rewrite template, target_new (another object of the relation) and the
 knowledge test's candidates; per kept record: the paraphrase templates and their unrelated prefix
 sentences, up to 10 neighborhood subjects (same relation, same true object, on the rewrite
 template), up to 10 attribute subjects (true object = target_new), the generation prompts and the
 zsRE loc question (another kept record's question and answer). A record and its twin in another
-language make the same choices, so they share case_id, template and targets.
+language make the same choices, so they share case_id, template and targets. Where no other
+subject shares the true object (a country's capital, a capital's country) a record has no
+neighborhood prompts, and NS / NM skip it.
 
 zsRE fields follow the world's files and MEMIT's mapping: answers = [target_new] = [alt], pred = the
 true object, src / rephrase = the relation's two questions, loc / loc_ans = another kept fact.
