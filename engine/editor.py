@@ -29,6 +29,7 @@ from massedit.model.devices import execution_device
 from massedit.model.loading import LoadOptions, load_model
 from massedit.methods import METHODS, EditMethod, get_method  # noqa: F401 - METHODS: massedit.editor.METHODS
 from massedit.model.quantized import check_model
+from massedit.model.sharded import unwrap
 from massedit.inputs.requests import EditRequest, RequestError, parse_records, validate_requests
 from massedit.solve.cholesky import SOLVE_DTYPES, LayerSolver
 from massedit.compute.stats import layer_covariances, model_name_of
@@ -129,6 +130,7 @@ class MassEditor:
         solve_dtype: str = "float64",
         solve_device: str = "cpu",
     ):
+        model = unwrap(model)  # a DDP replica is edited as the model it wraps; FSDP2 keeps the model itself
         self.model, self.tok = model, tokenizer
         self.hp = hparams if hparams is not None else default_for(model.config)
         self.layout = ModelLayout(model, self.hp.module_overrides())
@@ -255,11 +257,24 @@ class MassEditor:
 
         `preserved`: per edited layer, the earlier rounds' K_p K_pᵀ, for methods that keep them
         (massedit.edits.sequential passes it).
-        """
-        with frozen_eval(self.model):
-            return self._edit(requests, method, batch_size, apply, preserved)
 
-    def _edit(self, requests, method: Union[str, EditMethod], batch_size: Optional[int], apply: bool,
+        A model wrapped by DDP is edited as the model it wraps, the same ΔW on every rank. On a
+        model sharded by FSDP2 (DTensor parameters) every rank computes z and keys for its share of
+        the requests through the model's own forward, rank 0 solves, and each rank adds to its
+        shard of each weight the rows of ΔW that shard holds, from the factors (massedit.model.sharded).
+        """
+        start = time.perf_counter()
+        with frozen_eval(self.model):
+            result = self._edit(requests, method, batch_size, preserved)
+        # Out of frozen_eval a sharded model's parameters are shards again, which apply writes.
+        if apply:
+            result.delta.apply(self.model)
+        else:
+            result.delta.record(self.model)
+        result.timings["total"] = time.perf_counter() - start
+        return result
+
+    def _edit(self, requests, method: Union[str, EditMethod], batch_size: Optional[int],
               preserved: Optional[dict[int, torch.Tensor]]) -> EditResult:
         impl = check_method(method)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
@@ -267,7 +282,6 @@ class MassEditor:
             raise ValueError(f"batch_size must be a positive integer (requests per z-optimization chunk) or None "
                              f"for the default, got {batch_size!r}")
         impl.check(self.hp)
-        start = time.perf_counter()
         reqs = self.validate(requests)
         impl.check_requests(reqs, self)
         timings: dict[str, float] = {}
@@ -284,11 +298,6 @@ class MassEditor:
         for phase in ("z", "keys", "solve"):  # every report has them, whichever phases a method has
             timings.setdefault(phase, 0.0)
         delta = EditDelta(weights, self._metadata(impl.name, len(reqs), templates), impl.additions())
-        if apply:
-            delta.apply(self.model)
-        else:
-            delta.record(self.model)
-        timings["total"] = time.perf_counter() - start
         result = EditResult(delta, impl.name, len(reqs), timings, z.loss, z.steps, z.z, reqs,
                             not_converged_above(self.hp.z_early_stop_loss), impl.details())
         if result.not_converged:

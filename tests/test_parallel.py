@@ -156,26 +156,35 @@ def _error_on_main() -> str:
     return "no error"
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, work, port: int, out_dir: str) -> None:
     # What torchrun sets; parallel.world() joins the group from these.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    torch.save(work(out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def run_ranks(work, out_dir) -> list:
+    """`work(out_dir)` (a module-level function) in each of WORLD spawned gloo ranks; its results in rank order."""
+    mp.spawn(_rank_main, args=(work, _free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _work(out_dir: str) -> dict:
     result = {kind: _run(kind, os.path.join(out_dir, "stats", kind)) for kind in KINDS}
     for r in result.values():
         r.pop("tok")
     result["resume"] = _interrupted_and_resumed(out_dir)
     result["world"] = (parallel.world().rank, parallel.world().size)
     result["error"] = _error_on_main()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    return result
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = run_ranks(_work, out)
     single = {kind: _run(kind, tmp_path_factory.mktemp("single") / "stats") for kind in KINDS}
     return ranks, single, out
 

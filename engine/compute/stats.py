@@ -194,7 +194,9 @@ class ModelIdentity:
             # As float32: one checkpoint loaded in float16, bfloat16, float32 or float64 keeps one identity.
             if sample.is_floating_point():
                 sample = sample.float()
-            h.update(sample.cpu().contiguous().view(torch.uint8).numpy())
+            # A copy: numpy() marks the storage it shares as not resizable, which FSDP2's freeing of
+            # the parameters it gathered needs (massedit.model.sharded).
+            h.update(sample.to("cpu", copy=True).view(torch.uint8).numpy())
         return h.hexdigest()
 
     def of_layer(self, layer: int) -> dict:

@@ -35,6 +35,7 @@ from massedit.model.arch import ModelLayout
 from massedit.model.devices import execution_device, input_device
 from massedit.model.hooks import capture_outputs, edit_output, hidden_of, hooks, replayed, run_until, with_hidden
 from massedit.model.quantized import cpu_repacking_off
+from massedit.model.sharded import gathered
 from massedit.inputs.requests import EditRequest
 from massedit.inputs.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
 
@@ -113,19 +114,22 @@ def build_prompts(tok, request: EditRequest, templates: Sequence[str]) -> ZPromp
 
 @contextlib.contextmanager
 def frozen_eval(model) -> Iterator[None]:
-    """Eval mode and no parameter gradients while editing; both restored afterwards."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        with cpu_repacking_off(model):
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    """Eval mode and no parameter gradients while editing; both restored afterwards. An FSDP2
+    model's parameters are gathered for the while (massedit.model.sharded.gathered), so that ranks
+    editing different requests run different forwards."""
+    with gathered(model):
+        was_training = model.training
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            with cpu_repacking_off(model):
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            model.train(was_training)
 
 
 class PromptChunk:

@@ -61,6 +61,7 @@ from torch import nn
 from massedit.model import quantized
 from massedit.model.arch import REGISTRY
 from massedit.model.devices import read_parameter, write_parameter
+from massedit.model.sharded import local_part, unwrap
 
 FORMAT_VERSION = 3
 # Version 1 named the apply record "applied"; version 3 added bias entries and parameter additions.
@@ -126,6 +127,23 @@ class WeightDelta:
         device = self.u.device if device is None else device
         return torch.cat([rows for _, rows in _dense_rows(self, device)]).to(dtype).reshape(self.shape)
 
+    def part(self, index: tuple[slice, ...]) -> "WeightDelta":
+        """The delta of the block `index` (a slice per dimension of `shape`) of the weight, e.g. the
+        shard one process holds: its factors cut (rows of Δ are rows of u, columns rows of v;
+        the other way round when transposed), Δ itself never formed."""
+        if self.vector:
+            return dataclasses.replace(self, u=self.u[index[0]])
+        rows, cols = index
+        if self.transposed:
+            return dataclasses.replace(self, u=self.u[cols], v=self.v[rows])
+        return dataclasses.replace(self, u=self.u[rows], v=self.v[cols])
+
+
+def _held(wd: WeightDelta, param: torch.Tensor) -> WeightDelta:
+    """`wd` for the part of the weight this process holds: all of it, or a DTensor's shard."""
+    index = local_part(param)
+    return wd if index is None else wd.part(index)
+
 
 def _dense_rows(wd: WeightDelta, device) -> Iterator[tuple[slice, torch.Tensor]]:
     """Δ in float64, in the weight's layout, one fixed-size block of rows at a time.
@@ -189,7 +207,9 @@ def _sha256(t: torch.Tensor) -> str:
     flat = t.detach().reshape(-1)
     step = max(1, _CHUNK_BYTES // t.element_size())
     for start in range(0, flat.numel(), step):
-        h.update(flat[start : start + step].cpu().contiguous().view(torch.uint8).numpy())
+        # A copy: numpy() marks the storage it shares as not resizable, and FSDP2 frees the storage of
+        # the parameters it gathered by resizing it.
+        h.update(flat[start : start + step].to("cpu", copy=True).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -358,6 +378,8 @@ class EditDelta:
         except TypeError as err:
             raise DeltaError(f"delta metadata must be JSON-serializable: {err}") from err
         self._record: Optional[list[_Applied]] = None
+        # Whether the record is of this process's shards of sharded weights, which no file holds.
+        self._record_of_shards = False
 
     @property
     def n_fixups(self) -> int:
@@ -392,6 +414,7 @@ class EditDelta:
         """Whether every weight of `model` this delta changes holds its edited values."""
         if self._record is None:
             return False
+        model = unwrap(model)
         named = dict(model.named_parameters())
         if any(wd.name not in named for wd in self.weights):
             return False  # parameters this delta adds are absent
@@ -456,7 +479,7 @@ class EditDelta:
     def record(self, model: nn.Module, force: bool = False) -> None:
         """Compute what apply would record for `model` (digests of the base and the edited weights,
         fix-ups) without changing it, so that a saved unapplied delta knows its base too."""
-        names = [wd.name for wd in self.weights]
+        model, names = unwrap(model), [wd.name for wd in self.weights]
         self._check_config_hash(model, force)
         added = self._add(model)
         try:
@@ -467,7 +490,7 @@ class EditDelta:
                 records = []
                 for wd, p, before in zip(self.weights, params, digests):
                     w = read_parameter(model, wd.name)
-                    new, index, value = _edited(w, wd)
+                    new, index, value = _edited(w, _held(wd, p))
                     records.append(_Applied(w.dtype, before, _sha256(new), index, value, w.device.type,
                                             _half_digests(w, new)))
             finally:
@@ -475,7 +498,7 @@ class EditDelta:
         finally:
             if added:
                 self.additions.remove(model)
-        self._record = records
+        self._record, self._record_of_shards = records, any(local_part(p) is not None for p in params)
 
     def _add(self, model: nn.Module) -> bool:
         """Add this delta's parameters (as zeros) when it has some; whether it did."""
@@ -492,7 +515,7 @@ class EditDelta:
         since, or this delta beneath them) are refused. The model's config hash must match
         metadata["config_hash"] when the delta has one. force=True skips the config hash and base
         checks."""
-        names = [wd.name for wd in self.weights]
+        model, names = unwrap(model), [wd.name for wd in self.weights]
         self._check_config_hash(model, force)
         added = self._add(model)
         done: list[tuple[WeightDelta, _Applied]] = []
@@ -515,7 +538,8 @@ class EditDelta:
                         "is already applied beneath later edits; pass force=True to apply it on these weights anyway"
                     )
                 w = read_parameter(model, wd.name)
-                new, index, value = _edited(w, wd)
+                part = _held(wd, p)
+                new, index, value = _edited(w, part)
                 record = _Applied(w.dtype, before, _sha256(new), index, value, w.device.type, _half_digests(w, new))
                 # On its own base, on the device type it was made on, the delta must reproduce the edited
                 # weights it recorded: otherwise its factors are not the ones that made that record.
@@ -527,7 +551,7 @@ class EditDelta:
                         "saved; use the delta file the edit wrote. No weight was changed."
                     )
                 write_parameter(model, wd.name, new)
-                done.append((wd, record))
+                done.append((part, record))
         except BaseException:
             for wd, record in reversed(done):
                 write_parameter(model, wd.name,
@@ -537,6 +561,7 @@ class EditDelta:
                 self.additions.remove(model)
             raise
         self._record = [record for _, record in done]
+        self._record_of_shards = any(local_part(p) is not None for p in params)
 
     def revert(self, model: nn.Module, exact: bool = True) -> None:
         """Restore the weights from before apply, bit for bit; nothing is written unless every
@@ -546,6 +571,7 @@ class EditDelta:
             raise DeltaError(
                 "this delta is not applied: it carries no apply record (never applied), nothing to revert"
             )
+        model = unwrap(model)
         params = self._params(model)
         digests = [_sha256(read_parameter(model, wd.name)) for wd in self.weights]
         changing = [(p, d, r) for p, d, r in zip(params, digests, self._record) if r.sha256_before != r.sha256_after]
@@ -556,8 +582,8 @@ class EditDelta:
             )
         self._check_additions_unchanged(model)
         if not exact:
-            for wd in self.weights:
-                write_parameter(model, wd.name, _restored(read_parameter(model, wd.name), wd))
+            for wd, p in zip(self.weights, params):
+                write_parameter(model, wd.name, _restored(read_parameter(model, wd.name), _held(wd, p)))
             quantized.restore_unchanged(model, [wd.name for wd in self.weights])
             self._remove(model)
             return
@@ -576,7 +602,7 @@ class EditDelta:
         originals = []
         for wd, p, record in zip(self.weights, params, self._record):
             stored = read_parameter(model, wd.name)
-            old = _restored(stored, wd, record.fix_index, record.fix_value)
+            old = _restored(stored, _held(wd, p), record.fix_index, record.fix_value)
             if _sha256(old) != record.sha256_before:
                 raise DeltaError(
                     f"{wd.name}: recomputing Δ did not reproduce the original weight; the delta "
@@ -603,7 +629,10 @@ class EditDelta:
             self.additions.remove(model)
 
     def save(self, path) -> None:
-        """Write the delta (and its apply record, if it has one) to one safetensors file."""
+        """Write the delta (and its apply record, if it has one) to one safetensors file. A record
+        made on a sharded model (DTensor weights) holds this process's shards only and is not
+        written: the file is then the delta as an unapplied edit makes it, factors and metadata."""
+        records = None if self._record_of_shards else self._record
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -611,7 +640,7 @@ class EditDelta:
             # Own contiguous copies: safetensors refuses views and tensors sharing storage.
             tensors[f"weight.{i}.u"] = wd.u.detach().cpu().contiguous().clone()
             tensors[f"weight.{i}.v"] = wd.v.detach().cpu().contiguous().clone()
-        for i, record in enumerate(self._record or []):
+        for i, record in enumerate(records or []):
             tensors[f"fixup.{i}.index"] = record.fix_index.contiguous()
             tensors[f"fixup.{i}.value"] = record.fix_value.contiguous()
         header = {
@@ -619,7 +648,7 @@ class EditDelta:
             "metadata": self.metadata,
             "weights": [{"name": wd.name, "transposed": wd.transposed, "vector": wd.vector} for wd in self.weights],
             "additions": None if self.additions is None else self.additions.header(),
-            "record": None if self._record is None else [r.header() for r in self._record],
+            "record": None if records is None else [r.header() for r in records],
         }
         # Write then rename, so an interrupted save never leaves a truncated delta behind.
         tmp = path.with_name(path.name + ".tmp")

@@ -72,6 +72,9 @@ def generate_templates(
                     min_new_tokens=new,
                     num_return_sequences=max(1, n_gen // len(starters)),
                     pad_token_id=pad,
+                    # Rank 0 generates alone: an FSDP2 model is gathered for the edit, so its forwards
+                    # need no other rank (transformers would otherwise wait for them every token).
+                    synced_gpus=False,
                 )
                 texts += tok.batch_decode(out, skip_special_tokens=True)
             # Braces would be read as format fields by tools that use str.format on templates.

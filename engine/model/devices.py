@@ -15,6 +15,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def _align_hook(module: nn.Module) -> Optional[AlignDevicesHook]:
@@ -75,11 +76,14 @@ def _holds(mapping, key: str) -> bool:
 
 
 def read_parameter(model: nn.Module, name: str) -> torch.Tensor:
-    """The stored value of parameter `name` (detached): the parameter itself, or, when it is
+    """The stored value of parameter `name` (detached): the parameter itself (of a DTensor, the
+    shard this rank holds: see massedit.model.sharded.local_part), or, when it is
     offloaded, its weights-map value, always on the CPU (Accelerate loads a weight it reads from a
     checkpoint onto the execution device, one from an offload file onto the CPU; exact revert
     needs the same device at apply and at revert time)."""
     param = model.get_parameter(name)
+    if isinstance(param, DTensor):
+        return param.detach().to_local()
     if param.device.type != "meta":
         return param.detach()
     slot = _offload_slot(model, name)
@@ -98,6 +102,8 @@ def write_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     A disk-offloaded weight that Accelerate reads straight from the model's own checkpoint is
     redirected to a file in the offload folder: the user's checkpoint is never written."""
     param = model.get_parameter(name)
+    if isinstance(param, DTensor):
+        param = param.detach().to_local()  # this rank's shard, written in place
     if value.shape != param.shape or value.dtype != param.dtype:
         raise ValueError(f"{name}: cannot store a {value.dtype} {tuple(value.shape)} value in a "
                          f"{param.dtype} {tuple(param.shape)} parameter")

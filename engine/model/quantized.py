@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from massedit.model.arch import is_conv1d_class
 
@@ -63,8 +64,9 @@ def storage_of(module: nn.Module) -> Optional[str]:
     if int4 and isinstance(module, int4):
         return BNB_4BIT
     weight = getattr(module, "weight", None)
-    # Tensor subclasses (torchao, quantizer-specific parameters) hide their storage: not editable.
-    if type(weight) in (nn.Parameter, torch.Tensor) and weight.dtype in _FLOAT_DTYPES:
+    # Tensor subclasses (torchao, quantizer-specific parameters) hide their storage: not editable;
+    # a DTensor (FSDP2, tensor parallel) holds a dense shard on each rank (massedit.model.sharded).
+    if type(weight) in (nn.Parameter, torch.Tensor, DTensor) and weight.dtype in _FLOAT_DTYPES:
         return DENSE
     return None
 
