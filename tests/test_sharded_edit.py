@@ -124,21 +124,20 @@ def _distributed_tensors() -> dict:
 
 def _work(out_dir: str) -> dict:
     torch.distributed.init_process_group("gloo")
-    result = {(w, k): _edit_on_rank(k, w, out_dir) for w in WRAPPERS for k in KINDS}
-    result["dtensor"] = _distributed_tensors()
-    return result
+    edits = {(w, k): _edit_on_rank(k, w, out_dir) for w in WRAPPERS for k in KINDS}
+    return {**edits, "dtensor": _distributed_tensors()}
+
+
+def _one_process_delta(kind: str, stats_dir) -> EditDelta:
+    model, tok = make_model(kind)
+    return _editor(model, tok, stats_dir, _hparams(model)).edit(REQUESTS, apply=False).delta
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """(each rank's results, the one-process delta per model kind, the directory the ranks wrote)."""
     out = tmp_path_factory.mktemp("sharded")
-    ranks = run_ranks(_work, out)
-    single = {}
-    for kind in KINDS:
-        model, tok = make_model(kind)
-        editor = _editor(model, tok, tmp_path_factory.mktemp("single"), _hparams(model))
-        single[kind] = editor.edit(REQUESTS, apply=False).delta
-    return ranks, single, out
+    return run_ranks(_work, out), {k: _one_process_delta(k, tmp_path_factory.mktemp("single")) for k in KINDS}, out
 
 
 @pytest.mark.parametrize("wrapper", WRAPPERS)
