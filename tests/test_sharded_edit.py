@@ -69,6 +69,10 @@ def _wrapped(kind: str, wrapper: str):
     return model, model, tok
 
 
+def _batch(tok):
+    return tok(["Michael Jordan plays the sport of"], return_tensors="pt")
+
+
 def _edit_on_rank(kind: str, wrapper: str, out_dir: str) -> dict:
     wrapped, model, tok = _wrapped(kind, wrapper)
     editor = _editor(wrapped, tok, os.path.join(out_dir, "stats", wrapper, kind), _hparams(model))
@@ -81,14 +85,14 @@ def _edit_on_rank(kind: str, wrapper: str, out_dir: str) -> dict:
     edited = {n: p.detach().to_local().clone() if local_part(p) else p.detach().clone() for n, p in params.items()}
     result.delta.revert(wrapped)
     after = {n: p.detach().to_local().clone() if local_part(p) else p.detach().clone() for n, p in params.items()}
-    # The model still trains: a forward and backward after the edit, through the wrapper.
-    batch = tok(["Michael Jordan plays the sport of"], return_tensors="pt")
-    wrapped(**batch, labels=batch["input_ids"]).loss.backward()
+    # The model still trains after the edit: gradients through the wrapper, the same batch on every rank.
+    wrapped(**_batch(tok), labels=_batch(tok)["input_ids"]).loss.backward()
+    grads = {n: p.grad.to_local() if local_part(p) else p.grad for n, p in params.items()}
     if torch.distributed.get_rank() == 0:
         result.delta.save(os.path.join(out_dir, f"{wrapper}-{kind}.safetensors"))
     # Templates are sampled on rank 0 alone: through the wrapped model, that must not wait for the other ranks.
     templates = MassEditor(wrapped, tok, _hparams(model), stats_dir=out_dir, progress=False).context_templates()
-    return {"templates": templates, "names": names, "index": {n: local_part(p) for n, p in params.items()},
+    return {"templates": templates, "names": names, "grads": grads, "index": {n: local_part(p) for n, p in params.items()},
             "full_numel": {n: p.numel() for n, p in params.items()}, "largest": largest.numel,
             "edited": edited, "reverted": {n: torch.equal(before[n], after[n]) for n in names}}
 
@@ -215,3 +219,16 @@ def test_dtensors_cut_by_rows_or_columns_get_their_block_of_delta(runs):
             assert torch.equal(local, whole.get_parameter(name).detach()[index]), name
         cut = PLACEMENTS[name].dim
         assert sum(index[cut].stop - index[cut].start for index, _ in parts) == whole.get_parameter(name).shape[cut]
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_after_the_edit_equal_one_process(runs, wrapper, kind):
+    model, tok = make_model(kind)
+    model(**_batch(tok), labels=_batch(tok)["input_ids"]).loss.backward()
+    for r in runs[0]:
+        run = r[wrapper, kind]
+        for name in run["names"]:
+            full = model.get_parameter(name).grad
+            expected = full if run["index"][name] is None else full[run["index"][name]]
+            assert _rel(run["grads"][name], expected) <= 1e-5, name

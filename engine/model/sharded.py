@@ -66,6 +66,11 @@ def gathered(model: nn.Module) -> Iterator[None]:
         _GATHERED.discard(model)
         for unit, groups in settings:
             unit.reshard()
+        if isinstance(model, FSDPModule):
+            # The edit stops forwards early (massedit.model.hooks.run_until raises past the last layer
+            # it needs), which leaves FSDP2 mid-forward: its recovery for aborted forwards clears that.
+            model.reset_iter_state()
+        for unit, groups in settings:
             if groups:
                 after_forward, after_backward = groups[0]
                 unit.set_reshard_after_forward(after_forward, recurse=False)
