@@ -122,9 +122,9 @@ class TrainingEdits:
 
 class EditCallback(TrainerCallback):
     """A Hugging Face `TrainerCallback` running `TrainingEdits(editor, schedule, **options)` after
-    every optimizer step (step 0: before the first). The metrics go into the Trainer's next log: the
-    `logs` dict of `on_log` (reporting callbacks listed after this one see them) and the entry
-    `state.log_history` holds for that step."""
+    every optimizer step (step 0: before the first, unless training resumes from a checkpoint).
+    The metrics go into the Trainer's next log: the `logs` dict of `on_log` (reporting callbacks
+    listed after this one see them) and the entry `state.log_history` holds for that step."""
 
     def __init__(self, editor: MassEditor, schedule: Mapping[int, Sequence[dict]], **options):
         self.edits = TrainingEdits(editor, schedule, **options)
@@ -137,7 +137,9 @@ class EditCallback(TrainerCallback):
             control.should_log = True
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._run(state.global_step, control)
+        # A run resumed from a checkpoint already holds the edits of the steps before it.
+        if state.global_step == 0:
+            self._run(0, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._run(state.global_step, control)

@@ -38,7 +38,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def fsdp_units(model: nn.Module) -> list[FSDPModule]:
+def _fsdp_units(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -48,7 +48,7 @@ def gathered(model: nn.Module) -> Iterator[None]:
     collective) and kept so until the block ends, when they are sharded again and FSDP2's
     reshard settings are put back. Inside, forwards and backwards run no collectives, so ranks may
     run different forwards, and a parameter is the full (unsharded) tensor. Anything else: nothing."""
-    units = fsdp_units(model)
+    units = _fsdp_units(model)
     if not units or model in _GATHERED:
         yield
         return
