@@ -54,20 +54,30 @@ def _scores(model, tok, records, generation: bool) -> dict:
 
 
 def _trace(args, model, tok, requests, out: Path) -> dict:
+    """The subject's-last-token MLP row of --trace facts (what the layers are chosen from), and the
+    full heat maps (ROME's Figure 1) of the first --trace-full of them."""
     from massedit.evaluation.heatmap import write_heatmaps
     from massedit.evaluation.trace import GROUPS, KINDS, trace
 
-    kinds = tuple(args.trace_kinds.split(","))
     t0 = time.perf_counter()
-    result = trace(model, tok, requests[: args.trace], samples=args.trace_samples, kinds=kinds)
-    seconds = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    pictures = write_heatmaps(result, out, kinds=kinds)
-    span = args.span
-    return {"facts": len(result.traces), "kinds": list(kinds), "samples": args.trace_samples, "window": result.window,
-            "seconds": round(seconds, 2), "seconds_per_fact": round(seconds / max(1, len(result.traces)), 2),
-            "groups": list(GROUPS), "effects": {k: result.averaged(k).tolist() for k in kinds if k in KINDS},
-            "suggested_layers": result.suggested_layers(span), "heatmaps": [str(p) for p in pictures]}
+    rows = trace(model, tok, requests[: args.trace], samples=args.trace_samples, kinds=("mlp",),
+                 last_subject_only=True)
+    row_seconds = time.perf_counter() - t0
+    found = {"facts": len(rows.traces), "samples": args.trace_samples, "window": rows.window,
+             "seconds": round(row_seconds, 2), "seconds_per_fact": round(row_seconds / max(1, len(rows.traces)), 2),
+             "mlp_last_subject_token": rows.averaged("mlp")[GROUPS.index("last subject token")].tolist(),
+             "suggested_layers": rows.suggested_layers(args.span)}
+    if args.trace_full:
+        kinds = tuple(args.trace_kinds.split(","))
+        t0 = time.perf_counter()
+        full = trace(model, tok, requests[: args.trace_full], samples=args.trace_samples, kinds=kinds)
+        seconds = time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        found["full"] = {"facts": len(full.traces), "kinds": list(kinds), "seconds": round(seconds, 2),
+                         "seconds_per_fact": round(seconds / max(1, len(full.traces)), 2), "groups": list(GROUPS),
+                         "effects": {k: full.averaged(k).tolist() for k in kinds if k in KINDS},
+                         "heatmaps": [str(p) for p in write_heatmaps(full, out, kinds=kinds)]}
+    return found
 
 
 def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
@@ -140,8 +150,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--n", default="100", help="comma-separated edit counts, 'max' for every known fact (default 100)")
     p.add_argument("--layers", help="edited layers, e.g. 4,5,6,7,8 (default: the trace's suggestion, else default_for's)")
     p.add_argument("--span", type=int, default=5, help="how many consecutive layers the trace suggests (default 5)")
-    p.add_argument("--trace", type=int, default=20, help="facts to trace (0: no trace; default 20)")
-    p.add_argument("--trace-kinds", default="mlp", help="comma-separated: hidden,mlp,attn (default mlp)")
+    p.add_argument("--trace", type=int, default=20,
+                   help="facts whose subject's-last-token MLP row is traced to choose layers (0: none; default 20)")
+    p.add_argument("--trace-full", type=int, default=3, help="facts traced in full for the heat maps (default 3)")
+    p.add_argument("--trace-kinds", default="hidden,mlp,attn", help="kinds of the full traces (default all three)")
     p.add_argument("--trace-samples", type=int, default=10, help="noise samples per fact (default 10)")
     p.add_argument("--rome", type=int, default=0, help="ROME single edits as the baseline (default 0)")
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
@@ -179,8 +191,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.trace:
         result["trace"] = _trace(args, model, tok, requests, out.with_name(out.stem + "-trace"))
         t = result["trace"]
-        print(f"trace: {t['facts']} facts in {t['seconds']} s ({t['seconds_per_fact']} s each, kinds {t['kinds']}); "
-              f"suggested layers {t['suggested_layers']}", flush=True)
+        print(f"trace: the MLP row of {t['facts']} facts in {t['seconds']} s ({t['seconds_per_fact']} s each); "
+              f"suggested layers {t['suggested_layers']}"
+              + (f"; full traces of {t['full']['facts']} facts in {t['full']['seconds']} s" if "full" in t else ""),
+              flush=True)
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
     elif args.trace:

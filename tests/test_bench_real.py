@@ -28,13 +28,14 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
     n_records = len(json.loads((facts / "counterfact.json").read_text()))
     out = tmp_path / "real.json"
     assert real.main(["--model", str(tmp_path / "model"), "--facts", str(facts), "--n", "2,max", "--trace", "2",
-                      "--trace-samples", "2", "--span", "2", "--rome", "2", "--corpora", "--corpora-n", "2",
+                      "--trace-full", "1", "--trace-samples", "2", "--span", "2", "--rome", "2", "--corpora", "--corpora-n", "2",
                       "--samples", "40", "--stats-dir", str(tmp_path / "stats"), "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["facts"]["records"] == n_records
     trace = data["trace"]
     assert trace["facts"] == 2 and len(trace["suggested_layers"]) == 2
-    assert all(Path(p).exists() for p in trace["heatmaps"])
+    assert trace["full"]["facts"] == 1 and len(trace["full"]["heatmaps"]) == 3
+    assert all(Path(p).exists() for p in trace["full"]["heatmaps"])
     assert [r["n"] for r in data["memit"]] == [2, n_records]
     assert data["hparams"]["layers"] == trace["suggested_layers"]
     for row in data["memit"]:

@@ -72,6 +72,19 @@ def test_mlp_effect_at_the_subjects_last_token_peaks_at_the_planted_layer(plante
         assert t.effects["hidden"].shape == (len(t.prompt.ids), 4) and "".join(t.tokens) == t.prompt.text
 
 
+def test_last_subject_only_traces_the_layer_row_alone_and_equal_to_the_full_trace(planted):
+    model, tok = planted
+    full = trace(model, tok, _facts(), samples=3, window=1, kinds=("mlp",))
+    row_only = trace(model, tok, _facts(), samples=3, window=1, kinds=("mlp",), last_subject_only=True)
+    for a, b in zip(full.traces, row_only.traces):
+        last = a.prompt.subject[1] - 1
+        torch.testing.assert_close(b.effects["mlp"][last], a.effects["mlp"][last], rtol=0, atol=1e-6)
+        others = torch.ones(len(a.prompt.ids), dtype=torch.bool)
+        others[last] = False
+        assert torch.isnan(b.effects["mlp"][others]).all()
+    assert row_only.suggested_layers(1) == full.suggested_layers(1) == [PLANTED]
+
+
 def _noise(tracer, prompt):
     sigma = 3 * tracer.embedding_std([prompt])
     return make_noise(3, prompt.subject[1] - prompt.subject[0], tracer.embed.weight.shape[-1], sigma, seed=1)
@@ -182,6 +195,13 @@ def test_cli_writes_the_trace_heat_maps_and_a_usable_hparams_file(planted, tmp_p
     # A second run into the same directory would overwrite: refused without --force.
     assert main(argv) == 2
     assert "--force" in capsys.readouterr().err
+
+    # The fast way to choose layers: the MLP kind alone, the subject's last token's row alone.
+    assert main(argv + ["--force", "--kinds", "mlp", "--last-subject-only"]) == 0
+    assert f"suggested layers: [{PLANTED}]" in capsys.readouterr().out
+    assert set(json.loads((out / "trace.json").read_text())["facts"][0]["effects"]) == {"mlp"}
+    assert main(argv + ["--force", "--kinds", "attn"]) == 2
+    assert "--kinds must include mlp" in capsys.readouterr().err
 
 
 def test_cli_rejects_facts_without_a_true_object_before_loading_the_model(tmp_path, capsys):

@@ -50,6 +50,12 @@ def add_arguments(p) -> None:
                    help="hparams the suggestion goes into: default_for (default) or world_preset (world models)")
     p.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
                    help=f"tokens per batched forward (default {BATCH_TOKENS}; more is faster on a GPU, costs memory)")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help=f"what to restore, comma-separated among {','.join(KINDS)} (default all; mlp alone is "
+                   "what the suggested layers need, a third of the work)")
+    p.add_argument("--last-subject-only", action="store_true",
+                   help="trace only the subject's last token's row (what the suggested layers read): as many "
+                   "times fewer forwards as the prompt has tokens; the heat maps then show that row alone")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an earlier trace's files in --out")
     add_model_arguments(p)
@@ -64,6 +70,12 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not args.noise > 0:
         raise ValueError(f"--noise must be positive, got {args.noise}")
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"--kinds {args.kinds!r}: give some of {','.join(KINDS)}, comma-separated")
+    if "mlp" not in kinds:
+        raise ValueError("--kinds must include mlp: the suggested layers come from the MLP effect")
+    args.kinds = kinds
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -85,6 +97,7 @@ def _write(path: Path, text: str) -> None:
 
 def run(args) -> int:
     _check_args(args)
+    kinds = args.kinds
     requests = load_requests(args.data)[: args.n]
     check_requests(requests)
     model, tok = load_model(args.model, options_from_args(args))
@@ -94,7 +107,8 @@ def run(args) -> int:
     if span > n_layers:
         raise ValueError(f"--span {span} exceeds the model's {n_layers} layers")
     result = trace(model, tok, requests, samples=args.samples, window=args.window, noise_scale=args.noise,
-                   seed=args.seed, batch_tokens=args.batch_tokens, progress=not args.quiet)
+                   seed=args.seed, kinds=kinds, batch_tokens=args.batch_tokens, progress=not args.quiet,
+                   last_subject_only=args.last_subject_only)
     layers = result.suggested_layers(span)
     mlp_last_subject = result.averaged("mlp")[GROUPS.index("last subject token")].tolist()
     hp = hp.replace(layers=layers)
@@ -111,10 +125,10 @@ def run(args) -> int:
         "mlp_effect_at_last_subject_token": mlp_last_subject,
         "p_clean": sum(t.p_clean for t in result.traces) / len(result.traces),
         "p_corrupted": sum(t.p_corrupted for t in result.traces) / len(result.traces),
-        "averaged": {k: {g: _finite(row) for g, row in zip(GROUPS, result.averaged(k).tolist())} for k in KINDS},
+        "averaged": {k: {g: _finite(row) for g, row in zip(GROUPS, result.averaged(k).tolist())} for k in kinds},
     }
     _write(out / "hparams.json", json.dumps(hp.to_dict(), indent=4) + "\n")
-    plots = write_heatmaps(result, out)
+    plots = write_heatmaps(result, out, kinds=kinds)
     summary["files"] = [str(out / "trace.json"), str(out / "hparams.json")] + [str(p) for p in plots]
     _write(out / "trace.json", json.dumps({**summary, "facts": [t.to_dict() for t in result.traces]}, indent=1) + "\n")
     if args.json:

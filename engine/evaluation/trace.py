@@ -295,7 +295,7 @@ def _result(tracer: Tracer, tok, prompt: TracePrompt, p_clean: float, p_corrupte
 
 @torch.no_grad()
 def trace_fact(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Tensor, kinds: Sequence[str] = KINDS,
-               window: int = 1, batch_tokens: int = BATCH_TOKENS) -> FactTrace:
+               window: int = 1, batch_tokens: int = BATCH_TOKENS, last_subject_only: bool = False) -> FactTrace:
     """Every restoration × noise sample of `prompt`, each computed only where it differs from the
     corrupted run (Tracer.resumed_probs), those sharing a first block and token as rows of one
     forward of at most `batch_tokens` tokens.
@@ -303,18 +303,24 @@ def trace_fact(tracer: Tracer, tok, prompt: TracePrompt, noise: torch.Tensor, ki
     A "hidden" cell at layer l first changes block l + 1's input, an MLP or attention window
     first changes its first layer's block. Restorations at tokens before the subject are not run:
     the noise cannot reach them under causal attention, so their effect is exactly 0. A model that
-    cannot continue from a key/value cache recomputes every position of its restorations."""
+    cannot continue from a key/value cache recomputes every position of its restorations.
+    `last_subject_only`: only the restorations at the subject's last token, the row layers are
+    chosen from (the other cells come out NaN): n_tokens times fewer forwards."""
     _check_kinds(kinds)
     samples, n_tokens = noise.shape[0], len(prompt.ids)
     clean, p_clean = tracer.clean_states(prompt, kinds)
     run = tracer.corrupted_run(prompt, noise)
     cells = _restorations(kinds, tracer.n_layers, n_tokens, window)
     groups: dict = {}
+    skipped = []
     for i, (kind, layer, token, modules) in enumerate(cells):
-        if token >= prompt.subject[0]:
+        if last_subject_only and token != prompt.subject[1] - 1:
+            skipped.append(i)
+        elif token >= prompt.subject[0]:
             first = layer + 1 if kind == "hidden" else modules[0][1]
             groups.setdefault((first, token if run.kv is not None else 0), []).append(i)
     probs = torch.full((len(cells),), run.p, dtype=torch.float64)
+    probs[skipped] = float("nan")
     for (first, start), members in groups.items():
         row_cells = [cells[i] for i in members for _ in range(samples)]
         row_probs = torch.empty(len(row_cells), dtype=torch.float64)
@@ -407,9 +413,10 @@ class TraceResult:
 
 def trace(model: nn.Module, tok, requests: Sequence[EditRequest], samples: int = 10, window: Optional[int] = None,
           noise_scale: float = 3.0, seed: int = 0, kinds: Sequence[str] = KINDS, batch_tokens: int = BATCH_TOKENS,
-          progress: bool = False) -> TraceResult:
+          progress: bool = False, last_subject_only: bool = False) -> TraceResult:
     """Causal traces of `requests` (each needs target_true). Fact i's noise is seeded with seed + i;
-    `window` defaults to `default_window(n_layers)`."""
+    `window` defaults to `default_window(n_layers)`. `last_subject_only`: only the subject's last
+    token's row, what `suggested_layers` reads (trace_fact)."""
     _check_kinds(kinds)
     for name, value in (("samples", samples), ("batch_tokens", batch_tokens)):
         if value < 1:
@@ -431,5 +438,5 @@ def trace(model: nn.Module, tok, requests: Sequence[EditRequest], samples: int =
 
             prompts = tqdm(prompts, desc="tracing", unit="fact")
         traces = [trace_fact(tracer, tok, p, make_noise(samples, p.subject[1] - p.subject[0], width, sigma, seed + i),
-                             kinds, window, batch_tokens) for i, p in enumerate(prompts)]
+                             kinds, window, batch_tokens, last_subject_only) for i, p in enumerate(prompts)]
     return TraceResult(traces, sigma, samples, window, seed)
