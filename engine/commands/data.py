@@ -20,7 +20,7 @@ import functools
 from pathlib import Path
 
 from massedit.commands._common import UserError, add_model_arguments, options_from_args
-from massedit.commands._outputs import check_out, staged
+from massedit.commands._outputs import check_out, claim, staged
 
 NAME = "data"
 HELP = "build evaluation records from real facts a model knows (CounterFact / zsRE shaped)"
@@ -74,13 +74,14 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     out = Path(args.out)
     check_out(out, args.force)
-    model, tok = load_model(args.model, options_from_args(args))
-    built = build_facts(model_scorer(model, tok, args.batch_size), relations, languages, seed=args.seed,
-                        max_per_relation=args.max_per_relation, max_candidates=args.max_candidates,
-                        distinct_subjects=not args.repeat_subjects, min_population=args.min_population,
-                        model=args.model, log=None if args.quiet else functools.partial(print, flush=True))
-    with staged(out, owned=["facts.json", *FILES, *languages[1:]]) as stage:
-        built.write(stage)
+    with claim(out):
+        model, tok = load_model(args.model, options_from_args(args))
+        built = build_facts(model_scorer(model, tok, args.batch_size), relations, languages, seed=args.seed,
+                            max_per_relation=args.max_per_relation, max_candidates=args.max_candidates,
+                            distinct_subjects=not args.repeat_subjects, min_population=args.min_population,
+                            model=args.model, log=None if args.quiet else functools.partial(print, flush=True))
+        with staged(out, owned=["facts.json", *FILES, *languages[1:]]) as stage:
+            built.write(stage)
     if not args.quiet:
         print(f"{built.report['n_records']} records ({', '.join(languages)}) in {out}: counterfact.json, zsre.json, "
               f"facts.json" + "".join(f", {lang}/" for lang in languages[1:]))

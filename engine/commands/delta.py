@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from massedit.commands._outputs import check_out, staged
+from massedit.commands._outputs import check_out, claim, staged
 from massedit.edits.checkpoint import prepare, weight_files
 from massedit.edits.delta import EditDelta
 
@@ -44,11 +44,12 @@ def run(args) -> int:
     if Path(os.path.realpath(checkpoint)) in Path(os.path.realpath(out)).parents:
         raise ValueError(f"--out {out} is inside --checkpoint {checkpoint}; choose a directory outside it")
     check_out(out, args.force)
-    delta = EditDelta.load(args.delta)
-    edit = prepare(checkpoint, delta, revert=args.action == "revert")
-    # The old --out's weight files are superseded, even ones this checkpoint's layout does not name.
-    with staged(out, owned=weight_files(out) if out.is_dir() else ()) as stage:
-        edit.write(stage)
+    with claim(out):
+        delta = EditDelta.load(args.delta)
+        edit = prepare(checkpoint, delta, revert=args.action == "revert")
+        # The old --out's weight files are superseded, even ones this checkpoint's layout does not name.
+        with staged(out, owned=weight_files(out) if out.is_dir() else ()) as stage:
+            edit.write(stage)
     done = f"reverted {args.delta} from" if edit.revert else f"applied {args.delta} to"
     print(f"{done} {checkpoint} ({edit.format}, {len(delta.weights)} weights): wrote {out}/")
     return 0
