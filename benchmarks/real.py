@@ -113,9 +113,11 @@ def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -
 
 def _rome(args, model, tok, records, requests, layers, corpus) -> dict:
     from massedit import MassEditor
+    from massedit.model.loading import model_name_for
 
     hp = _hparams(model, layers, args, corpus, "rome")
-    editor = MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=corpus, progress=False)
+    editor = MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=model_name_for(args.model),
+                        progress=False)
     per_case, seconds = [], 0.0
     for record, request in zip(records[: args.rome], requests[: args.rome]):
         t0 = time.perf_counter()
