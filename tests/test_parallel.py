@@ -137,6 +137,7 @@ def _interrupted_and_resumed(out_dir: str) -> dict:
         calls.clear()
         limit[0] = len(CORPUS) * len(LAYERS)
         resumed = run(checkpoint=checkpoint, checkpoint_every=2)
+        torch.distributed.barrier()  # each rank removes its own checkpoint after the pass: list once both have
     finally:
         stats_mod.accumulate_xtx = real
     return {"files": files, "resumed_batches": len(calls) // len(LAYERS), "left": list(checkpoint.parent.iterdir()),
