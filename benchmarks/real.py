@@ -91,6 +91,8 @@ def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
         hp.layers = [list(layers)[(len(layers) - 1) // 2]]
     hp.v_num_grad_steps, hp.v_lr, hp.kl_factor = 25, 0.5, 0.0625
     hp.clamp_norm_factor = args.clamp
+    if args.lam is not None:
+        hp.mom2_update_weight = args.lam
     hp.mom2_n_samples = args.samples
     if is_builtin(corpus):
         hp.mom2_dataset = corpus
@@ -159,6 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trace-samples", type=int, default=10, help="noise samples per fact (default 10)")
     p.add_argument("--rome", type=int, default=0, help="ROME single edits as the baseline (default 0)")
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
+    p.add_argument("--lam", type=float, help="mom2_update_weight λ (default: default_for's, 15000 for Llama-like)")
     p.add_argument("--corpus", help="statistics corpus (default: the real models' built-in one)")
     p.add_argument("--samples", type=int, default=2000, help="mom2_n_samples (default 2000)")
     p.add_argument("--corpora", action="store_true", help="also edit --corpora-n facts with each built-in corpus")
