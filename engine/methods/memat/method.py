@@ -44,7 +44,6 @@ over the feature rows).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +55,7 @@ from massedit.edits.delta import EditDelta, ParameterAdditions, applied
 from massedit.hparams import MEMITHyperParams, above, at_least, between, hparam
 from massedit.model.devices import execution_device
 from massedit.evaluation.scoring import score_continuations
-from massedit.inputs.records import check_records
+from massedit.inputs.records import check_records, read_json_list
 from massedit.methods.memat.heads import fold_into_bias, head_corrections, head_outputs, logits_at
 from massedit.methods.base import register_method
 from massedit.methods.memit import Memit
@@ -93,11 +92,7 @@ def load_l2_records(path: Union[str, Path]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"--memat-records {path}: no such file; give the second-language CounterFact records")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"{path}: not valid JSON ({err}); give a CounterFact JSON list") from None
-    return records
+    return read_json_list(path)
 
 
 def parse_l2_records(records: Union[Sequence[dict], str, Path], source: str = "memat records") -> dict:
