@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         # argparse reports them on the top-level parser; name the subcommand they were given to.
         prog = " ".join(["massedit"] + [v for v in (getattr(args, "command", None), getattr(args, "action", None)) if v])
-        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)", file=sys.stderr)
+        _stderr_line(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)")
         return 2
     if not getattr(args, "run", None):
         parser.print_help()
@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             warnings.showwarning = _one_line_warning(args.command)
             return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print("massedit: interrupted", file=sys.stderr)
+        _stderr_line("massedit: interrupted")
         return 130
     except (UserError, ValueError, KeyError, OSError, SafetensorError) as err:
         if args.debug:
@@ -79,8 +79,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = _os_error_message(err)
         else:
             message = _first_line(err)
-        print(f"massedit {args.command}: error: {message}", file=sys.stderr)
+        _stderr_line(f"massedit {args.command}: error: {message}")
         return 2
+
+
+def _stderr_line(text: str) -> None:
+    """One write for the line and its newline: under torchrun every rank shares one stderr pipe, and print's two
+    writes let two ranks' messages run together on one line."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _first_line(err: object) -> str:
@@ -91,7 +98,7 @@ def _one_line_warning(command: str):
     """Warnings as one line each, like errors: no source file and line of the library."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"massedit {command}: warning: {_first_line(message)}", file=sys.stderr)
+        _stderr_line(f"massedit {command}: warning: {_first_line(message)}")
 
     return show
 

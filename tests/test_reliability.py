@@ -77,8 +77,10 @@ def test_ledger_run_killed_inside_its_save_keeps_the_model_and_a_rerun_finishes(
     out = model_dir if in_place else tmp_path / "edited"
     argv = files.edit(model_dir, out, *LEDGER, "--ledger", str(tmp_path / "ledger"), *(["--force"] * in_place))
     before = _tree(model_dir)
+    # The child computes with as many threads as this process, so its rounds equal an in-process run's bit for bit.
+    threads = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     child = subprocess.run([sys.executable, "-c", _KILLED_IN_SAVE, *argv], capture_output=True, text=True,
-                           timeout=600)
+                           timeout=600, env=threads)
     assert child.returncode == 9, child.stderr
     assert _tree(model_dir) == before  # in place: the original model, byte for byte
     assert in_place or not out.exists()
