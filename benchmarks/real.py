@@ -91,15 +91,16 @@ def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
         hp.layers = [list(layers)[(len(layers) - 1) // 2]]
     hp.v_num_grad_steps, hp.v_lr, hp.kl_factor = 25, 0.5, 0.0625
     hp.clamp_norm_factor = args.clamp
-    if args.lam is not None:
-        hp.mom2_update_weight = args.lam
+    if args.lam:
+        hp.mom2_update_weight = args.lam[0]
     hp.mom2_n_samples = args.samples
     if is_builtin(corpus):
         hp.mom2_dataset = corpus
     return hp
 
 
-def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> dict:
+def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
+    """The row of one MEMIT edit of the first n facts, and its EditResult (z, requests) for `_other_lams`."""
     pre = _scores(model, tok, records[:n], generation)
     t0 = time.perf_counter()
     result = editor.edit(requests[:n])
@@ -110,7 +111,33 @@ def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -
         result.delta.revert(model)
     return {"n": n, "pre": pre, "post": post, "seconds": round(wall, 2),
             "timings": {k: round(v, 2) for k, v in result.timings.items()},
-            "z_loss_mean": float(result.z_loss.mean()), "not_converged": result.not_converged}
+            "z_loss_mean": float(result.z_loss.mean()), "not_converged": result.not_converged}, result
+
+
+def _other_lam(editor, args, records, result, lam: float, corpus: str, name: str) -> dict:
+    """MEMIT's solve again at another λ from the same targets: z does not depend on λ, so a λ sweep
+    at n = 1,000 costs keys, solve and scoring, not another z phase."""
+    from massedit import MassEditor
+    from massedit.edits.delta import EditDelta
+    from massedit.solve.spread import spread_update
+
+    hp = editor.hp.replace(mom2_update_weight=lam)
+    other = MassEditor(editor.model, editor.tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=name,
+                       progress=False)
+    other.set_context_templates(editor.context_templates())
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    weights = spread_update(other.model, other.layout, other.tok, result.requests, hp.layers, result.z,
+                            other.solvers(), other.context_templates(), timings, progress=False)
+    delta = EditDelta(weights)
+    delta.apply(other.model)
+    wall = time.perf_counter() - t0
+    try:
+        post = _scores(other.model, other.tok, records[: result.n_edits], args.generation)
+    finally:
+        delta.revert(other.model)
+    return {"n": result.n_edits, "lam": lam, "post": post, "seconds": round(wall, 2),
+            "timings": {k: round(v, 2) for k, v in timings.items()}, "z": "reused"}
 
 
 def _rome(args, model, tok, records, requests, layers, corpus) -> dict:
@@ -161,7 +188,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trace-samples", type=int, default=10, help="noise samples per fact (default 10)")
     p.add_argument("--rome", type=int, default=0, help="ROME single edits as the baseline (default 0)")
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
-    p.add_argument("--lam", type=float, help="mom2_update_weight λ (default: default_for's, 15000 for Llama-like)")
+    p.add_argument("--lam", help="mom2_update_weight λ, or comma-separated values: the first edits, the others solve "
+                                 "again from its z (default: default_for's, 15000 for Llama-like)")
     p.add_argument("--corpus", help="statistics corpus (default: the real models' built-in one)")
     p.add_argument("--samples", type=int, default=2000, help="mom2_n_samples (default 2000)")
     p.add_argument("--corpora", action="store_true", help="also edit --corpora-n facts with each built-in corpus")
@@ -171,6 +199,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", help="JSON path (default benchmarks/results/real-<model>-<time>.json)")
     common.add_threads(p, default=None)
     args = p.parse_args(argv)
+    try:
+        args.lam = [float(x) for x in args.lam.split(",")] if args.lam else []
+    except ValueError:
+        p.error(f"--lam: a number or comma-separated numbers, e.g. 1000,5000, got {args.lam!r}")
+    if any(lam <= 0 for lam in args.lam):
+        p.error(f"--lam: every λ must be positive, got {args.lam}")
     common.set_threads(args.threads)
 
     from massedit import MassEditor
@@ -193,6 +227,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "knowledge_test": facts_report.get("knowledge_test")}
     print(f"{args.model}: {len(records)} known facts", flush=True)
 
+    def save() -> None:
+        # After every part: a run of an hour or more keeps what it measured if a later part fails.
+        common.write_json(out, result)
+
     if args.trace:
         result["trace"] = _trace(args, model, tok, requests, out.with_name(out.stem + "-trace"))
         t = result["trace"]
@@ -200,6 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"suggested layers {t['suggested_layers']}"
               + (f"; full traces of {t['full']['facts']} facts in {t['full']['seconds']} s" if "full" in t else ""),
               flush=True)
+        save()
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
     elif args.trace:
@@ -208,6 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         layers = default_for(model.config).layers
     corpus = args.corpus or REAL_MODEL_CORPUS
     hp = _hparams(model, layers, args, corpus)
+    lams = args.lam or [hp.mom2_update_weight]
     result["hparams"] = hp.to_dict()
     editor = MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=name, progress=False)
     t0 = time.perf_counter()
@@ -216,20 +256,26 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rows = []
     for n in _sizes(args.n, len(records)):
-        row = _memit_at(editor, model, tok, records, requests, n, args.generation)
-        rows.append({"run": f"MEMIT layers {layers}", **row})
+        row, edited = _memit_at(editor, model, tok, records, requests, n, args.generation)
+        rows.append({"run": f"MEMIT layers {layers} λ {hp.mom2_update_weight:g}", "lam": hp.mom2_update_weight, **row})
         print(_table(rows[-1:]), flush=True)
-    result["memit"] = rows
+        for lam in lams[1:]:
+            other = _other_lam(editor, args, records, edited, lam, corpus, name)
+            rows.append({"run": f"MEMIT layers {layers} λ {lam:g} (same z)", "pre": row["pre"], **other})
+            print(_table(rows[-1:]), flush=True)
+        result["memit"] = rows
+        save()
     if args.rome:
         result["rome"] = _rome(args, model, tok, records, requests, layers, corpus)
         print(_table([{"run": f"ROME layer {result['rome']['layer']}", **result["rome"]}]), flush=True)
+        save()
     if args.corpora:
         result["corpora"] = {}
         for choice in BUILTIN:
             other = MassEditor(model, tok, _hparams(model, layers, args, choice), stats_dir=args.stats_dir,
                                corpus=choice, model_name=name, progress=False)
             result["corpora"][choice] = _memit_at(other, model, tok, records, requests,
-                                                  min(args.corpora_n, len(records)), False)
+                                                  min(args.corpora_n, len(records)), False)[0]
         print(_table([{"run": f"corpus {c}", **r} for c, r in result["corpora"].items()]), flush=True)
     common.write_result(f"real-{name}", result, out=out)
     return 0

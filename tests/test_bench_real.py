@@ -44,3 +44,30 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert set(data["corpora"]) == {"pydoc", "sampled", "pydoc+sampled"}
     printed = capsys.readouterr().out
     assert "known facts" in printed and "ES pre→post" in printed
+
+
+def test_a_lam_sweep_solves_again_from_the_same_z(tmp_path):
+    """At the same λ the re-solved row must score exactly as the edit it reuses z from; a λ far larger
+    writes less, so ES cannot rise."""
+    model, tok = make_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    facts = _facts(tmp_path)
+    out = tmp_path / "real.json"
+    argv = ["--model", str(tmp_path / "model"), "--facts", str(facts), "--n", "4", "--trace", "0", "--layers", "1,2",
+            "--lam", "50,50,1e9", "--corpus", "pydoc", "--samples", "40", "--stats-dir", str(tmp_path / "stats"),
+            "--out", str(out)]
+    assert real.main(argv) == 0
+    rows = json.loads(out.read_text())["memit"]
+    assert [r["lam"] for r in rows] == [50, 50, 1e9] and rows[1]["z"] == "reused"
+    assert rows[1]["post"] == rows[0]["post"]
+    assert rows[2]["post"]["ES"] <= rows[0]["post"]["ES"]
+    assert rows[2]["post"] != rows[0]["post"]
+
+
+def test_lam_that_is_not_a_number_is_one_line(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        real.main(["--model", "x", "--lam", "1000,abc"])
+    assert "--lam: a number or comma-separated numbers" in capsys.readouterr().err
