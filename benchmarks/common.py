@@ -282,13 +282,15 @@ def load_pretrained(model_dir: Path):
     return model, tok
 
 
-def distinct_subject_records(world: Path, n: int):
-    """The first `n` CounterFact records of a world build with distinct subjects (so that no two
-    edits conflict), and their requests."""
+def distinct_subject_records(directory: Path, n: int):
+    """The first `n` CounterFact records of DIRECTORY/counterfact.json (a world build or a
+    `massedit data facts` directory) with distinct subjects (so that no two edits conflict), and
+    their requests."""
     from massedit.inputs.records import load_records
     from massedit.inputs.requests import parse_records
 
-    _, records = load_records(world / "counterfact.json")
+    path = Path(directory) / "counterfact.json"
+    _, records = load_records(path)
     seen, chosen = set(), []
     for rec in records:
         subject = rec["requested_rewrite"]["subject"]
@@ -296,31 +298,166 @@ def distinct_subject_records(world: Path, n: int):
             seen.add(subject)
             chosen.append(rec)
     chosen = chosen[:n]
-    return chosen, parse_records(chosen, str(world / "counterfact.json"), fmt="counterfact")
+    return chosen, parse_records(chosen, str(path), fmt="counterfact")
 
 
-def add_world_editor_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `world_editor`, and --threads and --out-dir, for benchmarks on a world build."""
-    p.add_argument("--steps", type=int, help="override v_num_grad_steps (smoke runs)")
-    p.add_argument("--samples", type=int, help="override mom2_n_samples (smoke runs)")
-    p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats)")
+def world_editor(model, tok, world: Path, stats_dir=None, steps: Optional[int] = None,
+                 samples: Optional[int] = None, context_templates=None, hparams=None):
+    """A MassEditor on a world build's model with `hparams` (default: the world preset): statistics
+    from DIR/corpus.txt cached in `stats_dir` (default DIR/stats); `steps` and `samples` override
+    v_num_grad_steps and mom2_n_samples (smoke runs); `context_templates` make runs share templates."""
+    from massedit.editor import MassEditor
+    from massedit.hparams import world_preset
+
+    hp = _changed(hparams or world_preset(model.config), v_num_grad_steps=steps, mom2_n_samples=samples)
+    return MassEditor(model, tok, hp, stats_dir=stats_dir or world / "stats", corpus=world / "corpus.txt",
+                      model_name=f"world-{world.name}", context_templates=context_templates, progress=False)
+
+
+def _changed(hp, **changes):
+    """`hp` with the changes that are given (not None)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return hp.replace(**changes) if changes else hp
+
+
+# Real pretrained models (benchmarks.real, and benchmarks.memat / benchmarks.sequential with --model).
+
+REAL_CLAMP, REAL_SAMPLES, REAL_STEPS = 4.0, 2000, 25
+
+
+def load_real(name: str):
+    """(model, tokenizer) of a catalog name, HF directory or .gguf, in float32."""
+    from massedit.model.loading import LoadOptions, load_model
+
+    return load_model(name, LoadOptions(torch_dtype="float32"))
+
+
+def real_corpus(corpus: Optional[str] = None) -> str:
+    """The statistics corpus: `corpus`, else the built-in one of real models."""
+    from massedit.commands._common import REAL_MODEL_CORPUS
+
+    return corpus or REAL_MODEL_CORPUS
+
+
+def real_hparams(model, layers: Optional[Sequence[int]] = None, corpus: Optional[str] = None,
+                 clamp: float = REAL_CLAMP, lam: Optional[float] = None, samples: int = REAL_SAMPLES,
+                 steps: int = REAL_STEPS, algorithm: str = "memit"):
+    """default_for's settings with the MEMIT paper's z optimization (`steps` steps, lr 0.5, KL
+    0.0625), clamp `clamp`, λ `lam` (None: default_for's), `samples` statistics texts labelled with
+    the built-in `corpus`; MEMIT edits `layers` (None: default_for's), ROME their middle one."""
+    from massedit.hparams import default_for
+    from massedit.inputs.corpus import is_builtin
+
+    hp = default_for(model.config, algorithm)
+    layers = list(layers) if layers else default_for(model.config).layers
+    hp.layers = layers if algorithm == "memit" else [layers[(len(layers) - 1) // 2]]
+    hp.v_num_grad_steps, hp.v_lr, hp.kl_factor = steps, 0.5, 0.0625
+    hp.clamp_norm_factor = clamp
+    if lam is not None:
+        hp.mom2_update_weight = lam
+    hp.mom2_n_samples = samples
+    corpus = real_corpus(corpus)
+    if is_builtin(corpus):
+        hp.mom2_dataset = corpus
+    return hp
+
+
+def real_editor(model, tok, name: str, hp, stats_dir, corpus: Optional[str] = None, context_templates=None):
+    """A MassEditor on a real model (`name` as given to load_real) with statistics of `corpus`
+    (default: the real models' built-in one) filed under the model's name in `stats_dir`."""
+    from massedit.editor import MassEditor
+    from massedit.model.loading import model_name_for
+
+    return MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=real_corpus(corpus), model_name=model_name_for(name),
+                      context_templates=context_templates, progress=False)
+
+
+# Where a benchmark's model and facts come from: a world build (--world DIR) or a real model with
+# facts from `massedit data facts` (--model NAME --facts DIR).
+
+
+def add_source_arguments(p: argparse.ArgumentParser, world_help: str) -> None:
+    """--world, or --model with --facts, the editor's options, --threads and --out-dir."""
+    p.add_argument("--world", help=world_help)
+    p.add_argument("--model", help="a real model (with --facts): catalog name (massedit models list), HF directory "
+                                   "or .gguf")
+    p.add_argument("--facts", help="with --model: a directory written by `massedit data facts --model M --out DIR`")
+    p.add_argument("--layers", help="--model: edited layers, e.g. 1,2,3,4,5 (default: default_for's)")
+    p.add_argument("--lam", type=float, help="--model: λ, mom2_update_weight (default: default_for's)")
+    p.add_argument("--clamp", type=float, help=f"--model: clamp_norm_factor (default {REAL_CLAMP:g})")
+    p.add_argument("--steps", type=int, help=f"v_num_grad_steps (default: the world preset's; --model: {REAL_STEPS})")
+    p.add_argument("--samples", type=int, help=f"mom2_n_samples (default: the world preset's; --model: {REAL_SAMPLES})")
+    p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats; --model: ./stats)")
     add_threads(p, default=None)
     p.add_argument("--out-dir", default=str(RESULTS_DIR), help=f"results directory (default {RESULTS_DIR})")
 
 
-def world_editor(model, tok, world: Path, stats_dir=None, steps: Optional[int] = None,
-                 samples: Optional[int] = None, context_templates=None):
-    """A MassEditor on a world build's model with the world preset: statistics from DIR/corpus.txt
-    cached in `stats_dir` (default DIR/stats); `steps` and `samples` override v_num_grad_steps and
-    mom2_n_samples (smoke runs); `context_templates` make runs share templates."""
-    from massedit.editor import MassEditor
-    from massedit.hparams import world_preset
+def check_source(p: argparse.ArgumentParser, args, world_files: Sequence[str],
+                 world_build: str = "massedit world build --out DIR") -> None:
+    """Exactly one of --world and --facts (with --model), the files each must hold (`world_build`:
+    the command that makes a world with them), and --layers as integers (args.layer_list); a
+    one-line usage error otherwise, before anything is loaded."""
+    if (args.world is None) == (args.facts is None):
+        p.error("give either --world DIR or --model NAME --facts DIR (exactly one of --world and --facts)")
+    if args.world is not None:
+        real_only = [f"--{k}" for k in ("model", "layers", "lam", "clamp") if getattr(args, k) is not None]
+        if real_only:
+            p.error(f"{', '.join(real_only)} go with --model and --facts; a world has its own model and preset")
+        for name in world_files:
+            if not (Path(args.world) / name).exists():
+                p.error(f"--world {args.world}: no {name}; build the world with `{world_build}`")
+    else:
+        if args.model is None:
+            p.error("--facts needs --model: the model the facts were built for, e.g. --model smollm2-135m")
+        if not (Path(args.facts) / "counterfact.json").is_file():
+            p.error(f"--facts {args.facts}: no counterfact.json; build it with "
+                    "`massedit data facts --model M --out DIR`")
+    try:
+        args.layer_list = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        p.error(f"--layers: comma-separated integers, e.g. 1,2,3,4,5, got {args.layers!r}")
 
-    hp = world_preset(model.config)
-    changes = {k: v for k, v in (("v_num_grad_steps", steps), ("mom2_n_samples", samples)) if v}
-    hp = hp.replace(**changes) if changes else hp
-    return MassEditor(model, tok, hp, stats_dir=stats_dir or world / "stats", corpus=world / "corpus.txt",
-                      model_name=f"world-{world.name}", context_templates=context_templates, progress=False)
+
+def source_directory(args) -> Path:
+    """The directory the records come from: the world build or the facts."""
+    return Path(args.world if args.world is not None else args.facts)
+
+
+def source_name(args) -> str:
+    """The world's directory name, or the real model's statistics name."""
+    from massedit.model.loading import model_name_for
+
+    return Path(args.world).name if args.world is not None else model_name_for(args.model)
+
+
+def source_info(args) -> dict:
+    """What the JSON says about the source: the world, or the model and the facts' build report."""
+    if args.world is not None:
+        return {"world": str(args.world)}
+    report = Path(args.facts) / "facts.json"
+    built = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
+    return {"model": args.model, "facts": str(args.facts),
+            "facts_build": {k: built.get(k) for k in ("model", "languages", "n_records", "knowledge_test", "counts")}}
+
+
+def source_model(args):
+    """(model, tokenizer): the world's, or the real model."""
+    return load_pretrained(Path(args.world) / "model") if args.world is not None else load_real(args.model)
+
+
+def source_editor(args, model, tok, hparams=None, context_templates=None):
+    """The MassEditor of the source: with `hparams` (e.g. a --hparams file) or the source's default
+    (the world preset; for a real model `real_hparams`), the command line's options overriding them."""
+    if args.world is not None:
+        return world_editor(model, tok, Path(args.world), args.stats_dir, args.steps, args.samples, context_templates,
+                            hparams)
+    if hparams is None:
+        hp = real_hparams(model, args.layer_list, clamp=args.clamp or REAL_CLAMP, lam=args.lam,
+                          samples=args.samples or REAL_SAMPLES, steps=args.steps or REAL_STEPS)
+    else:
+        hp = _changed(hparams, layers=args.layer_list, mom2_update_weight=args.lam, clamp_norm_factor=args.clamp,
+                      v_num_grad_steps=args.steps, mom2_n_samples=args.samples, mom2_dataset=real_corpus())
+    return real_editor(model, tok, args.model, hp, args.stats_dir or "stats", context_templates=context_templates)
 
 
 def load_world(world: Path, corpus_docs: Optional[int] = None) -> Setup:

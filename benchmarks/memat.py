@@ -1,12 +1,20 @@
-"""MEMAT vs MEMIT on a bilingual knowledge world (issue 12, item 3; README "MEMAT on the bilingual world").
+"""MEMAT vs MEMIT across two languages (issue 12, item 3; issue 22, item 1; README "MEMAT on the
+bilingual world").
 
     python -m benchmarks.memat --world DIR [--n 100] [--k 4,8,16,32] [--threads T]
         [--stats-dir DIR] [--out-dir DIR]
+    python -m benchmarks.memat --model gemma3-270m --facts DIR [--l2 ca] [--n 100] [--k 8,16,32]
+        [--layers 2,3,4,5] [--lam 1000] [--stats-dir DIR] [--threads T]
 
-- The world must be bilingual (`massedit world build --languages 2`): counterfact.json (L1) and
-  counterfact.l2.json (L2, the same case_ids).
-- Edits: the first --n L1 records with distinct subjects (the world lists them first), made with
-  MEMIT and with MEMAT (L2 records of the same case_ids) for each K. Each run starts from the
+- A world must be bilingual (`massedit world build --languages 2`): counterfact.json (L1) and
+  counterfact.l2.json (L2, the same case_ids). Facts of a real model come from
+  `massedit data facts --model M --out DIR --languages en,ca`: DIR/counterfact.json (L1) and
+  DIR/<--l2>/counterfact.json (L2, the same case_ids); the real model is edited with
+  benchmarks.common.real_hparams (the MEMIT paper's z settings, --layers, --lam, --clamp) and its
+  statistics come from the real models' built-in corpus. MEMAT's own keys are at their defaults
+  (the paper's code) in both cases, K aside.
+- Edits: the first --n L1 records with distinct subjects, made with MEMIT and with MEMAT (L2
+  records of the same case_ids) for each K. Each run starts from the
   unedited model: its delta is reverted after the evaluation and the weights are checked bit for
   bit against a snapshot. MEMAT's API always runs its own MEMIT phase, so that phase is rerun for
   each K; whether it gives the same weights as the MEMIT run is checked (digests) and reported.
@@ -14,16 +22,21 @@
   and on the L2 records of the same case_ids, before the edit and after each run.
 - Gains: relative change of MEMAT's EM and PM over MEMIT's, (MEMAT − MEMIT)/|MEMIT|, and the
   difference in NS points, per K and language.
-- Probes: the validation accuracy of every (layer, head) probe (heat map), the best one, the
-  corrected heads; timings of MEMAT's phases (memit, memat_features, memat_probes, memat_omega).
-- World: what the transfer to L2 rests on, measured: recall per language and the subject-token
-  Jaccard overlap (from the world's build.json), how many edited facts MEMIT already gets right in
-  L2, and MEMAT's L2 EM gain split by that.
+- Probes: the facts they were trained and validated on (the edited facts MEMIT gets right in L2,
+  split 70/30), the validation accuracy of every (layer, head) probe (heat map), the best one,
+  the corrected heads; timings of MEMAT's phases (memit, memat_features, memat_probes,
+  memat_omega). Where MEMIT gets fewer than two facts right in L2 MEMAT cannot run: the error is
+  recorded and the rest (MEMIT, key transfer) still reported.
+- Key transfer: per edited layer, how much of MEMIT's L1 edit reaches the L2 subject's key
+  (`key_transfer`), and how many edited facts MEMIT already gets right in L2, with MEMAT's L2 EM
+  gain split by that.
+- World only: recall per language and the subject-token Jaccard overlap (the world's build.json).
 
 K values above the model's number of heads are an error; without --k, the default 4,8,16,32 keeps
 those below the head count and adds the head count itself when 32 exceeds it.
 
-Writes <out-dir>/memat-<timestamp>.json and .png (probe accuracy heat map, gain vs K).
+Writes <out-dir>/memat-<world or model>-<timestamp>.json (rewritten after each run, so a stopped
+run keeps what it measured) and .png (probe accuracy heat map, gain vs K, key transfer).
 """
 from __future__ import annotations
 
@@ -34,7 +47,7 @@ from typing import Optional
 import torch
 
 from benchmarks import common
-from benchmarks.common import distinct_subject_records, load_pretrained, machine_info, world_editor
+from benchmarks.common import distinct_subject_records, machine_info
 
 DEFAULT_K = (4, 8, 16, 32)
 METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
@@ -45,10 +58,10 @@ GAIN_METRICS = ("EM", "PM")
 
 def _parse(argv):
     p = common.parser("memat", __doc__)
-    p.add_argument("--world", required=True, help="a bilingual world directory (massedit world build --languages 2)")
-    p.add_argument("--n", type=int, default=100, help="edits (capped at the world's distinct subjects)")
+    p.add_argument("--n", type=int, default=100, help="edits (capped at the distinct subjects)")
     p.add_argument("--k", help="comma-separated head counts K (default: 4,8,16,32 up to the model's heads)")
-    common.add_world_editor_arguments(p)
+    p.add_argument("--l2", help="with --facts: the second language, DIR/<L2>/counterfact.json (default ca)")
+    common.add_source_arguments(p, "a bilingual world directory (massedit world build --languages 2)")
     args = p.parse_args(argv)
     try:
         args.k_list = None if args.k is None else [int(k) for k in args.k.split(",")]
@@ -56,12 +69,23 @@ def _parse(argv):
         p.error(f"--k: comma-separated integers, e.g. 4,8,16, got {args.k!r}")
     if args.n < 1 or (args.k_list is not None and min(args.k_list) < 1):
         p.error("--n and every --k must be >= 1")
-    world = Path(args.world)
-    for name in ("counterfact.json", "counterfact.l2.json", "model"):
-        if not (world / name).exists():
-            p.error(f"--world {world}: no {name}; build a bilingual world with "
-                    "`massedit world build --languages 2 --out DIR`")
+    if args.world is not None and args.l2 is not None:
+        p.error("--l2 goes with --facts; a bilingual world's L2 is its counterfact.l2.json")
+    common.check_source(p, args, ("counterfact.json", "counterfact.l2.json", "model"),
+                        "massedit world build --languages 2 --out DIR")
+    if args.facts is not None:
+        args.l2 = args.l2 or "ca"
+        if not l2_path(args).is_file():
+            p.error(f"--facts {args.facts}: no {args.l2}/counterfact.json; rebuild the facts with both languages: "
+                    f"`massedit data facts --model {args.model} --out {args.facts} --languages en,{args.l2}`")
     return args
+
+
+def l2_path(args) -> Path:
+    """The L2 records: a world's counterfact.l2.json, or the facts' <l2>/counterfact.json."""
+    if args.world is not None:
+        return Path(args.world) / "counterfact.l2.json"
+    return Path(args.facts) / args.l2 / "counterfact.json"
 
 
 def k_values(asked: Optional[list[int]], n_heads: int) -> list[int]:
@@ -77,16 +101,16 @@ def k_values(asked: Optional[list[int]], n_heads: int) -> list[int]:
     return ks + [n_heads] if max(DEFAULT_K) >= n_heads else ks
 
 
-def l2_records(world: Path, l1: list[dict]) -> list[dict]:
-    """The L2 record of each L1 record, by case_id, in the same order."""
+def l2_records(path: Path, l1: list[dict]) -> list[dict]:
+    """The L2 record (from the CounterFact file `path`) of each L1 record, by case_id, in the same order."""
     from massedit.inputs.records import load_records
 
-    _, records = load_records(world / "counterfact.l2.json")
+    _, records = load_records(path)
     by_case = {rec["case_id"]: rec for rec in records}
     missing = [rec["case_id"] for rec in l1 if rec["case_id"] not in by_case]
     if missing:
-        raise SystemExit(f"{world / 'counterfact.l2.json'}: no record for case_ids {missing[:10]}; "
-                         "rebuild the world with --languages 2")
+        raise SystemExit(f"{path}: no record for case_ids {missing[:10]}; give the L2 file built with the L1 one "
+                         "(massedit world build --languages 2, or massedit data facts --languages en,ca)")
     return [by_case[rec["case_id"]] for rec in l1]
 
 
@@ -182,23 +206,26 @@ def key_transfer(editor, records: dict, delta) -> dict:
     return out
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """The measurements; `save(result)` after each run, so that a stopped run keeps what it measured."""
+    from massedit.inputs.requests import RequestError
     from massedit.methods.memat.method import Memat
 
-    world = Path(args.world)
-    model, tok = load_pretrained(world / "model")
-    l1, requests = distinct_subject_records(world, args.n)
-    records = {"L1": l1, "L2": l2_records(world, l1)}
-    editor = world_editor(model, tok, world, args.stats_dir, args.steps, args.samples)
+    model, tok = common.source_model(args)
+    l1, requests = distinct_subject_records(common.source_directory(args), args.n)
+    records = {"L1": l1, "L2": l2_records(l2_path(args), l1)}
+    editor = common.source_editor(args, model, tok)
     n_heads = editor.layout.n_layers * editor.layout.n_heads
     ks = k_values(args.k_list, n_heads)
     base_hp = editor.hp
     snapshot = _snapshot(model)
 
     pre, pre_cases = _evaluate(model, tok, records)
-    result = {"benchmark": "memat", "world": str(world), "world_facts": world_facts(world), "n": len(requests),
-              "k": ks, "n_layers": editor.layout.n_layers, "n_heads": editor.layout.n_heads,
+    result = {"benchmark": "memat", **common.source_info(args), "l2_records": str(l2_path(args)),
+              "n": len(requests), "k": ks, "n_layers": editor.layout.n_layers, "n_heads": editor.layout.n_heads,
               "hparams": base_hp.to_dict(), "machine": machine_info(), "pre": pre}
+    if args.world is not None:
+        result["world_facts"] = world_facts(Path(args.world))
 
     edited = editor.edit(requests, method="memit")
     memit, memit_cases = _evaluate(model, tok, records)
@@ -211,11 +238,19 @@ def run(args) -> dict:
                        "l2_right": sum(right)}
     result["pre_l2_right"] = sum(_right_in_l2(pre_cases["L2"]))
     _print_rows("memit", memit)
-
+    _print_transfer(result)
     result["memat"] = []
+    save(result)
+
     for k in ks:
         editor.hp = base_hp.replace(memat_top_k=k)
-        edited = editor.edit(requests, method=Memat(records["L2"]))
+        try:
+            edited = editor.edit(requests, method=Memat(records["L2"]))
+        except RequestError as err:
+            # Too few facts right in L2 for the probes: the same for every K (the MEMIT phase is).
+            result["memat_error"] = str(err)
+            print(f"MEMAT did not run: {err}", flush=True)
+            break
         metrics, cases = _evaluate(model, tok, records)
         digests = {d["name"]: d["sha256_after"] for d in edited.delta.digests()}
         edited.delta.revert(model)
@@ -234,9 +269,25 @@ def run(args) -> dict:
             "omega_loss_first_last": [details["omega_loss"][0], details["omega_loss"][-1]],
             "probe_accuracy": details["probe_accuracy"],
         })
+        if len(result["memat"]) == 1:
+            result["probe_facts"] = {key: details[key] for key in ("facts", "facts_right", "n_train_facts",
+                                                                   "n_val_facts")}
+            print(f"probes: trained on {details['n_train_facts']} facts, validated on {details['n_val_facts']} "
+                  f"(the {details['facts_right']} of {details['facts']} edited facts MEMIT gets right in L2)",
+                  flush=True)
         _print_rows(f"memat K={k}", metrics)
+        save(result)
     editor.hp = base_hp
     return result
+
+
+def _print_transfer(result: dict) -> None:
+    print(f"MEMIT gets {result['memit']['l2_right']} of {result['n']} edited facts right in L2 "
+          f"({result['pre_l2_right']} before the edit)", flush=True)
+    for layer, row in result["key_transfer"].items():
+        print(f"key transfer, layer {layer}: cos(L1, L2 key) same fact {row['cos_same_fact']:.3f}, other fact "
+              f"{row['cos_other_fact']:.3f}; median |edit at L2 key| / |edit at L1 key| "
+              f"{row['edit_reach_l2_over_l1_median']:.3f}", flush=True)
 
 
 def _rel_diff(delta, reference: dict) -> float:
@@ -271,7 +322,8 @@ def table(result: dict) -> str:
     body = "".join(f"| {label} | {lang} | " + " | ".join(_fmt(m[lang][x]).strip() for x in METRICS) + " |\n"
                    for label, m in rows for lang in LANGUAGES)
     gain_head = ("\n| K | L2 EM gain % | L2 PM gain % | L2 NS diff | L1 EM gain % | L1 PM gain % | L1 NS diff "
-                 "| best probe acc | " + " | ".join(f"{p} s" for p in PHASES) + " |\n|" + "---|" * (8 + len(PHASES)) + "\n")
+                 "| probe train facts | best probe acc | " + " | ".join(f"{p} s" for p in PHASES) + " |\n|"
+                 + "---|" * (9 + len(PHASES)) + "\n")
 
     def num(x, digits=1):
         return "-" if x is None else f"{x:+.{digits}f}"
@@ -279,54 +331,79 @@ def table(result: dict) -> str:
     gain_rows = "".join(
         f"| {r['k']} | " + " | ".join(num(r["gains"][lang][key]) for lang in ("L2", "L1")
                                       for key in ("EM_gain_pct", "PM_gain_pct", "NS_diff"))
-        + f" | {r['details']['best_val_accuracy']:.3f} | "
+        + f" | {r['details']['n_train_facts']} | {r['details']['best_val_accuracy']:.3f} | "
         + " | ".join(f"{r['timings'].get(p, 0.0):.1f}" for p in PHASES) + " |\n"
         for r in result["memat"])
-    return head + body + gain_head + gain_rows
+    missing = f"\nMEMAT did not run: {result['memat_error']}\n" if "memat_error" in result else ""
+    return head + body + gain_head + gain_rows + missing
 
 
 def plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
 
-    fig, (ax_map, ax_gain) = plt.subplots(1, 2, figsize=(11, 4.2))
-    accuracy = torch.tensor(result["memat"][0]["probe_accuracy"])
-    im = ax_map.imshow(accuracy.numpy(), aspect="auto", cmap="viridis", vmin=min(0.5, float(accuracy.min())),
-                       vmax=1.0)
-    ax_map.set_xlabel("head")
-    ax_map.set_ylabel("layer")
-    ax_map.set_xticks(range(result["n_heads"]))
-    ax_map.set_yticks(range(result["n_layers"]))
-    n_val = result["memat"][0]["details"]["n_val_facts"]
-    ax_map.set_title(f"probe validation accuracy (best {float(accuracy.max()):.2f}, {n_val} validation facts)",
-                     fontsize=9)
-    fig.colorbar(im, ax=ax_map)
+    fig, (ax_map, ax_gain, ax_keys) = plt.subplots(1, 3, figsize=(16, 4.2))
+    if result["memat"]:
+        accuracy = torch.tensor(result["memat"][0]["probe_accuracy"])
+        im = ax_map.imshow(accuracy.numpy(), aspect="auto", cmap="viridis", vmin=min(0.5, float(accuracy.min())),
+                           vmax=1.0)
+        ax_map.set_xlabel("head")
+        ax_map.set_ylabel("layer")
+        ax_map.set_xticks(range(result["n_heads"]))
+        ax_map.set_yticks(range(result["n_layers"]))
+        facts = result["memat"][0]["details"]
+        ax_map.set_title(f"probe validation accuracy (best {float(accuracy.max()):.2f}; "
+                         f"{facts['n_train_facts']} train / {facts['n_val_facts']} validation facts)", fontsize=9)
+        fig.colorbar(im, ax=ax_map)
+    else:
+        for ax in (ax_map, ax_gain):
+            ax.text(0.5, 0.5, "MEMAT did not run:\ntoo few facts right in L2", ha="center", va="center")
+            ax.set_axis_off()
     ks = [r["k"] for r in result["memat"]]
     for lang, style in (("L2", "-o"), ("L1", "--s")):
         for metric in GAIN_METRICS:
             ys = [r["gains"][lang][f"{metric}_gain_pct"] for r in result["memat"]]
             ax_gain.plot(ks, [float("nan") if y is None else y for y in ys], style, label=f"{metric} {lang}")
-    ax_gain.axhline(0, color="black", linewidth=0.8)
-    ax_gain.axhline(10, color="grey", linestyle=":", linewidth=0.8, label="+10%")
-    ax_gain.set_xscale("log", base=2)
-    ax_gain.set_xticks(ks, [str(k) for k in ks])
-    ax_gain.set_xlabel("K (corrected heads)")
-    ax_gain.set_ylabel("relative gain over MEMIT (%)")
-    ax_gain.set_title(f"MEMAT vs MEMIT, {result['n']} edits from L1")
-    ax_gain.grid(True, alpha=0.3)
-    ax_gain.legend(fontsize=8)
-    fig.suptitle(f"MEMAT on {Path(result['world']).name}")
+    if ks:
+        ax_gain.axhline(0, color="black", linewidth=0.8)
+        ax_gain.axhline(10, color="grey", linestyle=":", linewidth=0.8, label="+10%")
+        ax_gain.set_xscale("log", base=2)
+        ax_gain.set_xticks(ks, [str(k) for k in ks])
+        ax_gain.set_xlabel("K (corrected heads)")
+        ax_gain.set_ylabel("relative gain over MEMIT (%)")
+        ax_gain.set_title(f"MEMAT vs MEMIT, {result['n']} edits from L1")
+        ax_gain.grid(True, alpha=0.3)
+        ax_gain.legend(fontsize=8)
+    layers = list(result["key_transfer"])
+    rows = [result["key_transfer"][layer] for layer in layers]
+    for key, label in (("edit_reach_l2_over_l1_median", "|edit at L2 key| / |at L1 key| (median)"),
+                       ("cos_same_fact", "cos(L1 key, L2 key), same fact"),
+                       ("cos_other_fact", "cos(L1 key, L2 key), other fact")):
+        ax_keys.plot(layers, [row[key] for row in rows], marker="o", label=label)
+    ax_keys.set_xlabel("edited layer")
+    ax_keys.set_title(f"MEMIT's edit at the L2 subject's key ({result['memit']['l2_right']} of {result['n']} "
+                      "right in L2)", fontsize=9)
+    ax_keys.grid(True, alpha=0.3)
+    ax_keys.legend(fontsize=8)
+    fig.suptitle(f"MEMAT on {_title(result)}")
     common.save_figure(fig, path)
+
+
+def _title(result: dict) -> str:
+    if "world" in result:
+        return Path(result["world"]).name
+    return f"{result['model']}, facts {Path(result['facts']).name} (L2: {Path(result['l2_records']).parent.name})"
 
 
 def main(argv: Optional[list] = None) -> dict:
     args = _parse(argv)
     common.set_threads(args.threads)
+    path = common.result_path(f"memat-{common.source_name(args)}", directory=args.out_dir)
     print(f"{'':>11} lang " + " ".join(f"{m:>12}" for m in METRICS))
-    result = run(args)
+    result = run(args, save=lambda partial: common.write_json(path, partial))
     text = table(result)
     print(text)
     result["table"] = text
-    common.write_result("memat", result, directory=args.out_dir, plot=plot)
+    common.write_result("memat", result, out=path, plot=plot)
     return result
 
 

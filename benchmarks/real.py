@@ -81,22 +81,8 @@ def _trace(args, model, tok, requests, out: Path) -> dict:
 
 
 def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
-    from massedit.hparams import default_for
-    from massedit.inputs.corpus import is_builtin
-
-    hp = default_for(model.config, algorithm)
-    if algorithm == "memit":
-        hp.layers = list(layers)
-    else:
-        hp.layers = [list(layers)[(len(layers) - 1) // 2]]
-    hp.v_num_grad_steps, hp.v_lr, hp.kl_factor = 25, 0.5, 0.0625
-    hp.clamp_norm_factor = args.clamp
-    if args.lam:
-        hp.mom2_update_weight = args.lam[0]
-    hp.mom2_n_samples = args.samples
-    if is_builtin(corpus):
-        hp.mom2_dataset = corpus
-    return hp
+    return common.real_hparams(model, layers, corpus, clamp=args.clamp, lam=args.lam[0] if args.lam else None,
+                               samples=args.samples, algorithm=algorithm)
 
 
 def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
