@@ -233,7 +233,8 @@ def main(argv: Optional[list] = None) -> dict:
               "round_size": args.round_size, "hparams_file": args.hparams, "machine": machine_info(), "runs": []}
 
     def save() -> None:
-        common.write_result("sequential", result, out=path, plot=plot)
+        common.write_json(path, result)
+        plot(result, path.with_suffix(".png"))
 
     templates = None
     for rule in args.rule_list:
@@ -249,7 +250,7 @@ def main(argv: Optional[list] = None) -> dict:
                               "batched_seconds": fast, "ratio": sum(serial) / sum(fast)}
         print(f"AlphaEdit round time, serial z / batched z: {result['serial_z']['ratio']:.2f}x "
               f"({sum(serial):.1f} s / {sum(fast):.1f} s over {len(serial)} round(s))")
-    save()
+    common.write_result("sequential", result, out=path, plot=plot)
     return result
 
 

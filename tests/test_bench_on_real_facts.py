@@ -33,12 +33,25 @@ def facts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "tiny-llama"
-    model, tok = make_model("llama")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def saved_model(tmp_path_factory):
+    """model type -> the directory of a saved tiny model of that type (each saved once)."""
+    saved: dict = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in saved:
+            out = tmp_path_factory.mktemp("model") / f"tiny-{model_type}"
+            model, tok = make_model(model_type)
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            saved[model_type] = out
+        return saved[model_type]
+
+    return get
+
+
+@pytest.fixture
+def model_dir(saved_model) -> Path:
+    return saved_model("llama")
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +63,11 @@ def small_sampled_corpus(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ memat
 
-def test_memat_benchmark_on_real_facts(facts, model_dir, tmp_path, capsys):
+# Gemma 3 as the issue's model; Llama as the family of SmolLM2. Both get o_proj's bias through their
+# attention_bias flag.
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_memat_benchmark_on_real_facts(facts, saved_model, tmp_path, capsys, model_type):
+    model_dir = saved_model(model_type)
     result = memat.main(["--model", str(model_dir), "--facts", str(facts), "--n", "10", "--k", "1,2", "--layers", "1,2",
                      "--steps", "4", "--samples", "40", "--stats-dir", str(tmp_path / "stats"), "--threads", "1",
                      "--out-dir", str(tmp_path)])
