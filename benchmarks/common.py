@@ -2,7 +2,8 @@
 (`--help` gives its usage) that builds its parser here, sets torch's threads here, writes its
 result to RESULTS_DIR/NAME-<timestamp>.json (or --out) here, and prints its tables with the
 helpers below. Also here: machine info, a peak-memory meter, and the models and requests
-benchmarks run on (a world build, a random fallback, generated subjects and a BPE tokenizer)."""
+benchmarks run on (a world build, a real model with its settings and facts, a random fallback,
+generated subjects and a BPE tokenizer)."""
 from __future__ import annotations
 
 import argparse

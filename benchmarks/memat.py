@@ -41,6 +41,7 @@ run keeps what it measured) and .png (probe accuracy heat map, gain vs K, key tr
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -399,7 +400,9 @@ def main(argv: Optional[list] = None) -> dict:
     common.set_threads(args.threads)
     path = common.result_path(f"memat-{common.source_name(args)}", directory=args.out_dir)
     print(f"{'':>11} lang " + " ".join(f"{m:>12}" for m in METRICS))
+    t0 = time.perf_counter()
     result = run(args, save=lambda partial: common.write_json(path, partial))
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     text = table(result)
     print(text)
     result["table"] = text

@@ -24,7 +24,7 @@ knowledge world or on a real model with real facts.
   scale). Every alphaedit run records its threshold and L2 and, per edited layer, the null space's
   dimension and share of C's trace at that threshold, with the spectrum's quantiles.
 - After every round: ES / PS / NS over all the edits so far, and over the first round's edits (how
-  much of the earliest knowledge survives), with the round's wall time.
+  much of the earliest knowledge survives), with the round's wall time and its evaluation's.
 - The serial-z structure of AlphaEdit's public code (z one request at a time; the engine's
   `memit-serial` z loop with AlphaEdit's update stands in for it) runs the first --serial-rounds
   rounds on a fresh model: the ratio of its round time to the batched engine's is reported.
@@ -34,6 +34,7 @@ one line per run), both rewritten after every round, so a run stopped part way k
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -74,7 +75,8 @@ def _parse(argv):
         args.thresholds = [None] if args.threshold is None else [
             t if t == SPECTRUM else float(t) for t in args.threshold.split(",")]
     except ValueError:
-        p.error(f"--threshold: comma-separated numbers and/or '{SPECTRUM}', e.g. 2e-2,{SPECTRUM}, got {args.threshold!r}")
+        p.error(f"--threshold: comma-separated numbers and/or '{SPECTRUM}', e.g. 2e-2,{SPECTRUM}, "
+                f"got {args.threshold!r}")
     if any(t is not None and t != SPECTRUM and t <= 0 for t in args.thresholds):
         p.error(f"--threshold: thresholds must be > 0, got {args.threshold!r}")
     if not 0 < args.null_mass < 1:
@@ -167,17 +169,20 @@ def run_rule(rule: str, threshold, args, rounds: list, records: list, out: dict,
     for i, batch in enumerate(rounds, 1):
         result = seq.edit_round(batch)
         done += len(batch)
+        t0 = time.perf_counter()
         ev = evaluate(model, tok, records[:done])
+        eval_seconds = time.perf_counter() - t0
         metrics = summary(ev)
         early = aggregate(ev["per_case"][:first], METRICS)
         out["rounds"].append({
-            "round": i, "n_edits": done, "seconds": result.timings["total"],
+            "round": i, "n_edits": done, "seconds": result.timings["total"], "eval_seconds": round(eval_seconds, 2),
             "timings": {k: round(v, 4) for k, v in result.timings.items()},
             **{m: metrics[m] for m in METRICS},
             **{f"{m}_first_round": early[m]["mean"] for m in METRICS},
         })
         row = out["rounds"][-1]
-        print(f"{out['label']:>28} round {i:>3}: {done:>5} edits  {result.timings['total']:7.2f} s  "
+        print(f"{out['label']:>28} round {i:>3}: {done:>5} edits  {result.timings['total']:7.2f} s "
+              f"(evaluation {eval_seconds:6.1f} s)  "
               + "  ".join(f"{m} {_pct(row[m])}" for m in METRICS) + "  round 1: "
               + "  ".join(f"{m} {_pct(row[m + '_first_round'])}" for m in METRICS), flush=True)
         save()

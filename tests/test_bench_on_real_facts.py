@@ -76,6 +76,7 @@ def test_memat_benchmark_on_real_facts(facts, saved_model, tmp_path, capsys, mod
     assert data["facts_build"]["languages"] == ["en", "ca"] and "world_facts" not in data
     assert data["n"] == 10 and data["hparams"]["layers"] == [1, 2] and data["hparams"]["v_num_grad_steps"] == 4
     assert data["memit"]["restored"] is True and set(data["key_transfer"]) == {"1", "2"}
+    assert data["wall_seconds"] > 0
     assert Path(data["plot"]).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "key transfer, layer 1" in printed
@@ -135,7 +136,7 @@ def test_sequential_benchmark_on_real_facts(facts, model_dir, tmp_path):
     for run in data["runs"]:
         assert [r["n_edits"] for r in run["rounds"]] == [2, 4]
         for r in run["rounds"]:
-            assert r["seconds"] > 0
+            assert r["seconds"] > 0 and r["eval_seconds"] > 0
             assert all(r[m] is None or 0 <= r[m] <= 100 for m in sequential.PANELS)
             assert r["ES_first_round"] is not None
     public, picked = data["runs"][2:]
@@ -209,7 +210,8 @@ def test_spectrum_threshold_of_a_known_spectrum():
     (sequential, ["--facts", "{facts}", "--model", "m", "--threshold", "0"], "thresholds must be > 0"),
     (sequential, ["--facts", "{facts}", "--model", "m", "--null-mass", "1.5"], "--null-mass: a share between 0 and 1"),
     (sequential, ["--facts", "{facts}", "--model", "m", "--rules", "rome"], "--rules from memit"),
-    (sequential, ["--facts", "{facts}", "--model", "m", "--hparams", "{tmp}/bad.json"], 'unknown key(s) "nullspace_treshold"'),
+    (sequential, ["--facts", "{facts}", "--model", "m", "--hparams", "{tmp}/bad.json"],
+     'unknown key(s) "nullspace_treshold"'),
 ])
 def test_wrong_arguments_are_one_line_errors(facts, tmp_path, capsys, module, extra, message):
     en = tmp_path / "en"
