@@ -41,7 +41,7 @@ from massedit.commands._common import REAL_MODEL_CORPUS, add_model_arguments, de
 from massedit.commands._outputs import check_dir, check_out, claim, staged
 from massedit.edits.ledger import Ledger
 from massedit.edits.sequential import SequentialEditor, split_rounds
-from massedit.inputs.requests import load_requests
+from massedit.inputs.requests import load_requests, parse_records
 
 NAME = "edit"
 HELP = "edit facts into a model (MEMIT) and save model, delta and report"
@@ -150,14 +150,16 @@ def _run(args, out: Path) -> int:
         raise ValueError("--ledger edits in rounds in a single process; run it without torchrun")
     if args.ledger and args.eval:
         raise ValueError("--eval is not available with --ledger; evaluate the written model with massedit eval")
-    requests = load_requests(args.requests, zsre_target=args.zsre_target)
-    method = _method(args, requests)
     records = None
-    if args.eval:
+    if args.eval:  # the file is read once: its records are both the requests and what is scored
         try:
-            _, records = load_records(args.requests)
+            kind, records = load_records(args.requests)
         except ValueError as err:
             raise ValueError(f"--eval needs a CounterFact or zsRE file as --requests: {err}") from None
+        requests = parse_records(records, str(args.requests), kind, zsre_target=args.zsre_target)
+    else:
+        requests = load_requests(args.requests, zsre_target=args.zsre_target)
+    method = _method(args, requests)
     templates = load_templates(args.context_templates) if args.context_templates else None
     hp = load_hparams(args.hparams) if args.hparams else None
     model, tok = load_model(args.model, options_from_args(args))
