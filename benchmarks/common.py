@@ -631,3 +631,98 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# z-phase FLOPs
+
+
+def block_params(layout, layers) -> int:
+    return sum(p.numel() for l in layers for p in layout.block(l).parameters())
+
+
+FLOPS_FORMULA = (
+    "P(blocks) = parameters of those blocks, H = LM-head weight size (d·V), L = z layer, loss = v_loss_layer; "
+    "per request i: full_i = tokens of its prompts (rewriting prompts + KL prompt), suffix_i = their tokens from the "
+    "subject's last token on, labels_i = len(target)·(rewriting prompts) + 1, it_i = z_steps_i + 1 iterations, "
+    "bw_i = z_steps_i backward passes. Forward = 2·params FLOPs per token; backward = 2·params per token (activation "
+    "gradients only: the weights are frozen while editing). Prefix reuse: Σ_i 2·P(0..loss)·full_i (one no-grad "
+    "record pass) + (it_i + bw_i)·2·(P(L+1..loss)·suffix_i + H·labels_i). Plain path: Σ_i it_i·2·(P(0..loss)·full_i "
+    "+ H·labels_i) + bw_i·2·(P(L+1..loss)·full_i + H·labels_i). Not counted: attention scores (4·context·d per token "
+    "per block, <1% here), norms, softmax, Adam, padding. mfu_backward_4x counts backward as 4·params per token (the "
+    "6·N·T training convention, whose weight gradients are not computed here). MFU = FLOPs / z seconds / peak."
+)
+
+
+def z_accounting(tok, requests, templates, steps, path: str, p_through_loss: int, p_after_z: int,
+                 head: int) -> dict:
+    """Tokens and model FLOPs of the batched z phase, from the prompts and the iterations run.
+
+    Per request i: rows = its rewriting prompts (one per context template, prompt + target[:-1])
+    and its KL prompt; full_i = their tokens; suffix_i = their tokens from the subject's last token
+    on; labels_i = len(target)·(rewriting prompts) + 1 (the KL position). Iterations it_i =
+    z_steps_i + 1 (iteration z_steps_i is forward only); backward passes bw_i = z_steps_i.
+
+    Tokens (tokens per second): Σ_i it_i·T_i, T_i = suffix_i with prefix reuse (each iteration runs
+    forward, and backward, over the suffix only), full_i on the plain path (whole prompts). A
+    token's forward and the backward that follows it in the same iteration count once.
+
+    FLOPs, with P(blocks) = parameters of those blocks, H = LM-head weight size (d·V):
+      a linear layer costs 2·params FLOPs per token forward; backward computes only activation
+      gradients (weights are frozen: requires_grad=False while editing), another 2·params.
+      prefix reuse:  Σ_i 2·P(0..loss)·full_i                       (one no-grad record pass)
+                   + (it_i + bw_i)·2·(P(L+1..loss)·suffix_i + H·labels_i)
+      plain path:    Σ_i it_i·2·(P(0..loss)·full_i + H·labels_i) + bw_i·2·(P(L+1..loss)·full_i + H·labels_i)
+    L = z layer, loss = v_loss_layer. Not counted: attention scores (4·context·d per token per
+    block, < 1% at these prompt lengths), norms, softmax, Adam, padding positions.
+    `flops_backward_4x` repeats the sum with backward = 4·params per token (the "6·N·T" training
+    convention, which includes weight gradients that are not computed here) for comparison.
+    """
+    from massedit.compute.targets import build_prompts
+
+    flat = [t for group in templates for t in group]
+    full = suffix = labels = tokens = 0
+    f_record = f_fwd = f_bwd = 0
+    for req, s in zip(requests, [int(x) for x in steps]):
+        p = build_prompts(tok, req, flat)
+        rows = list(p.rewrite) + [p.kl]
+        full_i = sum(len(e.ids) for e in rows)
+        suffix_i = sum(len(e.ids) - e.subject_index for e in rows)
+        labels_i = len(p.target) * len(p.rewrite) + 1
+        it, bw = s + 1, s
+        full, suffix, labels = full + full_i, suffix + suffix_i, labels + labels_i
+        if path == "prefix":
+            tokens += it * suffix_i
+            f_record += 2 * p_through_loss * full_i
+            f_fwd += it * 2 * (p_after_z * suffix_i + head * labels_i)
+            f_bwd += bw * 2 * (p_after_z * suffix_i + head * labels_i)
+        else:
+            tokens += it * full_i
+            f_fwd += it * 2 * (p_through_loss * full_i + head * labels_i)
+            f_bwd += bw * 2 * (p_after_z * full_i + head * labels_i)
+    return {
+        "path": path,
+        "tokens": tokens,
+        "prompt_tokens": full,
+        "suffix_tokens": suffix,
+        "label_positions": labels,
+        "iterations_total": sum(int(x) + 1 for x in steps),
+        "flops_record": float(f_record),
+        "flops_forward": float(f_fwd),
+        "flops_backward": float(f_bwd),
+        "flops": float(f_record + f_fwd + f_bwd),
+        "flops_backward_4x": float(f_record + f_fwd + 2 * f_bwd),
+    }
+
+
+def cpu_matmul_flops(seconds: float = 2.0, size: int = 1024) -> float:
+    """This CPU's float32 matmul throughput (FLOP/s) at the current torch thread count: the ceiling
+    the z phase's achieved FLOP/s is compared with (a size × size product, best of the repeats)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: the first product allocates
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best

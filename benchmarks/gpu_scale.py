@@ -52,8 +52,8 @@ from typing import Optional, Sequence
 import torch
 
 from benchmarks import common
-from benchmarks.common import (CONTEXT_TEMPLATES, FILLER, RELATIONS, fmt, make_requests, make_subjects, ratio,
-                               train_tokenizer)
+from benchmarks.common import (CONTEXT_TEMPLATES, FILLER, FLOPS_FORMULA, RELATIONS, block_params, fmt, make_requests,
+                               make_subjects, ratio, train_tokenizer, z_accounting)
 
 ARCHS = ("gptj-6b", "llama-8b", "gpt2-xl")
 PRESET_OF = {"gptj-6b": "gpt-j-6b", "llama-8b": "llama-3-8b", "gpt2-xl": "gpt2-xl"}
@@ -157,10 +157,6 @@ def spread_over_gpus(model, dtype: torch.dtype):
     memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
     device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
     return dispatch_model(model, device_map)
-
-
-def block_params(layout, layers) -> int:
-    return sum(p.numel() for l in layers for p in layout.block(l).parameters())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,80 +286,6 @@ def count_z_forwards(counter: dict):
     finally:
         for cls, original in originals.items():
             cls.__call__ = original
-
-
-FLOPS_FORMULA = (
-    "P(blocks) = parameters of those blocks, H = LM-head weight size (d·V), L = z layer, loss = v_loss_layer; "
-    "per request i: full_i = tokens of its prompts (rewriting prompts + KL prompt), suffix_i = their tokens from the "
-    "subject's last token on, labels_i = len(target)·(rewriting prompts) + 1, it_i = z_steps_i + 1 iterations, "
-    "bw_i = z_steps_i backward passes. Forward = 2·params FLOPs per token; backward = 2·params per token (activation "
-    "gradients only: the weights are frozen while editing). Prefix reuse: Σ_i 2·P(0..loss)·full_i (one no-grad "
-    "record pass) + (it_i + bw_i)·2·(P(L+1..loss)·suffix_i + H·labels_i). Plain path: Σ_i it_i·2·(P(0..loss)·full_i "
-    "+ H·labels_i) + bw_i·2·(P(L+1..loss)·full_i + H·labels_i). Not counted: attention scores (4·context·d per token "
-    "per block, <1% here), norms, softmax, Adam, padding. mfu_backward_4x counts backward as 4·params per token (the "
-    "6·N·T training convention, whose weight gradients are not computed here). MFU = FLOPs / z seconds / peak."
-)
-
-
-def z_accounting(tok, requests, templates, steps, path: str, p_through_loss: int, p_after_z: int,
-                 head: int) -> dict:
-    """Tokens and model FLOPs of the batched z phase, from the prompts and the iterations run.
-
-    Per request i: rows = its rewriting prompts (one per context template, prompt + target[:-1])
-    and its KL prompt; full_i = their tokens; suffix_i = their tokens from the subject's last token
-    on; labels_i = len(target)·(rewriting prompts) + 1 (the KL position). Iterations it_i =
-    z_steps_i + 1 (iteration z_steps_i is forward only); backward passes bw_i = z_steps_i.
-
-    Tokens (tokens per second): Σ_i it_i·T_i, T_i = suffix_i with prefix reuse (each iteration runs
-    forward, and backward, over the suffix only), full_i on the plain path (whole prompts). A
-    token's forward and the backward that follows it in the same iteration count once.
-
-    FLOPs, with P(blocks) = parameters of those blocks, H = LM-head weight size (d·V):
-      a linear layer costs 2·params FLOPs per token forward; backward computes only activation
-      gradients (weights are frozen: requires_grad=False while editing), another 2·params.
-      prefix reuse:  Σ_i 2·P(0..loss)·full_i                       (one no-grad record pass)
-                   + (it_i + bw_i)·2·(P(L+1..loss)·suffix_i + H·labels_i)
-      plain path:    Σ_i it_i·2·(P(0..loss)·full_i + H·labels_i) + bw_i·2·(P(L+1..loss)·full_i + H·labels_i)
-    L = z layer, loss = v_loss_layer. Not counted: attention scores (4·context·d per token per
-    block, < 1% at these prompt lengths), norms, softmax, Adam, padding positions.
-    `flops_backward_4x` repeats the sum with backward = 4·params per token (the "6·N·T" training
-    convention, which includes weight gradients that are not computed here) for comparison.
-    """
-    from massedit.compute.targets import build_prompts
-
-    flat = [t for group in templates for t in group]
-    full = suffix = labels = tokens = 0
-    f_record = f_fwd = f_bwd = 0
-    for req, s in zip(requests, [int(x) for x in steps]):
-        p = build_prompts(tok, req, flat)
-        rows = list(p.rewrite) + [p.kl]
-        full_i = sum(len(e.ids) for e in rows)
-        suffix_i = sum(len(e.ids) - e.subject_index for e in rows)
-        labels_i = len(p.target) * len(p.rewrite) + 1
-        it, bw = s + 1, s
-        full, suffix, labels = full + full_i, suffix + suffix_i, labels + labels_i
-        if path == "prefix":
-            tokens += it * suffix_i
-            f_record += 2 * p_through_loss * full_i
-            f_fwd += it * 2 * (p_after_z * suffix_i + head * labels_i)
-            f_bwd += bw * 2 * (p_after_z * suffix_i + head * labels_i)
-        else:
-            tokens += it * full_i
-            f_fwd += it * 2 * (p_through_loss * full_i + head * labels_i)
-            f_bwd += bw * 2 * (p_after_z * full_i + head * labels_i)
-    return {
-        "path": path,
-        "tokens": tokens,
-        "prompt_tokens": full,
-        "suffix_tokens": suffix,
-        "label_positions": labels,
-        "iterations_total": sum(int(x) + 1 for x in steps),
-        "flops_record": float(f_record),
-        "flops_forward": float(f_fwd),
-        "flops_backward": float(f_bwd),
-        "flops": float(f_record + f_fwd + f_bwd),
-        "flops_backward_4x": float(f_record + f_fwd + 2 * f_bwd),
-    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -97,7 +97,29 @@ def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -
         result.delta.revert(model)
     return {"n": n, "pre": pre, "post": post, "seconds": round(wall, 2),
             "timings": {k: round(v, 2) for k, v in result.timings.items()},
-            "z_loss_mean": float(result.z_loss.mean()), "not_converged": result.not_converged}, result
+            "z_loss_mean": float(result.z_loss.mean()), "not_converged": result.not_converged,
+            "z_flops": _z_flops(editor, result)}, result
+
+
+def _z_flops(editor, result) -> dict:
+    """The z phase's model FLOPs (common.FLOPS_FORMULA) over its wall time, against this CPU's matmul
+    throughput at the same thread count."""
+    from massedit.compute.targets import supports_prefix_reuse
+
+    layout, hp = editor.layout, editor.hp
+    z_layer = max(hp.layers)
+    loss_layer = layout.n_layers - 1 if hp.v_loss_layer is None else hp.v_loss_layer
+    path = "prefix" if editor.reuse_prefix and supports_prefix_reuse(editor.model) else "plain"
+    acc = common.z_accounting(editor.tok, result.requests, editor.context_templates(), result.z_steps.tolist(), path,
+                              common.block_params(layout, range(0, loss_layer + 1)),
+                              common.block_params(layout, range(z_layer + 1, loss_layer + 1)),
+                              layout.lm_head.weight.numel())
+    z_s = result.timings["z"]
+    peak = common.cpu_matmul_flops()
+    achieved = acc["flops"] / z_s if z_s > 0 else None
+    return {**acc, "z_s": round(z_s, 2), "z_steps_mean": float(result.z_steps.float().mean()),
+            "achieved_flops_per_s": achieved, "cpu_matmul_flops_per_s": peak,
+            "fraction_of_matmul": achieved / peak if achieved else None, "formula": common.FLOPS_FORMULA}
 
 
 def _other_lam(editor, args, records, result, lam: float, corpus: str, name: str) -> dict:
@@ -245,6 +267,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         row, edited = _memit_at(editor, model, tok, records, requests, n, args.generation)
         rows.append({"run": f"MEMIT layers {layers} λ {hp.mom2_update_weight:g}", "lam": hp.mom2_update_weight, **row})
         print(_table(rows[-1:]), flush=True)
+        f = row["z_flops"]
+        print(f"z phase: {f['flops'] / 1e12:.1f} TFLOP ({f['path']} path, {f['z_steps_mean']:.1f} steps a request) in "
+              f"{f['z_s']:.0f} s = {f['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, {100 * f['fraction_of_matmul']:.0f}% of "
+              f"this CPU's float32 matmul ({f['cpu_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)", flush=True)
         for lam in lams[1:]:
             other = _other_lam(editor, args, records, edited, lam, corpus, name)
             rows.append({"run": f"MEMIT layers {layers} λ {lam:g} (same z)", "pre": row["pre"], **other})

@@ -40,6 +40,9 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert data["hparams"]["layers"] == trace["suggested_layers"]
     for row in data["memit"]:
         assert {"ES", "PS", "NS"} <= set(row["post"]) and row["timings"]["z"] > 0
+        flops = row["z_flops"]
+        assert flops["path"] == "prefix" and flops["flops"] > flops["flops_record"] > 0
+        assert 0 < flops["fraction_of_matmul"] and flops["cpu_matmul_flops_per_s"] > 0
     assert data["rome"]["n"] == 2 and len(data["rome"]["layer"]) == 1
     assert set(data["corpora"]) == {"pydoc", "sampled", "pydoc+sampled"}
     printed = capsys.readouterr().out
