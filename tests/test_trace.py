@@ -220,3 +220,30 @@ def test_benchmark_smoke(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["max_abs_difference"] <= 1e-5 and saved["speedup"]["one restoration / forward / batched"]["cpu"] > 0
     assert saved["restorations"] == report["restorations"] > 0 and "load_average_at_end" in saved["machine"]
+
+
+def test_benchmark_on_a_model_and_its_facts(tmp_path):
+    """--model/--facts-dir: a saved model and the facts builder's records, two of the three modes."""
+    from benchmarks.trace_speed import main as bench
+    from massedit.inputs.facts import build_facts
+    from test_facts import oracle
+    from tiny import make_model as tiny_model
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    build_facts(oracle(), relations=("P36",), max_per_relation=2, model="tiny").write(tmp_path / "facts")
+    out = tmp_path / "bench.json"
+    bench(["--model", str(tmp_path / "model"), "--facts-dir", str(tmp_path / "facts"), "--facts", "1", "--samples", "2",
+           "--modes", "batched,one restoration / forward", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["max_abs_difference"] <= 1e-5 and list(saved["seconds"]) == ["batched", "one restoration / forward"]
+    assert saved["model"]["n_layer"] == model.config.num_hidden_layers
+
+
+def test_benchmark_model_needs_its_facts(capsys):
+    from benchmarks.trace_speed import main as bench
+
+    with pytest.raises(SystemExit):
+        bench(["--model", "smollm2-135m"])
+    assert "--model and --facts-dir go together" in capsys.readouterr().err
