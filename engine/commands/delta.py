@@ -6,7 +6,7 @@ Examples:
   massedit delta apply --checkpoint ckpt/dcp-step-2000 --delta delta.safetensors --out ckpt/dcp-step-2000 --force
 
 --checkpoint is a Hugging Face directory (model.safetensors, or shards and model.safetensors.index.json;
-the weights are streamed one tensor at a time, every other file is copied) or a
+the weights are streamed one block of rows at a time, every other file is copied) or a
 torch.distributed.checkpoint directory (loaded and saved in this one process). The result equals
 loading the model, applying (reverting) the delta and saving it, bit for bit. Refused, before
 anything is written: a checkpoint that already holds the delta (apply) or does not hold it

@@ -3,24 +3,32 @@
 Two formats: Hugging Face safetensors (one `model.safetensors`, or shards named in
 `model.safetensors.index.json`) and torch.distributed.checkpoint (DCP) directories (`.metadata`
 plus `*.distcp` files). Each edited weight is computed by the delta itself (`EditDelta.edited_value`,
-`EditDelta.restored_value`: the code apply and revert run on a loaded model), so the result equals
+`EditDelta.restored_value`: the code apply and revert run on a loaded model), one of the delta's
+row blocks at a time (`EditDelta.row_blocks`, the blocks apply computes Δ in), so the result equals
 "load, apply, save" bit for bit.
 
 Safetensors are streamed: W + Δ leaves a tensor's dtype and shape, hence the file's header and
 every byte offset, unchanged, so each shard holding an edited weight is written as its own header
-and data copied verbatim with the edited tensors' bytes put in their place. One weight (and the
-delta's bounded float64 chunks) is in memory at a time; shards without an edited weight and every
-other file (config, tokenizer, index) are copied unchanged. DCP directories are loaded whole with
-`dcp.load` (single process, no process group) and saved with `dcp.save`; their tensor names may
-carry a wrapper's prefix ("model.", "module."), matched by suffix when only one tensor fits.
+and data copied verbatim with the edited tensors' bytes put in their place, read, computed and
+written one row block at a time with plain reads (a memory map would count the file's pages
+towards the process). No weight is ever held whole: the memory taken is one float64 block of Δ
+(≤ 64 MiB), one block of the weight's rows and its result (a half or a quarter of that each),
+whatever the weight's size (1.3-1.55x a 128 MiB float32 weight to apply, 1.0-1.2x to revert,
+measured in tests/test_delta_checkpoint.py). Shards without an edited weight and every other file (config,
+tokenizer, index) are copied unchanged. DCP directories are loaded whole with `dcp.load` (single
+process, no process group; its API reads and writes whole state dicts) and saved with `dcp.save`,
+the edited weights changed in place; their tensor names may carry a wrapper's prefix ("model.",
+"module."), matched by suffix when only one tensor fits.
 
 Whether the checkpoint holds the delta is read from its weights: the digests the delta records
 say whether each weight is the base, the edited one, or neither (another model, or trained since),
-and the config hash, when both sides have one, must agree. `prepare` makes every check (it reads,
-and computes every result once) before anything is written, so a refusal leaves nothing behind.
+and the config hash, when both sides have one, must agree. `prepare` makes every check (it reads
+each edited weight, and computes its result once, streamed as above) before anything is written,
+so a refusal leaves nothing behind; `write` reads and computes again rather than hold results.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -31,7 +39,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 
 from massedit.edits.delta import EditDelta, config_hash_of, tensor_digest
 
@@ -40,6 +47,9 @@ SAFETENSORS_SINGLE = "model.safetensors"
 DCP_METADATA = ".metadata"
 
 _COPY_BYTES = 1 << 20  # the one buffer verbatim byte copies go through
+# safetensors' names of the float dtypes (any other dtype is refused: a delta changes float weights).
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _DCP_FILE = re.compile(r"^(\.metadata|.+\.distcp)$")
 _SAFETENSORS_FILE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
 
@@ -67,8 +77,7 @@ class CheckpointEdit:
             if self.format == "dcp" and _DCP_FILE.match(entry.name):
                 continue  # written by dcp.save below
             if entry.name in self.shards:
-                _write_shard(entry, out / entry.name, {self.tensor_names[n]: n for n in self.shards[entry.name]},
-                             self._result)
+                _write_shard(self, entry, out / entry.name)
             elif entry.is_dir():
                 shutil.copytree(entry, out / entry.name)
             else:
@@ -76,18 +85,12 @@ class CheckpointEdit:
         if self.format == "dcp":
             _save_dcp(self, out)
 
-    def _result(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """Weight `name`'s new value from its stored value `w`, checked against the delta's record."""
-        new = self.delta.restored_value(name, w) if self.revert else self.delta.edited_value(name, w)
-        record = _records(self.delta).get(name)
-        expected = record and record["sha256_before" if self.revert else "sha256_after"]
-        if expected and tensor_digest(new) != expected:
-            raise CheckpointError(
-                f"{self.path}: {self.tensor_names[name]}: recomputing Δ here does not reproduce the "
-                f"{'base' if self.revert else 'edited'} weights the delta recorded (it was applied on another "
-                "device type or torch build); run this where the delta was made. Nothing was written."
-            )
-        return new
+    def _results(self, name: str, read: Callable[[slice], torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Weight `name`'s new value, one of the delta's row blocks at a time; `read(rows)` gives
+        those rows of its stored value. Nothing here holds a block once it is yielded."""
+        compute = self.delta.restored_value if self.revert else self.delta.edited_value
+        for rows in self.delta.row_blocks(name):
+            yield compute(name, read(rows), rows)
 
 
 def weight_files(path) -> list[str]:
@@ -124,9 +127,8 @@ def prepare(checkpoint, delta: EditDelta, revert: bool = False) -> CheckpointEdi
     for wd in delta.weights if fmt == "safetensors" else ():
         shards.setdefault(file_of[names[wd.name]], []).append(wd.name)
     edit = CheckpointEdit(path, delta, revert, fmt, names, shards)
-    for name, w in _stored(edit):
-        _check_identity(edit, name, w)
-        edit._result(name, w)
+    for wd in delta.weights:
+        _check_weight(edit, wd.name, records.get(wd.name))
     return edit
 
 
@@ -156,16 +158,35 @@ def _check_config(path: Path, delta: EditDelta, records: dict) -> None:
         )
 
 
-def _check_identity(edit: CheckpointEdit, name: str, w: torch.Tensor) -> None:
-    where = f"{edit.path}: {edit.tensor_names[name]}"
+def _check_weight(edit: CheckpointEdit, name: str, record: dict | None) -> None:
+    """Refuse unless the stored weight `name` is what the delta goes onto (apply: its base; revert:
+    its edited value) and its result is the one the record holds. Streamed: the weight is read once
+    to check it (with a record) and once to compute its result (which refuses an overflow)."""
+    with _stored(edit, name) as read:
+        if record is not None:
+            _check_identity(edit, name, tensor_digest(read(rows) for rows in edit.delta.row_blocks(name)), record)
+        digest = tensor_digest(edit._results(name, read))
+    expected = record and record["sha256_before" if edit.revert else "sha256_after"]
+    if expected and digest != expected:
+        raise CheckpointError(
+            f"{edit.path}: {edit.tensor_names[name]}: recomputing Δ here does not reproduce the "
+            f"{'base' if edit.revert else 'edited'} weights the delta recorded (it was applied on another "
+            "device type or torch build); run this where the delta was made. Nothing was written."
+        )
+
+
+def _check_kind(edit: CheckpointEdit, name: str, dtype, shape) -> None:
+    """Refuse a stored weight of another shape, or not of a float dtype (`dtype`: a torch.dtype, or
+    the file's name for one torch cannot edit)."""
     wd = next(wd for wd in edit.delta.weights if wd.name == name)
-    if tuple(w.shape) != wd.shape or not w.is_floating_point():
-        raise CheckpointError(f"{where} is {w.dtype} {tuple(w.shape)}, the delta changes a float weight of shape "
-                              f"{wd.shape}; was it made for another model?")
-    record = _records(edit.delta).get(name)
-    if record is None:
-        return
-    digest, before, after = tensor_digest(w), record["sha256_before"], record["sha256_after"]
+    if tuple(shape) != wd.shape or not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"{edit.path}: {edit.tensor_names[name]} is {dtype} {tuple(shape)}, the delta changes "
+                              f"a float weight of shape {wd.shape}; was it made for another model?")
+
+
+def _check_identity(edit: CheckpointEdit, name: str, digest: str, record: dict) -> None:
+    where = f"{edit.path}: {edit.tensor_names[name]}"
+    before, after = record["sha256_before"], record["sha256_after"]
     if edit.revert:
         if digest == after:
             return
@@ -177,7 +198,7 @@ def _check_identity(edit: CheckpointEdit, name: str, w: torch.Tensor) -> None:
             return
         if digest == after:
             raise CheckpointError(f"{where} already holds this delta's edited weights: the delta is already applied")
-    raise CheckpointError(f"{where} ({w.dtype}) matches neither the base nor the edited weights the delta recorded: "
+    raise CheckpointError(f"{where} matches neither the base nor the edited weights the delta recorded: "
                           "another model's checkpoint, or trained since")
 
 
@@ -197,17 +218,20 @@ def _match_names(path: Path, wanted: list[str], present: list[str]) -> dict[str,
     return names
 
 
-def _stored(edit: CheckpointEdit) -> Iterator[tuple[str, torch.Tensor]]:
-    """The delta's weights as the checkpoint stores them, one at a time."""
+@contextlib.contextmanager
+def _stored(edit: CheckpointEdit, name: str) -> Iterator[Callable[[slice], torch.Tensor]]:
+    """A function giving rows of delta weight `name` as the checkpoint stores it (a DCP weight is
+    loaded whole: its API reads whole tensors)."""
+    tensor = edit.tensor_names[name]
     if edit.format == "safetensors":
-        for shard, delta_names in edit.shards.items():
-            with safe_open(str(edit.path / shard), framework="pt") as f:
-                for name in delta_names:
-                    yield name, f.get_tensor(edit.tensor_names[name])
+        file = edit.path / next(shard for shard, names in edit.shards.items() if name in names)
+        data_start, header = _safetensors_header(file)
+        with open(file, "rb") as fin:
+            yield _reader(edit, name, fin, data_start, header[tensor])
         return
-    state = _load_dcp(edit.path, {edit.tensor_names[wd.name] for wd in edit.delta.weights})
-    for wd in edit.delta.weights:
-        yield wd.name, state.pop(edit.tensor_names[wd.name])
+    w = _load_dcp(edit.path, {tensor})[tensor]
+    _check_kind(edit, name, w.dtype, w.shape)
+    yield w.__getitem__
 
 
 # --- safetensors -------------------------------------------------------------------------------
@@ -245,33 +269,58 @@ def _safetensors_layout(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _write_shard(src: Path, dst: Path, edited: dict[str, str],
-                 result: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
-    """Copy the shard `src` to `dst` with each tensor of `edited` (checkpoint name -> delta weight
-    name) replaced by `result(delta name, stored value)`; header and every other byte verbatim."""
+def _reader(edit: CheckpointEdit, name: str, fin, data_start: int, info: dict) -> Callable[[slice], torch.Tensor]:
+    """A function reading rows of delta weight `name`, its header entry `info`, from the shard open
+    as fin (plain reads: a memory map would count the file's pages towards the process)."""
+    dtype, shape = _SAFETENSORS_FLOATS.get(info["dtype"], info["dtype"]), info["shape"]
+    _check_kind(edit, name, dtype, shape)
+    begin, end = info["data_offsets"]
+    if end - begin != torch.Size(shape).numel() * dtype.itemsize:
+        raise CheckpointError(f"{fin.name}: {edit.tensor_names[name]}: its header's shape and byte span disagree "
+                              "(a corrupt shard); restore it")
+    row_bytes = torch.Size(shape[1:]).numel() * dtype.itemsize
+
+    def read(rows: slice) -> torch.Tensor:
+        fin.seek(data_start + begin + rows.start * row_bytes)
+        w = torch.empty((rows.stop - rows.start, *shape[1:]), dtype=dtype)
+        _read_into(fin, memoryview(w.reshape(-1).view(torch.uint8).numpy()))
+        return w
+
+    return read
+
+
+def _write_shard(edit: CheckpointEdit, src: Path, dst: Path) -> None:
+    """Copy the shard `src` to `dst` with the delta's weights in it replaced by their results, one
+    row block at a time; header and every other byte verbatim."""
     data_start, header = _safetensors_header(src)
-    spans = sorted((header[t]["data_offsets"], t) for t in edited)
+    names = {edit.tensor_names[name]: name for name in edit.shards[src.name]}
+    spans = sorted((header[tensor]["data_offsets"][0], tensor) for tensor in names)
     buffer = memoryview(bytearray(_COPY_BYTES))
-    with open(src, "rb") as fin, open(dst, "wb") as fout, safe_open(str(src), framework="pt") as st:
-        for (begin, end), tensor in spans:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for begin, tensor in spans:
             _copy_bytes(fin, fout, data_start + begin - fin.tell(), buffer)
-            new = result(edited[tensor], st.get_tensor(tensor))
-            raw = new.contiguous().reshape(-1).view(torch.uint8).numpy()
-            assert raw.nbytes == end - begin, f"{tensor}: the edited value changed size"
-            fout.write(memoryview(raw))
-            del new, raw
-            fin.seek(data_start + end)
+            for new in edit._results(names[tensor], _reader(edit, names[tensor], fin, data_start, header[tensor])):
+                fout.write(memoryview(new.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del new  # before the next block is computed, not after
         _copy_bytes(fin, fout, src.stat().st_size - fin.tell(), buffer)
 
 
 def _copy_bytes(fin, fout, n: int, buffer: memoryview) -> None:
     """Copy the next n bytes of fin through `buffer` (no allocation per chunk)."""
     while n > 0:
-        got = fin.readinto(buffer[: min(n, len(buffer))])
+        chunk = buffer[: min(n, len(buffer))]
+        _read_into(fin, chunk)
+        fout.write(chunk)
+        n -= len(chunk)
+
+
+def _read_into(fin, buffer: memoryview) -> None:
+    """Fill `buffer` from fin."""
+    while len(buffer):
+        got = fin.readinto(buffer)
         if not got:
             raise CheckpointError(f"{fin.name}: ends before its header says; the shard is truncated")
-        fout.write(buffer[:got])
-        n -= got
+        buffer = buffer[got:]
 
 
 # --- torch.distributed.checkpoint --------------------------------------------------------------
@@ -307,7 +356,9 @@ def _save_dcp(edit: CheckpointEdit, out: Path) -> None:
 
     state = _load_dcp(edit.path)
     for name, key in edit.tensor_names.items():
-        state[key] = edit._result(name, state[key])
+        w = state[key]
+        for rows, new in zip(edit.delta.row_blocks(name), edit._results(name, w.__getitem__)):
+            w[rows] = new  # in place: each block reads only its own rows
     # Nested again as the training job saved it (e.g. {"model": ..., "optim": ...}), so its planner
     # data, and a nested dcp.load of the result, are what they were.
     paths = _dcp_metadata(edit.path).planner_data or {}

@@ -70,6 +70,10 @@ HEADER_KEY = "massedit.edits.delta"
 
 # Bounds every float64 temporary (one chunk of Δ and its companions) regardless of weight size.
 _CHUNK_BYTES = 64 << 20
+# W ± Δ and its checks take this much of a chunk of Δ at a time (elementwise, hence the same bits
+# however a chunk is split): their float64 companions stay small beside the chunk, which is then
+# the only large temporary, and stay in cache (faster than whole chunks, measured).
+_PIECE_BYTES = 1 << 20
 
 # Config entries that differ between loads of the same weights (paths, versions, runtime flags,
 # load dtype); underscore-prefixed keys are transformers' private bookkeeping.
@@ -145,19 +149,31 @@ def _held(wd: WeightDelta, param: torch.Tensor) -> WeightDelta:
     return wd if index is None else wd.part(index)
 
 
+def _row_blocks(wd: WeightDelta) -> list[slice]:
+    """The fixed-size blocks of rows (of `matrix_shape`) Δ is computed in."""
+    n_rows, n_cols = wd.matrix_shape
+    step = max(1, _CHUNK_BYTES // (8 * n_cols))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
 def _dense_rows(wd: WeightDelta, device) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Δ in float64, in the weight's layout, one fixed-size block of rows at a time.
+    """Δ in float64, in the weight's layout, one block of `_row_blocks` at a time.
 
     Apply and revert both take Δ from here: the chunking depends on the shape alone, so the same
     device and build give the same float64 values bit for bit, which exact revert relies on."""
     left, right = (wd.v, wd.u) if wd.transposed else (wd.u, wd.v)
     left = left.detach().to(device=device, dtype=torch.float64)
     right_t = right.detach().to(device=device, dtype=torch.float64).T
-    n_rows, n_cols = wd.matrix_shape
-    step = max(1, _CHUNK_BYTES // (8 * n_cols))
-    for start in range(0, n_rows, step):
-        rows = slice(start, min(start + step, n_rows))
+    for rows in _row_blocks(wd):
         yield rows, left[rows] @ right_t
+
+
+def _dense_pieces(wd: WeightDelta, device) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`_dense_rows` cut into blocks of rows of at most `_PIECE_BYTES`."""
+    for rows, d in _dense_rows(wd, device):
+        step = max(1, _PIECE_BYTES // (8 * d.shape[1]))
+        for start in range(0, d.shape[0], step):
+            yield slice(rows.start + start, rows.start + min(start + step, d.shape[0])), d[start : start + step]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +189,7 @@ def _edited(w: torch.Tensor, wd: WeightDelta) -> tuple[torch.Tensor, torch.Tenso
         return new.reshape(w.shape), index, value
     new = torch.empty_like(w)
     index, value = [], []
-    for rows, d in _dense_rows(wd, w.device):
+    for rows, d in _dense_pieces(wd, w.device):
         old = w[rows]
         new[rows] = (old.double() + d).to(w.dtype)
         overflow = ~torch.isfinite(new[rows]) & torch.isfinite(old)
@@ -194,7 +210,7 @@ def _restored(w: torch.Tensor, wd: WeightDelta, index=None, value=None) -> torch
     if wd.vector:
         return _restored(w.reshape(wd.matrix_shape), dataclasses.replace(wd, vector=False), index, value).reshape(w.shape)
     old = torch.empty_like(w)
-    for rows, d in _dense_rows(wd, w.device):
+    for rows, d in _dense_pieces(wd, w.device):
         old[rows] = (w[rows].double() - d).to(w.dtype)
     if index is not None:
         old.view(-1)[index.to(w.device)] = value.to(w.device)
@@ -203,20 +219,28 @@ def _restored(w: torch.Tensor, wd: WeightDelta, index=None, value=None) -> torch
 
 def _sha256(t: torch.Tensor) -> str:
     """Digest of the row-major bytes, streamed to the host in bounded chunks."""
+    return _sha256_of((t,))
+
+
+def _sha256_of(parts: Iterable[torch.Tensor]) -> str:
+    """`_sha256` of `parts` one after another, taken from the iterable one at a time."""
     h = hashlib.sha256()
-    flat = t.detach().reshape(-1)
-    step = max(1, _CHUNK_BYTES // t.element_size())
-    for start in range(0, flat.numel(), step):
-        # A copy: numpy() marks the storage it shares as not resizable, and FSDP2 frees the storage of
-        # the parameters it gathered by resizing it.
-        h.update(flat[start : start + step].to("cpu", copy=True).view(torch.uint8).numpy())
+    for t in parts:
+        flat = t.detach().reshape(-1)
+        step = max(1, _CHUNK_BYTES // t.element_size())
+        for start in range(0, flat.numel(), step):
+            # A copy: numpy() marks the storage it shares as not resizable, and FSDP2 frees the storage
+            # of the parameters it gathered by resizing it.
+            h.update(flat[start : start + step].to("cpu", copy=True).view(torch.uint8).numpy())
+        del t, flat  # before the iterable makes the next part, not after
     return h.hexdigest()
 
 
-def tensor_digest(t: torch.Tensor) -> str:
+def tensor_digest(t) -> str:
     """SHA-256 of a weight's values as `digests()` records them, for a weight held outside a model
-    (e.g. one tensor read from a checkpoint file)."""
-    return _sha256(t)
+    (e.g. one tensor read from a checkpoint file): the tensor, or an iterable of its consecutive
+    blocks of rows (a weight streamed from a file, never held whole)."""
+    return _sha256(t) if isinstance(t, torch.Tensor) else _sha256_of(t)
 
 
 def file_digest(path) -> str:
@@ -391,18 +415,43 @@ class EditDelta:
         return [{"name": wd.name, "sha256_before": r.sha256_before, "sha256_after": r.sha256_after}
                 for wd, r in zip(self.weights, self._record or [])]
 
-    def edited_value(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """round(W + Δ) for weight `name` from its stored value `w` (a tensor outside any model, e.g.
-        read from a checkpoint file), computed as apply computes it."""
-        return _edited(w, self.weights[self._index(name)])[0]
+    def row_blocks(self, name: str) -> list[slice]:
+        """The blocks of rows (of the weight's first dimension) in which Δ of weight `name` is
+        computed: given one of them as `rows`, `edited_value` and `restored_value` take and return
+        just those rows, bit for bit the rows of the whole weight's result."""
+        return _row_blocks(self.weights[self._index(name)])
 
-    def restored_value(self, name: str, w: torch.Tensor) -> torch.Tensor:
+    def edited_value(self, name: str, w: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
+        """round(W + Δ) for weight `name` from its stored value `w` (a tensor outside any model, e.g.
+        read from a checkpoint file), computed as apply computes it; `w` is the rows `rows` (one of
+        `row_blocks(name)`) of the weight when given."""
+        return _edited(w, self._block(name, rows))[0]
+
+    def restored_value(self, name: str, w: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
         """Weight `name`'s base value from its edited value `w`, as exact revert computes it (Δ
-        recomputed, the record's fix-ups patched in); compare its digest with `digests()` before use."""
+        recomputed, the record's fix-ups patched in); `w` is the rows `rows` (one of `row_blocks(name)`)
+        of the weight when given. Compare its digest with `digests()` before use."""
         if self._record is None:
             raise DeltaError("this delta carries no apply record, which an exact revert needs")
-        i = self._index(name)
-        return _restored(w, self.weights[i], self._record[i].fix_index, self._record[i].fix_value)
+        wd, record = self._block(name, rows), self._record[self._index(name)]
+        index, value = record.fix_index, record.fix_value
+        if rows is not None:
+            # The fix-ups are flat indices into the whole weight: keep this block's, made local to it.
+            start, stop = (r * wd.matrix_shape[1] for r in (rows.start, rows.stop))
+            inside = (index >= start) & (index < stop)
+            index, value = index[inside] - start, value[inside]
+        return _restored(w, wd, index, value)
+
+    def _block(self, name: str, rows: Optional[slice]) -> WeightDelta:
+        """Weight `name`'s delta, or that of its rows `rows` when given (one of `row_blocks(name)`:
+        other rows could compute Δ in other blocks, hence other bits)."""
+        wd = self.weights[self._index(name)]
+        if rows is None:
+            return wd
+        if rows not in _row_blocks(wd):
+            raise DeltaError(f"{name}: rows {rows.start}:{rows.stop} are not one of the delta's row blocks "
+                             "(row_blocks); Δ is computed in those only")
+        return wd.part((rows, slice(None)))
 
     def _index(self, name: str) -> int:
         for i, wd in enumerate(self.weights):
