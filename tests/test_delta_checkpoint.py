@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM
 
 import massedit.cli as cli
+import massedit.edits.delta as delta_mod
 from massedit.edits.checkpoint import CheckpointError, prepare
 from massedit.edits.delta import DeltaError, EditDelta, WeightDelta, config_hash
 from massedit.model.arch import ModelLayout
@@ -68,14 +69,22 @@ def _reference(base: Path, delta: EditDelta, dtype, path: Path, shard_size) -> P
     return path
 
 
-@pytest.mark.parametrize("kind,dtype,sharded", [("gpt2", torch.float32, True), ("llama", torch.float32, True),
-                                                ("llama", torch.bfloat16, False)])
-def test_safetensors_apply_is_load_apply_save_and_revert_restores_the_bytes(kind, dtype, sharded, tmp_path, capsys):
+@pytest.mark.parametrize("kind,dtype,sharded,blocks", [("gpt2", torch.float32, True, False),
+                                                       ("llama", torch.float32, True, False),
+                                                       ("llama", torch.bfloat16, False, False),
+                                                       ("gpt2", torch.float32, True, True),
+                                                       ("llama", torch.bfloat16, True, True)])
+def test_safetensors_apply_is_load_apply_save_and_revert_restores_the_bytes(kind, dtype, sharded, blocks, tmp_path,
+                                                                            capsys, monkeypatch):
+    if blocks:  # each weight streamed in many row blocks (ragged last one) and pieces, as large ones are
+        monkeypatch.setattr(delta_mod, "_CHUNK_BYTES", 8 * 64 * 5)
+        monkeypatch.setattr(delta_mod, "_PIECE_BYTES", 8 * 64 * 2)
     model, tok = make_model(kind, dtype=dtype)
     shard_size = _shard_size(model) if sharded else None
     base = _save_hf(model, tok, tmp_path / "base", shard_size)
     assert len(list(base.glob("*.safetensors"))) == (3 if sharded else 1)
     delta = _delta(model)
+    assert (min(len(delta.row_blocks(wd.name)) for wd in delta.weights) > 2) == blocks
     ref = _reference(base, delta, dtype, tmp_path / "ref", shard_size)
     assert delta.n_fixups > 0
     delta.save(tmp_path / "delta.safetensors")
@@ -246,8 +255,10 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert (torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype) if torch.is_tensor(a[k]) else a[k] == b[k], k
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_dcp_apply_is_load_apply_save_and_revert_restores(kind, tmp_path):
+@pytest.mark.parametrize("kind,blocks", [("gpt2", False), ("llama", False), ("gpt2", True)])
+def test_dcp_apply_is_load_apply_save_and_revert_restores(kind, blocks, tmp_path, monkeypatch):
+    if blocks:  # each weight edited in place in many row blocks, as large ones are
+        monkeypatch.setattr(delta_mod, "_CHUNK_BYTES", 8 * 64 * 5)
     model, _ = make_model(kind)
     dcp.save(_dcp_state(model, step=7), checkpoint_id=str(tmp_path / "base"), no_dist=True)
     (tmp_path / "base" / "trainer_state.json").write_text('{"global_step": 7}')
