@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import massedit.cli as cli
-import massedit.commands._outputs as outdir
+import massedit.publish as outdir
 from massedit.edits.delta import EditDelta
 from tiny import WORDS, make_model
 
@@ -192,7 +192,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     import massedit.cli as cli
-    import massedit.commands._outputs as outdir
+    import massedit.publish as outdir
     from transformers import PreTrainedModel
 
     where, marker = sys.argv[1], sys.argv[2]

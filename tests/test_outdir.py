@@ -1,10 +1,10 @@
-"""Staged output directories (massedit.commands._outputs): published whole, or not at all."""
+"""Staged output directories (massedit.publish): published whole, or not at all."""
 from __future__ import annotations
 
 import pytest
 
-import massedit.commands._outputs as outdir
-from massedit.commands._outputs import check_out, staged
+import massedit.publish as outdir
+from massedit.publish import check_out, staged
 
 
 def _listing(root):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import massedit.cli as cli
-import massedit.commands._outputs as outputs
+import massedit.publish as outputs
 import massedit.compute.stats as stats_mod
 from massedit.edits.delta import DeltaError, EditDelta, HEADER_KEY
 from massedit.edits.ledger import Ledger

@@ -16,7 +16,7 @@ import massedit.cli as cli
 from massedit.editor import MassEditor
 from massedit.hparams import HParamsError, load_hparams, preset
 from massedit.inputs.requests import EditRequest, RequestError
-from massedit.commands._outputs import NotWritableError, check_dir, check_file
+from massedit.publish import NotWritableError, check_dir, check_file
 from tiny import WORDS, make_model, make_tokenizer
 
 REQUESTS = [

@@ -20,7 +20,7 @@ import functools
 from pathlib import Path
 
 from massedit.commands._common import UserError, add_model_arguments, options_from_args
-from massedit.commands._outputs import check_out, claim, staged
+from massedit.publish import check_out, claim, staged
 
 NAME = "data"
 HELP = "build evaluation records from real facts a model knows (CounterFact / zsRE shaped)"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from massedit.commands._outputs import check_out, claim, staged
+from massedit.publish import check_out, claim, staged
 from massedit.edits.checkpoint import prepare, weight_files
 from massedit.edits.delta import EditDelta
 

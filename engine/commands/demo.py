@@ -43,7 +43,7 @@ from massedit.model.devices import input_device
 from massedit.model.loading import load_model, model_name_for
 from massedit.methods import method_names
 from massedit.commands._common import add_model_arguments, options_from_args
-from massedit.commands._outputs import check_out, claim, staged
+from massedit.publish import check_out, claim, staged
 from massedit.inputs.requests import parse_records
 from massedit.evaluation.heatmap import write_heatmaps
 from massedit.evaluation.trace import GROUPS, trace

@@ -38,7 +38,7 @@ from massedit.compute.stats import stats_folder
 from massedit.model.loading import check_savable, load_model
 from massedit.methods import METHODS, method_names
 from massedit.commands._common import REAL_MODEL_CORPUS, add_model_arguments, default_corpus, options_from_args
-from massedit.commands._outputs import check_dir, check_out, claim, staged
+from massedit.publish import check_dir, check_out, claim, staged
 from massedit.edits.ledger import Ledger
 from massedit.edits.sequential import SequentialEditor, split_rounds
 from massedit.inputs.requests import load_requests, parse_records

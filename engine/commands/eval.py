@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from massedit.commands._common import UserError, add_model_arguments, options_from_args
-from massedit.commands._outputs import check_file
+from massedit.publish import check_file
 from massedit.model.loading import load_model
 
 NAME = "eval"

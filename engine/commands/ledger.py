@@ -19,7 +19,7 @@ from pathlib import Path
 
 from massedit.edits.ledger import Ledger
 from massedit.commands._common import add_model_arguments, options_from_args
-from massedit.commands._outputs import check_out, claim, staged
+from massedit.publish import check_out, claim, staged
 from massedit.model.loading import check_savable, load_model
 
 NAME = "ledger"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from massedit.commands._outputs import check_out, claim, staged
+from massedit.publish import check_out, claim, staged
 from massedit.model import catalog
 
 NAME = "models"

@@ -25,7 +25,7 @@ from massedit.inputs.corpus import BUILTIN, is_builtin
 from massedit.model.loading import load_model, model_name_for
 from massedit.compute.stats import DTYPES, check_dataset_name, check_model_name, check_storable, covariances, stats_file
 from massedit.commands._common import add_deprecated_alias, add_model_arguments, default_corpus, options_from_args
-from massedit.commands._outputs import check_dir
+from massedit.publish import check_dir
 
 NAME = "stats"
 HELP = "compute and cache covariance statistics for edited layers"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 
 from massedit.commands._common import UserError
-from massedit.commands._outputs import claim
+from massedit.publish import claim
 from massedit.model.loading import dtype_kwargs
 
 NAME = "world"

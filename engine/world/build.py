@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 # The one publishing mechanism (staging beside OUT, then an atomic swap) of every command that writes a model.
-from massedit.commands._outputs import staged
+from massedit.publish import staged
 from massedit.world import prebuilt
 from massedit.world.generate import DEFAULT_RELATIONS, GENERATOR_VERSION, NAME_STYLES, generate_world, relation_ids, write_world_files
 from massedit.world.languages import check_languages, second_language, subject_token_jaccard

@@ -1,4 +1,4 @@
-"""Where a command's outputs go: checked before any work, published all at once.
+"""Where outputs go: checked before any work, published all at once (commands and `world build` alike).
 
 Output locations are checked first (`check_dir`, `check_file`, `check_out`): a run must not
 compute for minutes and then fail to write its result. The checks create nothing; they only look.
