@@ -82,7 +82,7 @@ def _trace(args, model, tok, requests, out: Path) -> dict:
 
 def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
     return common.real_hparams(model, layers, corpus, clamp=args.clamp, lam=args.lam[0] if args.lam else None,
-                               samples=args.samples, algorithm=algorithm)
+                               samples=args.samples, steps=args.z_steps, algorithm=algorithm)
 
 
 def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
@@ -196,6 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trace-samples", type=int, default=10, help="noise samples per fact (default 10)")
     p.add_argument("--rome", type=int, default=0, help="ROME single edits as the baseline (default 0)")
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
+    p.add_argument("--z-steps", type=int, default=common.REAL_STEPS,
+                   help=f"v_num_grad_steps (paper: {common.REAL_STEPS}; more where z does not converge)")
     p.add_argument("--lam", help="mom2_update_weight λ, or comma-separated values: the first edits, the others solve "
                                  "again from its z (default: default_for's, 15000 for Llama-like)")
     p.add_argument("--corpus", help="statistics corpus (default: the real models' built-in one)")
@@ -213,6 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--lam: a number or comma-separated numbers, e.g. 1000,5000, got {args.lam!r}")
     if any(lam <= 0 for lam in args.lam):
         p.error(f"--lam: every λ must be positive, got {args.lam}")
+    if args.z_steps < 1:
+        p.error(f"--z-steps must be at least 1, got {args.z_steps}")
     common.set_threads(args.threads)
 
     from massedit import MassEditor
