@@ -25,6 +25,8 @@ METRICS = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE")
 
 
 def _sizes(text: str, available: int) -> list[int]:
+    if text.strip() == "0":  # no MEMIT runs: only the trace, ROME or the corpora comparison
+        return []
     sizes = []
     for part in text.split(","):
         n = available if part.strip() == "max" else int(part)
@@ -186,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", required=True, help="catalog name (massedit models list), HF directory or .gguf")
     p.add_argument("--facts", help="directory written by `massedit data facts` (default: build them here)")
     p.add_argument("--max-per-relation", type=int, default=None, help="when building facts here")
-    p.add_argument("--n", default="100", help="comma-separated edit counts, 'max' for every known fact (default 100)")
+    p.add_argument("--n", default="100", help="comma-separated edit counts, 'max' for every known fact, 0 for none (default 100)")
     p.add_argument("--layers", help="edited layers, e.g. 4,5,6,7,8 (default: the trace's suggestion, else default_for's)")
     p.add_argument("--span", type=int, default=5, help="how many consecutive layers the trace suggests (default 5)")
     p.add_argument("--trace", type=int, default=20,
