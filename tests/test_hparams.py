@@ -311,3 +311,12 @@ def test_every_module_path_key_reaches_the_architecture_spec():
     for model_type in ("gpt2", "not-in-the-table"):
         spec = spec_for(model_type, hp.module_overrides())
         assert all(getattr(spec, k) == getattr(hp, k) for k in keys), model_type
+
+
+def test_smollm2_shape_gets_its_measured_preset_and_other_llamas_do_not():
+    smol = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576}
+    hp = default_for(smol)
+    assert hp.layers == [1, 2, 3, 4, 5] and hp.mom2_update_weight == PRESETS["smollm2-135m"].mom2_update_weight
+    assert hp.v_loss_layer == 29 and default_for(smol, "rome").layers == [3]
+    other = default_for({"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 640})
+    assert other.mom2_update_weight == PRESETS["llama-7b"].mom2_update_weight and other.layers != hp.layers

@@ -18,7 +18,11 @@ Three kinds, three names:
   [[5, 10], [10, 10]] as in the reference's ROME files that carry the key (memit repo's ROME neox
   JSON, EasyEdit's ROME YAMLs);
   ``rome-llama-7b``: EasyEdit hparams/ROME/llama-7b.yaml (llama-2-7b): layer 5, 25 steps, wd 1e-3,
-  clamp 4, no covariance.
+  clamp 4, no covariance;
+  ``smollm2-135m``, ``rome-smollm2-135m``: measured on SmolLM2-135M with its known facts
+  (benchmarks.real; README "Measured on SmolLM2-135M"): the paper's z settings (25 steps, lr 0.5,
+  clamp 4, KL 0.0625), layers 1..5 from the causal trace, λ from a sweep at n = 1,000 on statistics
+  of the built-in `pydoc+sampled` corpus (2,000 documents); ROME at layer 3, the middle of that range.
 - **Defaults for a model** (`default_for(config)`): the preset of a model the references tuned, else
   values scaled to the model's depth from the preset of its family in the architecture table.
 - **World-model settings** (`world_preset(config)`): measured for the small models `massedit world
@@ -63,6 +67,8 @@ _KNOWN_MODELS = {
     ("gpt_neox", 44, 6144): ("gpt-neox-20b", None),
     ("llama", 32, 4096): ("llama-7b", "rome-llama-7b"),
     ("mistral", 32, 4096): ("mistral-7b", None),
+    # Measured here, not by the references: README "Measured on SmolLM2-135M" (the trace's layers; λ swept at n = 1,000).
+    ("llama", 30, 576): ("smollm2-135m", "rome-smollm2-135m"),
 }
 
 
@@ -131,7 +137,7 @@ def default_for(model_config: Any, algorithm: str = "memit") -> MEMITHyperParams
     """Hyperparameters for a HF model config (or a model, or a config dict).
 
     A model the references tuned (GPT-2 XL, GPT-J 6B, GPT-NeoX 20B, 32-layer 4096-wide Llama /
-    Mistral) gets its preset. Any other model gets depth-scaled defaults: layers from
+    Mistral) or this project measured (SmolLM2-135M) gets its preset. Any other model gets depth-scaled defaults: layers from
     `default_layers(N)`, v_loss_layer = N - 1, and the other values of the closest reference
     family — EasyEdit's Llama values (25 steps, weight decay 1e-3, clamp 4) for the architecture
     table's "llama-like" family, GPT-J's MEMIT values (25 steps, weight decay 0.5, clamp 0.75, λ 15000)
