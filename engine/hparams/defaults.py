@@ -20,7 +20,7 @@ Three kinds, three names:
   ``rome-llama-7b``: EasyEdit hparams/ROME/llama-7b.yaml (llama-2-7b): layer 5, 25 steps, wd 1e-3,
   clamp 4, no covariance;
   ``smollm2-135m``, ``rome-smollm2-135m``: measured on SmolLM2-135M with its known facts
-  (benchmarks.real; README "Measured on SmolLM2-135M"): the paper's z settings (25 steps, lr 0.5,
+  (benchmarks.real; README "Measured on real models"): the paper's z settings (25 steps, lr 0.5,
   clamp 4, KL 0.0625), layers 1..5 from the causal trace, λ from a sweep at n = 1,000 on statistics
   of the built-in `pydoc+sampled` corpus (2,000 documents); ROME at layer 3, the middle of that range.
 - **Defaults for a model** (`default_for(config)`): the preset of a model the references tuned, else
@@ -67,7 +67,7 @@ _KNOWN_MODELS = {
     ("gpt_neox", 44, 6144): ("gpt-neox-20b", None),
     ("llama", 32, 4096): ("llama-7b", "rome-llama-7b"),
     ("mistral", 32, 4096): ("mistral-7b", None),
-    # Measured here, not by the references: README "Measured on SmolLM2-135M" (the trace's layers; λ swept at n = 1,000).
+    # Measured here, not by the references: README "Measured on real models" (the trace's layers; λ swept at n = 1,000).
     ("llama", 30, 576): ("smollm2-135m", "rome-smollm2-135m"),
 }
 
