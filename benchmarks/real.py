@@ -88,7 +88,7 @@ def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
 
 
 def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
-    """The row of one MEMIT edit of the first n facts, and its EditResult (z, requests) for `_other_lams`."""
+    """The row of one MEMIT edit of the first n facts, and its EditResult (z, requests) for `_other_lam`."""
     pre = _scores(model, tok, records[:n], generation)
     t0 = time.perf_counter()
     result = editor.edit(requests[:n])
@@ -201,7 +201,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--z-steps", type=int, default=common.REAL_STEPS,
                    help=f"v_num_grad_steps (paper: {common.REAL_STEPS}; more where z does not converge)")
     p.add_argument("--lam", help="mom2_update_weight λ, or comma-separated values: the first edits, the others solve "
-                                 "again from its z (default: default_for's, 15000 for Llama-like)")
+                                 "again from its z (default: default_for's: the model's preset, e.g. 1000 for "
+                                 "SmolLM2-135M, else 15000 for Llama-like)")
     p.add_argument("--corpus", help="statistics corpus (default: the real models' built-in one)")
     p.add_argument("--samples", type=int, default=2000, help="mom2_n_samples (default 2000)")
     p.add_argument("--corpora", action="store_true", help="also edit --corpora-n facts with each built-in corpus")
