@@ -62,7 +62,8 @@ def test_same_seed_same_bytes(tmp_path):
 def test_a_record_does_not_depend_on_the_other_relations(tmp_path):
     full = json.loads((_build(tmp_path, "all", max_per_relation=None) / "counterfact.json").read_text())
     one = json.loads((_build(tmp_path, "one", max_per_relation=None, relations=["P30"]) / "counterfact.json").read_text())
-    strip = lambda rec: {k: v for k, v in rec.items() if k != "case_id"}  # noqa: E731
+    # case_id and the neighborhood (never a subject kept for the relation) come from the set kept.
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("case_id", "neighborhood_prompts")}  # noqa: E731
     by_subject = {r["requested_rewrite"]["subject"]: strip(r) for r in full if r["requested_rewrite"]["relation_id"] == "P30"}
     assert len(one) == len(FACTS["P30"]) and by_subject
     assert all(strip(r) == by_subject[r["requested_rewrite"]["subject"]] for r in one
@@ -103,6 +104,7 @@ def test_fields_and_counts(tmp_path):
         assert len(records) == 12 * len(RELATION_IDS)
         subjects = [r["requested_rewrite"]["subject"] for r in records]
         assert len(set(subjects)) == len(subjects)  # distinct subjects by default
+        kept = {(r["requested_rewrite"]["relation_id"], r["requested_rewrite"]["subject"]) for r in records}
         for r in records:
             rw = r["requested_rewrite"]
             rel = next(x for x in RELATIONS if x.id == rw["relation_id"])
@@ -113,8 +115,12 @@ def test_fields_and_counts(tmp_path):
             assert rw["prompt"].count("{}") == 1
             assert len(r["paraphrase_prompts"]) >= 2 and rw["prompt"].replace("{}", rw["subject"]) not in r["paraphrase_prompts"]
             assert all(rw["subject"] in p for p in r["paraphrase_prompts"] + r["generation_prompts"])
-            sharing = sum(f.object.id == true.id for f in facts) - 1
-            assert len(r["neighborhood_prompts"]) == min(MAX_PROMPTS, sharing)
+            # Neighbors share the true object and are not edited in the same file's batch.
+            sharing = [f.subject.name(lang).text for f in facts
+                       if f.object.id == true.id and (rel.id, f.subject.name(lang).text) not in kept]
+            assert len(r["neighborhood_prompts"]) == min(MAX_PROMPTS, len(sharing))
+            assert not any(p == rw["prompt"].replace("{}", subject) for p in r["neighborhood_prompts"]
+                           for (rid, subject) in kept if rid == rel.id)
             holders = sum(f.object.id == rw["target_new"]["id"] for f in facts)
             assert len(r["attribute_prompts"]) == min(MAX_PROMPTS, holders)
             assert len(r["generation_prompts"]) >= 3
