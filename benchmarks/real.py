@@ -9,7 +9,8 @@ several n (distinct subjects), ROME single edits as the baseline, and the statis
 without it the facts are built here (all relations, seed 0). z settings are the paper's (25 steps,
 lr 0.5, KL 0.0625; clamp 4 unless --clamp). Statistics come from the built-in corpus of real models
 (massedit.commands._common.REAL_MODEL_CORPUS) unless --corpus names another; --corpora edits the first
---corpora-n facts once with each built-in corpus. Prints a table per part and writes
+--corpora-n facts with it and solves again from the same z with each other built-in corpus's statistics
+(z does not depend on them; nor on λ, which --lam sweeps the same way). Prints a table per part and writes
 benchmarks/results/real-<model>-<time>.json with the trace heat maps (.png) beside it.
 """
 from __future__ import annotations
@@ -124,18 +125,22 @@ def _z_flops(editor, result) -> dict:
             "fraction_of_matmul": achieved / peak if achieved else None, "formula": common.FLOPS_FORMULA}
 
 
-def _other_lam(editor, args, records, result, lam: float, corpus: str, name: str) -> dict:
-    """MEMIT's solve again at another λ from the same targets: z does not depend on λ, so a λ sweep
-    at n = 1,000 costs keys, solve and scoring, not another z phase."""
+def _resolve(editor, args, records, result, lam: float, corpus: str, name: str) -> dict:
+    """MEMIT's solve again from the same targets at another λ or with another corpus's statistics: z
+    depends on neither, so a λ sweep at n = 1,000 or a corpus comparison costs (statistics,) keys,
+    solve and scoring, not another z phase."""
     from massedit import MassEditor
     from massedit.edits.delta import EditDelta
     from massedit.solve.spread import spread_update
 
-    hp = editor.hp.replace(mom2_update_weight=lam)
+    hp = editor.hp.replace(mom2_update_weight=lam, mom2_dataset=corpus)
     other = MassEditor(editor.model, editor.tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=name,
                        progress=False)
     other.set_context_templates(editor.context_templates())
     timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    other.solvers()  # this corpus's statistics (computed once, then cached on disk) and factors
+    timings["statistics"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     weights = spread_update(other.model, other.layout, other.tok, result.requests, hp.layers, result.z,
                             other.solvers(), other.context_templates(), timings, progress=False)
@@ -146,7 +151,7 @@ def _other_lam(editor, args, records, result, lam: float, corpus: str, name: str
         post = _scores(other.model, other.tok, records[: result.n_edits], args.generation)
     finally:
         delta.revert(other.model)
-    return {"n": result.n_edits, "lam": lam, "post": post, "seconds": round(wall, 2),
+    return {"n": result.n_edits, "lam": lam, "corpus": corpus, "post": post, "seconds": round(wall, 2),
             "timings": {k: round(v, 2) for k, v in timings.items()}, "z": "reused"}
 
 
@@ -279,7 +284,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{f['z_s']:.0f} s = {f['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, {100 * f['fraction_of_matmul']:.0f}% of "
               f"this CPU's float32 matmul ({f['cpu_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)", flush=True)
         for lam in lams[1:]:
-            other = _other_lam(editor, args, records, edited, lam, corpus, name)
+            other = _resolve(editor, args, records, edited, lam, corpus, name)
             rows.append({"run": f"MEMIT layers {layers} λ {lam:g} (same z)", "pre": row["pre"], **other})
             print(_table(rows[-1:]), flush=True)
         result["memit"] = rows
@@ -289,13 +294,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_table([{"run": f"ROME layer {result['rome']['layer']}", **result["rome"]}]), flush=True)
         save()
     if args.corpora:
-        result["corpora"] = {}
-        for choice in BUILTIN:
-            other = MassEditor(model, tok, _hparams(model, layers, args, choice), stats_dir=args.stats_dir,
-                               corpus=choice, model_name=name, progress=False)
-            result["corpora"][choice] = _memit_at(other, model, tok, records, requests,
-                                                  min(args.corpora_n, len(records)), False)[0]
-        print(_table([{"run": f"corpus {c}", **r} for c, r in result["corpora"].items()]), flush=True)
+        n = min(args.corpora_n, len(records))
+        row, edited = _memit_at(editor, model, tok, records, requests, n, False)
+        result["corpora"] = {corpus: {**row, "corpus": corpus}}
+        for choice in (c for c in BUILTIN if c != corpus):
+            result["corpora"][choice] = {"pre": row["pre"], **_resolve(editor, args, records, edited,
+                                                                       hp.mom2_update_weight, choice, name)}
+            save()
+        print(_table([{"run": f"corpus {c}" + (" (same z)" if r.get("z") == "reused" else ""), **r}
+                      for c, r in result["corpora"].items()]), flush=True)
     common.write_result(f"real-{name}", result, out=out)
     return 0
 

@@ -44,7 +44,15 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
         assert flops["path"] == "prefix" and flops["flops"] > flops["flops_record"] > 0
         assert 0 < flops["fraction_of_matmul"] and flops["cpu_matmul_flops_per_s"] > 0
     assert data["rome"]["n"] == 2 and len(data["rome"]["layer"]) == 1
-    assert set(data["corpora"]) == {"pydoc", "sampled", "pydoc+sampled"}
+    corpora = data["corpora"]
+    assert set(corpora) == {"pydoc", "sampled", "pydoc+sampled"}
+    # The default corpus edits; the others solve again from its z with their own statistics.
+    assert corpora["pydoc+sampled"]["timings"]["z"] > 0 and "z" not in corpora["pydoc+sampled"]
+    for other in ("pydoc", "sampled"):
+        assert corpora[other]["z"] == "reused" and corpora[other]["corpus"] == other
+        assert corpora[other]["timings"]["statistics"] > 0 and {"ES", "PS", "NS"} <= set(corpora[other]["post"])
+    assert {p.name for p in (tmp_path / "stats").glob("*/*_stats")} == {"pydoc_stats", "sampled_stats",
+                                                                         "pydoc+sampled_stats"}
     printed = capsys.readouterr().out
     assert "known facts" in printed and "ES pre→post" in printed
 
