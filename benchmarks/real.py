@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from benchmarks import common
 
 METRICS = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE")
@@ -89,20 +91,47 @@ def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
                                samples=args.samples, steps=args.z_steps, algorithm=algorithm)
 
 
+def _h_at_z_layer(editor, requests):
+    """h^L: the residual stream at the z layer L, at each rewrite prompt's subject's last token, as
+    the model is now (what z is the target for)."""
+    from massedit.compute.keys import LayerStates
+
+    top = max(editor.hp.layers)
+    return LayerStates(editor.model, editor.layout, editor.tok, requests, editor.context_templates(), top).at_layer(top)[1]
+
+
+def _reach(editor, result, h_before) -> dict:
+    """How much of each target the applied edit realises: with w = z − h^L before and g = h^L after −
+    h^L before, reach = ⟨g, w⟩ / ‖w‖² (1: the edit moved h^L all the way along w) and miss = ‖h^L
+    after − z‖ / ‖w‖ (0: it landed on z). Low reach with converged z says the update, not z, limits ES."""
+    h_after = _h_at_z_layer(editor, result.requests).to(torch.float64)
+    z, h_before = result.z.to(h_after), h_before.to(h_after)
+    want, got = z - h_before, h_after - h_before
+    reach = (got * want).sum(-1) / want.pow(2).sum(-1).clamp_min(1e-300)
+    miss = (h_after - z).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-300)
+    return {"reach_mean": float(reach.mean()), "reach_median": float(reach.median()),
+            "reach_below_half": int((reach < 0.5).sum()), "miss_mean": float(miss.mean())}
+
+
 def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
-    """The row of one MEMIT edit of the first n facts, and its EditResult (z, requests) for `_other_lam`."""
+    """The row of one MEMIT edit of the first n facts, its EditResult (z, requests) for `_resolve`,
+    and h^L before the edit (for `_reach`)."""
     pre = _scores(model, tok, records[:n], generation)
     t0 = time.perf_counter()
     result = editor.edit(requests[:n])
     wall = time.perf_counter() - t0
     try:
+        result.delta.revert(model)
+        h_before = _h_at_z_layer(editor, result.requests)
+        result.delta.apply(model)
         post = _scores(model, tok, records[:n], generation)
+        reach = _reach(editor, result, h_before)
     finally:
         result.delta.revert(model)
-    return {"n": n, "pre": pre, "post": post, "seconds": round(wall, 2),
+    return {"n": n, "pre": pre, "post": post, "reach": reach, "seconds": round(wall, 2),
             "timings": {k: round(v, 2) for k, v in result.timings.items()},
             "z_loss_mean": float(result.z_loss.mean()), "not_converged": result.not_converged,
-            "z_flops": _z_flops(editor, result)}, result
+            "z_flops": _z_flops(editor, result)}, (result, h_before)
 
 
 def _z_flops(editor, result) -> dict:
@@ -126,14 +155,15 @@ def _z_flops(editor, result) -> dict:
             "fraction_of_matmul": achieved / peak if achieved else None, "formula": common.FLOPS_FORMULA}
 
 
-def _resolve(editor, args, records, result, lam: float, corpus: str, name: str) -> dict:
+def _resolve(editor, args, records, edited, lam: float, corpus: str, name: str) -> dict:
     """MEMIT's solve again from the same targets at another λ or with another corpus's statistics: z
     depends on neither, so a λ sweep at n = 1,000 or a corpus comparison costs (statistics,) keys,
-    solve and scoring, not another z phase."""
+    solve and scoring, not another z phase. `edited`: `_memit_at`'s (EditResult, h^L before)."""
     from massedit import MassEditor
     from massedit.edits.delta import EditDelta
     from massedit.solve.spread import spread_update
 
+    result, h_before = edited
     hp = editor.hp.replace(mom2_update_weight=lam, mom2_dataset=corpus)
     other = MassEditor(editor.model, editor.tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=name,
                        progress=False)
@@ -150,9 +180,10 @@ def _resolve(editor, args, records, result, lam: float, corpus: str, name: str) 
     wall = time.perf_counter() - t0
     try:
         post = _scores(other.model, other.tok, records[: result.n_edits], args.generation)
+        reach = _reach(other, result, h_before)
     finally:
         delta.revert(other.model)
-    return {"n": result.n_edits, "lam": lam, "corpus": corpus, "post": post, "seconds": round(wall, 2),
+    return {"n": result.n_edits, "lam": lam, "corpus": corpus, "post": post, "reach": reach, "seconds": round(wall, 2),
             "timings": {k: round(v, 2) for k, v in timings.items()}, "z": "reused"}
 
 
@@ -178,13 +209,14 @@ def _rome(args, model, tok, records, requests, layers, corpus) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    header = ["run", "n"] + [f"{m} pre→post" for m in METRICS[:7]] + ["z s", "total s"]
+    header = ["run", "n"] + [f"{m} pre→post" for m in METRICS[:7]] + ["z reach", "z s", "total s"]
     lines = []
     for row in rows:
         pre, post = row.get("pre", {}), row["post"]
         cells = [f"{common.fmt(pre.get(m), '.1f')}→{common.fmt(post.get(m), '.1f')}" for m in METRICS[:7]]
         timings = row.get("timings", {})
-        lines.append([row["run"], str(row["n"])] + cells + [common.fmt(timings.get("z"), ".0f"),
+        lines.append([row["run"], str(row["n"])] + cells + [common.fmt(row.get("reach", {}).get("reach_mean"), ".2f"),
+                                                           common.fmt(timings.get("z"), ".0f"),
                                                            common.fmt(row.get("seconds"), ".0f")])
     return common.text_table(header, lines)
 
@@ -290,11 +322,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"({f['cpu_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)", flush=True)
             first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g}"
         else:
-            edited = dataclasses.replace(largest, z=largest.z[:n], requests=largest.requests[:n], n_edits=n)
+            whole, h_before = largest
+            edited = (dataclasses.replace(whole, z=whole.z[:n], requests=whole.requests[:n], n_edits=n), h_before[:n])
             row = {"pre": _scores(model, tok, records[:n], args.generation),
                    **_resolve(editor, args, records, edited, hp.mom2_update_weight, corpus, name)}
-            row["z"] = f"the first {n} of the n = {largest.n_edits} run's"
-            first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g} (z of n = {largest.n_edits})"
+            row["z"] = f"the first {n} of the n = {whole.n_edits} run's"
+            first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g} (z of n = {whole.n_edits})"
         rows.append({"run": first, "lam": hp.mom2_update_weight, **row})
         print(_table(rows[-1:]), flush=True)
         for lam in lams[1:]:

@@ -43,6 +43,7 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert smaller["pre"] != largest["pre"] or n_records == 2
     for row in data["memit"]:
         assert {"ES", "PS", "NS"} <= set(row["pre"]) and {"ES", "PS", "NS"} <= set(row["post"])
+        assert {"reach_mean", "reach_median", "reach_below_half", "miss_mean"} <= set(row["reach"])
     flops = largest["z_flops"]
     assert flops["path"] == "prefix" and flops["flops"] > flops["flops_record"] > 0
     assert 0 < flops["fraction_of_matmul"] and flops["cpu_matmul_flops_per_s"] > 0
@@ -77,6 +78,10 @@ def test_a_lam_sweep_solves_again_from_the_same_z(tmp_path):
     assert rows[1]["post"] == rows[0]["post"]
     assert rows[2]["post"]["ES"] <= rows[0]["post"]["ES"]
     assert rows[2]["post"] != rows[0]["post"]
+    # How far h^L moved toward z: the same for the same λ, next to nothing for a λ that writes nothing.
+    assert rows[1]["reach"] == rows[0]["reach"]
+    assert abs(rows[2]["reach"]["reach_mean"]) < 0.05 < rows[0]["reach"]["reach_mean"]
+    assert rows[2]["reach"]["miss_mean"] > rows[0]["reach"]["miss_mean"]
 
 
 def test_lam_that_is_not_a_number_is_one_line(tmp_path, capsys):
