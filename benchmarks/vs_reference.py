@@ -1,7 +1,7 @@
 """MEMIT in massedit side by side with the public reference implementation (kmeng01/memit): the same
 model, requests, cached statistics and context templates, one thread each.
 
-    MASSEDIT_REFERENCE_PYTHON=/tmp/work/refenv/bin/python MASSEDIT_REFERENCE_CODE=/tmp/work/refcode \\
+    MASSEDIT_REFERENCE_PYTHON=refenv/bin/python MASSEDIT_REFERENCE_CODE=refcode \\
     python -m benchmarks.vs_reference --model smollm2-135m --facts DIR --layers 4,5,6,7,8 --n 10,50 \\
         --stats-dir stats --corpus pydoc+sampled --samples 2000 [--stats-docs 200] [--threads 1] [--out FILE]
 
