@@ -87,8 +87,9 @@ def _trace(args, model, tok, requests, out: Path) -> dict:
 
 
 def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
-    return common.real_hparams(model, layers, corpus, clamp=args.clamp, lam=args.lam[0] if args.lam else None,
-                               samples=args.samples, steps=args.z_steps, algorithm=algorithm)
+    hp = common.real_hparams(model, layers, corpus, clamp=args.clamp, lam=args.lam[0] if args.lam else None,
+                             samples=args.samples, steps=args.z_steps, algorithm=algorithm)
+    return hp.replace(z_site=args.z_site) if args.z_site else hp
 
 
 def _h_at_z_layer(editor, requests):
@@ -238,6 +239,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
     p.add_argument("--z-steps", type=int, default=common.REAL_STEPS,
                    help=f"v_num_grad_steps (paper: {common.REAL_STEPS}; more where z does not converge)")
+    p.add_argument("--z-site", choices=("residual", "mlp"),
+                   help="where MEMIT's δ is optimized (default the hparams': residual, the reference's; mlp: the MLP "
+                        "output, before a norm after the MLP as Gemma's)")
     p.add_argument("--lam", help="mom2_update_weight λ, or comma-separated values: the first edits, the others solve "
                                  "again from its z (default: default_for's: the model's preset, e.g. 1000 for "
                                  "SmolLM2-135M, else 15000 for Llama-like)")

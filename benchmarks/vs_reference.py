@@ -74,6 +74,9 @@ def reference_hparams(hp: dict, modules: dict, n_layers: int) -> dict:
     if hp.get("z_early_stop_loss", REFERENCE_EARLY_STOP) != REFERENCE_EARLY_STOP:
         raise ValueError(f"z_early_stop_loss {hp['z_early_stop_loss']:g}: the reference's z loop stops at "
                          f"{REFERENCE_EARLY_STOP:g}, hard-coded; use that")
+    if hp.get("z_site", "residual") != "residual":
+        raise ValueError(f"z_site {hp['z_site']!r}: the reference optimizes δ on the residual stream only; use "
+                         "z_site residual")
     missing = [k for k in MODULE_FIELDS if not modules.get(k)]
     if missing:
         raise ValueError(f"module paths missing for the reference: {', '.join(missing)}")

@@ -111,6 +111,8 @@ def test_settings_the_reference_cannot_take_are_refused():
         vs_reference.reference_hparams(hp, paths, 4)
     with pytest.raises(ValueError, match="ln_f_module"):
         vs_reference.reference_hparams(MEMITHyperParams(layers=[1]).to_dict(), {**paths, "ln_f_module": None}, 4)
+    with pytest.raises(ValueError, match="residual stream only"):
+        vs_reference.reference_hparams(MEMITHyperParams(layers=[1], z_site="mlp").to_dict(), paths, 4)
 
 
 def test_requests_take_the_reference_form():

@@ -80,3 +80,44 @@ def test_memit_one_layer_reaches_z_through_the_norm(model_type, tmp_path, monkey
     # curvature over a turn of |z - h| / |norm(u)| ~ 0.3 rad), not a shortfall of the solve.
     assert through < 0.5, through
     assert through < plain / 2, (through, plain)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo2"])
+def test_z_site_mlp_puts_z_within_reach_of_the_normed_output(model_type, tmp_path):
+    """δ found at the rewrite module's output (z_site "mlp") at the default clamp: one layer at a near-exact
+    fit lands on z, where δ on the residual stream (the reference's site) stays far from it."""
+    model, tok = make_model(model_type)
+    with torch.no_grad():
+        # A random tiny MLP's outputs have rms² near the norm's eps (1e-6), where the norm is not yet
+        # scale invariant; a real model's are far above it.
+        model.model.layers[2].mlp.down_proj.weight.mul_(100)
+    corpus = [" ".join(WORDS[i:i + 12]) for i in range(0, 120, 2)]
+    request = {"prompt": "{} plays the sport of", "subject": "Lionel Messi", "target_new": {"str": "chess"}}
+    ids = tok("Lionel Messi plays the sport of", return_tensors="pt").input_ids
+    position = len(tok("Lionel Messi").input_ids) - 1
+
+    def distance_to_z(site: str) -> tuple[float, float]:
+        hp = default_for(model.config).replace(layers=[2], mom2_update_weight=1e-4, mom2_n_samples=60, z_site=site)
+        editor = MassEditor(model, tok, hp, stats_dir=tmp_path / "stats", corpus=corpus, progress=False,
+                            context_templates=[["{}"]])
+        result = editor.edit([request], apply=False)
+        with torch.no_grad():
+            before = model(ids, output_hidden_states=True).hidden_states[3][0, position]
+            result.delta.apply(model)
+            after = model(ids, output_hidden_states=True).hidden_states[3][0, position]
+            result.delta.revert(model)
+        z = result.z[0]
+        return float((after - z).norm() / (before - z).norm()), float((z - before).norm() / before.norm())
+
+    mlp, mlp_move = distance_to_z("mlp")
+    residual, _ = distance_to_z("residual")
+    assert mlp < 1e-2, mlp  # what is left: the λ = 1e-4 fit and the norm's eps
+    assert residual > 0.3, residual
+    assert mlp_move > 0.01  # a real move of h^L, not a target left where it started
+
+
+def test_z_site_is_checked():
+    from massedit.hparams import HParamsError
+
+    with pytest.raises(HParamsError, match="z_site"):
+        default_for(make_model("llama")[0].config).replace(z_site="attn")

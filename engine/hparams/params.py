@@ -10,8 +10,9 @@ Module paths: ``layer_module_tmp``, ``rewrite_module_tmp``, ``mlp_module_tmp``, 
 ``ln_f_module`` and ``lm_head_module`` replace the architecture table's (``massedit.model.arch``)
 when set; None → the table's. ``v_loss_layer``: None → the model's last layer. massedit's own
 additions: ``batch_size`` (requests per z-optimization chunk; it does not change results, only
-memory and speed), ``z_early_stop_loss`` (the reference's hard-coded 5e-2) and
-``context_template_length_params`` (see ``context_template_plan``).
+memory and speed), ``z_early_stop_loss`` (the reference's hard-coded 5e-2), ``z_site`` (where
+MEMIT's δ is added: "residual", the reference's, or "mlp") and ``context_template_length_params``
+(see ``context_template_plan``).
 
 A method with keys of its own (AlphaEdit's ``nullspace_threshold`` and ``L2``, MEMAT's
 ``memat_*``) declares them in its module, as a subclass of `MEMITHyperParams` that it names as its
@@ -149,6 +150,11 @@ class MEMITHyperParams:
     # massedit additions
     batch_size: int = hparam(64, check=at_least(1, "requests per z-optimization chunk"))  # results do not depend on it
     z_early_stop_loss: float = hparam(5e-2, check=at_least(0))
+    # Where MEMIT's δ is optimized: "residual" (block L's output, the reference) or "mlp" (the
+    # rewrite module's output at L, as ROME's v*). With a norm after the MLP (Gemma 2/3, OLMo 2) a
+    # residual δ can lie beyond what the normed MLP outputs reach; one found before the norm is
+    # reachable at layer L by construction (massedit.methods.memit.residual_targets).
+    z_site: str = hparam("residual", check=one_of(("residual", "mlp")))
     # The reference key, as pairs [max_tokens, n_gen] (the reference iterates
     # `for length, n_gen in context_template_length_params`). MEMIT's hard-coded value is
     # [(10, 5)]: 5 texts of at most 10 tokens, n_gen // 5 = 1 after each of the 5 starters.
