@@ -95,10 +95,9 @@ def _hparams(model, layers, args, corpus: str, algorithm: str = "memit"):
 def _h_at_z_layer(editor, requests):
     """h^L: the residual stream at the z layer L, at each rewrite prompt's subject's last token, as
     the model is now (what z is the target for)."""
-    from massedit.compute.keys import LayerStates
+    from massedit.compute.keys import subject_hidden
 
-    top = max(editor.hp.layers)
-    return LayerStates(editor.model, editor.layout, editor.tok, requests, editor.context_templates(), top).at_layer(top)[1]
+    return subject_hidden(editor.model, editor.layout, editor.tok, requests, max(editor.hp.layers))
 
 
 def _reach(editor, result, h_before) -> dict:
@@ -118,13 +117,11 @@ def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -
     """The row of one MEMIT edit of the first n facts, its EditResult (z, requests) for `_resolve`,
     and h^L before the edit (for `_reach`)."""
     pre = _scores(model, tok, records[:n], generation)
+    h_before = _h_at_z_layer(editor, requests[:n])
     t0 = time.perf_counter()
     result = editor.edit(requests[:n])
     wall = time.perf_counter() - t0
     try:
-        result.delta.revert(model)
-        h_before = _h_at_z_layer(editor, result.requests)
-        result.delta.apply(model)
         post = _scores(model, tok, records[:n], generation)
         reach = _reach(editor, result, h_before)
     finally:

@@ -92,7 +92,7 @@ def check_reference_code(code: Path) -> None:
     missing = [f for f in REFERENCE_FILES if not (code / f).is_file()]
     if missing:
         raise DriverError(f"--reference-code {code}: no {', '.join(missing)}; give a checkout of kmeng01/memit "
-                          "(git -C MIRROR archive HEAD | tar -x -C DIR)")
+                          "(git clone https://github.com/kmeng01/memit DIR)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def check_reference(python: Optional[str], code: Optional[str]) -> tuple[Path, P
                               "of kmeng01/memit)")
     if not (Path(code) / "memit" / "memit_main.py").is_file():
         raise SystemExit(f"vs_reference: --reference-code {code}: no memit/memit_main.py; give a checkout of "
-                              "kmeng01/memit (git -C MIRROR archive HEAD | tar -x -C DIR)")
+                              "kmeng01/memit (git clone https://github.com/kmeng01/memit DIR)")
     return Path(python), Path(code).resolve()
 
 

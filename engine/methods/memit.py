@@ -9,6 +9,7 @@ import torch
 
 from massedit.solve.spread import spread_update
 from massedit.methods.base import EditMethod, register_method
+from massedit.compute.keys import subject_hidden
 from massedit.compute.targets import TargetOptimizer, ZResult, ZSettings
 from massedit.inputs.tokens import encode_prompt, pad, pad_id_of
 from massedit.model.devices import input_device
@@ -20,7 +21,9 @@ def residual_targets(editor, requests, found: ZResult, batch_size: int = 256) ->
     """MEMIT's targets on the residual stream for δ found at the rewrite module's output (z_site
     "mlp"): block L's output at each rewrite prompt's subject's last token with that module's output
     moved by δ there, so what spreading asks of layer L is what δ did, reachable through a norm after
-    the MLP (measured on Gemma-3-270M with δ on the residual: the update realised 36% of it)."""
+    the MLP (measured on Gemma-3-270M with δ on the residual: the update realised 36% of it).
+    Not `collect_at_subject`: it computes identical prompt cuts once, and two requests with the same
+    prompt and subject carry different δ."""
     layout, top = editor.layout, max(editor.hp.layers)
     rows = [e.ids[: e.subject_index + 1] for e in (encode_prompt(editor.tok, r.prompt, r.subject) for r in requests)]
     delta = found.z - found.h
@@ -68,7 +71,9 @@ class Memit(EditMethod):
         t = time.perf_counter()
         z = self.targets(editor, requests, templates, batch_size)
         if editor.hp.z_site == "mlp":
-            z = ZResult(residual_targets(editor, requests, z), z.h, z.loss, z.steps)
+            # h as ZResult has it for the residual site (block L's output), so z − h stays the move asked of it.
+            h = subject_hidden(editor.model, editor.layout, editor.tok, requests, max(editor.hp.layers))
+            z = ZResult(residual_targets(editor, requests, z), h.to(z.h), z.loss, z.steps)
         timings["z"] = time.perf_counter() - t
         weights = spread_update(editor.model, editor.layout, editor.tok, requests, editor.hp.layers, z.z, solvers,
                                 templates, timings, editor.progress)
