@@ -10,7 +10,9 @@ without it the facts are built here (all relations, seed 0). z settings are the 
 lr 0.5, KL 0.0625; clamp 4 unless --clamp). Statistics come from the built-in corpus of real models
 (massedit.commands._common.REAL_MODEL_CORPUS) unless --corpus names another; --corpora edits the first
 --corpora-n facts with it and solves again from the same z with each other built-in corpus's statistics
-(z does not depend on them; nor on λ, which --lam sweeps the same way). Prints a table per part and writes
+(z does not depend on them; nor on λ, which --lam sweeps the same way). --z-cache DIR keeps the z
+between runs (benchmarks.z_cache): another λ, corpus or set of layers below the same z layer then costs
+no z phase. Prints a table per part and writes
 benchmarks/results/real-<model>-<time>.json with the trace heat maps (.png) beside it.
 """
 from __future__ import annotations
@@ -111,6 +113,32 @@ def _reach(editor, result, h_before) -> dict:
     miss = (h_after - z).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-300)
     return {"reach_mean": float(reach.mean()), "reach_median": float(reach.median()),
             "reach_below_half": int((reach < 0.5).sum()), "miss_mean": float(miss.mean())}
+
+
+def _z_key(editor, name: str) -> dict:
+    from benchmarks import z_cache
+
+    return z_cache.key(name, editor.hp.to_dict(), editor.context_templates())
+
+
+def _cached_memit_at(editor, args, records, requests, n: int, name: str) -> Optional[tuple[dict, object]]:
+    """`_memit_at`'s row and edit from the z stored in --z-cache (the solve, statistics and scoring
+    run; the z optimization does not), or None where no stored z fits."""
+    from benchmarks import z_cache
+    from massedit.editor import EditResult
+
+    stored = z_cache.load(args.z_cache, _z_key(editor, name), requests[:n]) if args.z_cache else None
+    if stored is None:
+        return None
+    result = EditResult(delta=None, method="memit", n_edits=n, timings={}, z_loss=stored["z_loss"],
+                        z_steps=stored["z_steps"], z=stored["z"], requests=editor.validate(requests[:n]))
+    edited = (result, _h_at_z_layer(editor, result.requests))
+    row = {"pre": _scores(editor.model, editor.tok, records[:n], args.generation),
+           **_resolve(editor, args, records, edited, editor.hp.mom2_update_weight, editor.corpus, name),
+           "z": f"stored: {stored['path']} (z phase {stored['z_seconds']:.0f} s for {stored['stored']})",
+           "z_loss_mean": float(stored["z_loss"].mean()),
+           "not_converged": int((stored["z_loss"] > result.not_converged_above).sum())}
+    return row, edited
 
 
 def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
@@ -248,6 +276,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--corpora-n", type=int, default=100)
     p.add_argument("--generation", action="store_true", help="also generation entropy (GE): slow")
     p.add_argument("--stats-dir", default="stats", help="statistics cache (default ./stats)")
+    p.add_argument("--z-cache", help="folder of stored targets: the largest n's z is saved there, and a later run "
+                                     "whose z would be the same (model, facts, z settings, z layer) reuses it")
     p.add_argument("--out", help="JSON path (default benchmarks/results/real-<model>-<time>.json)")
     common.add_threads(p, default=None)
     args = p.parse_args(argv)
@@ -314,13 +344,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     largest = None
     for n in sorted(_sizes(args.n, len(records)), reverse=True):
         if largest is None:
-            row, largest = _memit_at(editor, model, tok, records, requests, n, args.generation)
+            cached = _cached_memit_at(editor, args, records, requests, n, name)
+            if cached is not None:
+                row, largest = cached
+                print(f"z: {row['z']}", flush=True)
+            else:
+                row, largest = _memit_at(editor, model, tok, records, requests, n, args.generation)
+                f = row["z_flops"]
+                print(f"z phase: {f['flops'] / 1e12:.1f} TFLOP ({f['path']} path, {f['z_steps_mean']:.1f} steps a "
+                      f"request) in {f['z_s']:.0f} s = {f['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+                      f"{100 * f['fraction_of_matmul']:.0f}% of this CPU's float32 matmul "
+                      f"({f['cpu_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)", flush=True)
+                if args.z_cache:
+                    from benchmarks import z_cache
+
+                    whole = largest[0]
+                    z_cache.save(args.z_cache, _z_key(editor, name), whole.requests, whole.z, whole.z_loss,
+                                 whole.z_steps, whole.timings["z"])
             edited = largest
-            f = row["z_flops"]
-            print(f"z phase: {f['flops'] / 1e12:.1f} TFLOP ({f['path']} path, {f['z_steps_mean']:.1f} steps a request) "
-                  f"in {f['z_s']:.0f} s = {f['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-                  f"{100 * f['fraction_of_matmul']:.0f}% of this CPU's float32 matmul "
-                  f"({f['cpu_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)", flush=True)
             first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g}"
         else:
             whole, h_before = largest

@@ -90,3 +90,38 @@ def test_lam_that_is_not_a_number_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         real.main(["--model", "x", "--lam", "1000,abc"])
     assert "--lam: a number or comma-separated numbers" in capsys.readouterr().err
+
+
+def test_stored_z_scores_as_the_run_that_stored_it_and_changed_z_settings_miss(tmp_path, capsys):
+    """--z-cache: a second run with the same z settings reuses the stored z (no z phase) and scores
+    exactly as the first; a run with fewer layers below the same z layer or another λ reuses it too;
+    another clamp, or facts with another target, is a miss and runs its own z phase."""
+    model, tok = make_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    facts = _facts(tmp_path)
+    cache = tmp_path / "z"
+
+    def run(name, *extra, facts_dir=facts):
+        out = tmp_path / f"{name}.json"
+        assert real.main(["--model", str(tmp_path / "model"), "--facts", str(facts_dir), "--n", "4", "--trace", "0",
+                          "--corpus", "pydoc", "--samples", "40", "--stats-dir", str(tmp_path / "stats"),
+                          "--z-cache", str(cache), "--out", str(out), "--layers", "1,2", *extra]) == 0
+        return json.loads(out.read_text())["memit"][0]
+
+    first = run("first")
+    assert first["timings"]["z"] > 0 and len(list(cache.glob("*.pt"))) == 1
+    again = run("again")
+    assert "z" not in again["timings"] and again["z"].startswith("stored:")
+    assert again["post"] == first["post"] and again["reach"] == first["reach"]
+    assert again["z_loss_mean"] == first["z_loss_mean"]
+    assert "stored:" in run("one-layer", "--layers", "2")["z"]  # z is found at layer 2 either way
+    assert "stored:" in run("lam", "--lam", "7")["z"]
+    assert run("clamp", "--clamp", "0.5")["timings"]["z"] > 0
+    records = json.loads((facts / "counterfact.json").read_text())
+    records[0]["requested_rewrite"]["target_new"]["str"] = records[1]["requested_rewrite"]["target_true"]["str"]
+    other = tmp_path / "other-facts"
+    other.mkdir()
+    (other / "counterfact.json").write_text(json.dumps(records))
+    assert run("other-facts", facts_dir=other)["timings"]["z"] > 0
+    assert len(list(cache.glob("*.pt"))) == 3

@@ -1,0 +1,70 @@
+"""Targets (z) kept on disk between benchmark runs, so that a change which leaves z alone — λ, the
+statistics, the layers below the z layer — is measured at n = 1,000 on a real model without another
+z phase of an hour or more.
+
+A file holds the z of a run's requests in order, with what they depend on: the model, every
+hyperparameter that reaches the z optimization (all of them except the ones listed in
+`NOT_IN_Z`, so a field added later counts as reaching it), the context templates, and one
+fingerprint per request. A later run reuses the first n of them when its first n fingerprints are
+the stored ones; anything else is a miss, never a wrong z.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# Hyperparameters the z optimization does not read: the solve's (λ, statistics), which layers below
+# the z layer are edited (z is found at max(layers)), and the chunk size (z does not depend on it).
+NOT_IN_Z = frozenset({"layers", "layer_selection", "mom2_adjustment", "mom2_update_weight", "mom2_dataset",
+                      "mom2_n_samples", "mom2_dtype", "batch_size"})
+
+
+def key(model: str, hparams: dict, templates) -> dict:
+    return {"model": model, "z_layer": max(hparams["layers"]), "templates": templates,
+            "hparams": {k: v for k, v in sorted(hparams.items()) if k not in NOT_IN_Z}}
+
+
+def fingerprints(requests) -> list[str]:
+    """One short hash per request of what its z depends on: prompt, subject and new target."""
+    return [hashlib.sha256(json.dumps([r.prompt, r.subject, r.target_new], sort_keys=True).encode()).hexdigest()[:16]
+            for r in requests]
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _files(directory, k: dict) -> list[Path]:
+    return sorted(Path(directory).glob(f"z-{k['model']}-L{k['z_layer']}-{_digest(k)}-*.pt"))
+
+
+def load(directory, k: dict, requests) -> Optional[dict]:
+    """The stored z, z loss and z steps of `requests` (all of them, in order) from a file of `k`
+    whose first requests are these, or None."""
+    want = fingerprints(requests)
+    for path in _files(directory, k):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data["key"] == json.dumps(k, sort_keys=True) and data["fingerprints"][: len(want)] == want:
+            n = len(want)
+            return {"z": data["z"][:n], "z_loss": data["z_loss"][:n], "z_steps": data["z_steps"][:n],
+                    "z_seconds": data["z_seconds"], "stored": len(data["fingerprints"]), "path": str(path)}
+    return None
+
+
+def save(directory, k: dict, requests, z, z_loss, z_steps, z_seconds: float) -> Path:
+    """A new file per set of requests (other facts never overwrite stored z), written whole or not at
+    all: beside, then renamed."""
+    fps = fingerprints(requests)
+    path = Path(directory) / f"z-{k['model']}-L{k['z_layer']}-{_digest(k)}-{_digest(fps)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": json.dumps(k, sort_keys=True), "fingerprints": fps, "z": z.detach().cpu(),
+                "z_loss": z_loss.detach().cpu(), "z_steps": z_steps.detach().cpu(), "z_seconds": float(z_seconds)},
+               tmp)
+    os.replace(tmp, path)
+    return path
