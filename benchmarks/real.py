@@ -56,9 +56,14 @@ def _records(args, model, tok) -> tuple[list, dict]:
 
 
 def _scores(model, tok, records, generation: bool) -> dict:
+    """The metrics (percent), and under "by_relation" each relation's count and metrics: where the
+    damage is (NS) is read per relation, since one relation can hold most of the edits."""
     from massedit.evaluation import evaluate, summary
 
-    return summary(evaluate(model, tok, records, generation=generation))
+    scored = evaluate(model, tok, records, generation=generation)
+    return {**summary(scored), "by_relation": {
+        rel: {"n": group["n_cases"], **{m: stat["mean"] for m, stat in group["metrics"].items()}}
+        for rel, group in scored["by_relation"].items()}}
 
 
 def _trace(args, model, tok, requests, out: Path) -> dict:
@@ -244,7 +249,15 @@ def _table(rows: list[dict]) -> str:
         lines.append([row["run"], str(row["n"])] + cells + [common.fmt(row.get("reach", {}).get("reach_mean"), ".2f"),
                                                            common.fmt(timings.get("z"), ".0f"),
                                                            common.fmt(row.get("seconds"), ".0f")])
-    return common.text_table(header, lines)
+    text = common.text_table(header, lines)
+    for row in rows:
+        pre, post = row.get("pre", {}).get("by_relation", {}), row["post"].get("by_relation", {})
+        if len(post) > 1:
+            text += f"\n  by relation ({row['run']}): " + "; ".join(
+                f"{rel} n={got['n']} " + " ".join(f"{m} {common.fmt(pre.get(rel, {}).get(m), '.1f')}→"
+                                                  f"{common.fmt(got.get(m), '.1f')}" for m in ("ES", "PS", "NS"))
+                for rel, got in post.items())
+    return text
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -44,6 +44,10 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
     for row in data["memit"]:
         assert {"ES", "PS", "NS"} <= set(row["pre"]) and {"ES", "PS", "NS"} <= set(row["post"])
         assert {"reach_mean", "reach_median", "reach_below_half", "miss_mean"} <= set(row["reach"])
+    # Where the damage is: each relation's count and metrics, before and after.
+    by_rel = largest["post"]["by_relation"]
+    assert set(by_rel) == {"P36", "P30"} and sum(r["n"] for r in by_rel.values()) == n_records
+    assert set(largest["pre"]["by_relation"]) == set(by_rel) and {"ES", "PS", "NS"} <= set(by_rel["P36"])
     flops = largest["z_flops"]
     assert flops["path"] == "prefix" and flops["flops"] > flops["flops_record"] > 0
     assert 0 < flops["fraction_of_matmul"] and flops["cpu_matmul_flops_per_s"] > 0
@@ -58,7 +62,7 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert {p.name for p in (tmp_path / "stats").glob("*/*_stats")} == {"pydoc_stats", "sampled_stats",
                                                                          "pydoc+sampled_stats"}
     printed = capsys.readouterr().out
-    assert "known facts" in printed and "ES pre→post" in printed
+    assert "known facts" in printed and "ES pre→post" in printed and "by relation (MEMIT layers" in printed
 
 
 def test_a_lam_sweep_solves_again_from_the_same_z(tmp_path):
