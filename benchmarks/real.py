@@ -126,7 +126,8 @@ def _z_key(editor, name: str) -> dict:
     return z_cache.key(name, editor.hp.to_dict(), editor.context_templates())
 
 
-def _cached_memit_at(editor, args, records, requests, n: int, name: str) -> Optional[tuple[dict, object]]:
+def _cached_memit_at(editor, args, records, requests, n: int, name: str,
+                     generation: bool) -> Optional[tuple[dict, object]]:
     """`_memit_at`'s row and edit from the z stored in --z-cache (the solve, statistics and scoring
     run; the z optimization does not), or None where no stored z fits."""
     from benchmarks import z_cache
@@ -138,7 +139,7 @@ def _cached_memit_at(editor, args, records, requests, n: int, name: str) -> Opti
     result = EditResult(delta=None, method="memit", n_edits=n, timings={}, z_loss=stored["z_loss"],
                         z_steps=stored["z_steps"], z=stored["z"], requests=editor.validate(requests[:n]))
     edited = (result, _h_at_z_layer(editor, result.requests))
-    row = {"pre": _scores(editor.model, editor.tok, records[:n], args.generation),
+    row = {"pre": _scores(editor.model, editor.tok, records[:n], generation),
            **_resolve(editor, args, records, edited, editor.hp.mom2_update_weight, editor.corpus, name),
            "z": f"stored: {stored['path']} (z phase {stored['z_seconds']:.0f} s for {stored['stored']})",
            "z_loss_mean": float(stored["z_loss"].mean()),
@@ -357,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     largest = None
     for n in sorted(_sizes(args.n, len(records)), reverse=True):
         if largest is None:
-            cached = _cached_memit_at(editor, args, records, requests, n, name)
+            cached = _cached_memit_at(editor, args, records, requests, n, name, args.generation)
             if cached is not None:
                 row, largest = cached
                 print(f"z: {row['z']}", flush=True)
@@ -397,7 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         save()
     if args.corpora:
         n = min(args.corpora_n, len(records))
-        row, edited = _memit_at(editor, model, tok, records, requests, n, False)
+        row, edited = (_cached_memit_at(editor, args, records, requests, n, name, False)
+                       or _memit_at(editor, model, tok, records, requests, n, False))
         result["corpora"] = {corpus: {**row, "corpus": corpus}}
         for choice in (c for c in BUILTIN if c != corpus):
             result["corpora"][choice] = {"pre": row["pre"], **_resolve(editor, args, records, edited,
