@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from massedit.files import write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_WORLD = Path("/work/worlds/gpt2-default")
@@ -186,12 +187,7 @@ def newest_result(suite: str, directory: Path = RESULTS_DIR) -> Optional[Path]:
 def write_json(path: Path, data: dict) -> Path:
     """Whole file or nothing (written beside, then renamed), so a file rewritten after every
     section of a long run is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_result(name: str, result: dict, out=None, directory=RESULTS_DIR, plot=None) -> Path:

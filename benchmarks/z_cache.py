@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
+from massedit.files import written
 
 # Hyperparameters the z optimization does not read: the solve's (λ, statistics), which layers below
 # the z layer are edited (z is found at max(layers)), and the chunk size (z does not depend on it).
@@ -61,10 +61,8 @@ def save(directory, k: dict, requests, z, z_loss, z_steps, z_seconds: float) -> 
     all: beside, then renamed."""
     fps = fingerprints(requests)
     path = Path(directory) / f"z-{k['model']}-L{k['z_layer']}-{_digest(k)}-{_digest(fps)}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": json.dumps(k, sort_keys=True), "fingerprints": fps, "z": z.detach().cpu(),
-                "z_loss": z_loss.detach().cpu(), "z_steps": z_steps.detach().cpu(), "z_seconds": float(z_seconds)},
-               tmp)
-    os.replace(tmp, path)
+    with written(path) as tmp:
+        torch.save({"key": json.dumps(k, sort_keys=True), "fingerprints": fps, "z": z.detach().cpu(),
+                    "z_loss": z_loss.detach().cpu(), "z_steps": z_steps.detach().cpu(),
+                    "z_seconds": float(z_seconds)}, tmp)
     return path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from massedit.model.arch import ModelLayout
@@ -27,6 +26,7 @@ from massedit.model.loading import load_model
 from massedit.inputs.requests import load_requests
 from massedit.evaluation.heatmap import write_heatmaps
 from massedit.evaluation.trace import BATCH_TOKENS, GROUPS, KINDS, check_requests, trace
+from massedit.files import write_text
 
 NAME = "trace"
 HELP = "causal tracing: token × layer effects of hidden, MLP and attention states; suggests layers"
@@ -88,13 +88,6 @@ def _finite(values) -> list:
     return [None if math.isnan(v) else v for v in values]
 
 
-def _write(path: Path, text: str) -> None:
-    """Whole file or nothing: written beside, then renamed over."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(args) -> int:
     _check_args(args)
     kinds = args.kinds
@@ -127,10 +120,10 @@ def run(args) -> int:
         "p_corrupted": sum(t.p_corrupted for t in result.traces) / len(result.traces),
         "averaged": {k: {g: _finite(row) for g, row in zip(GROUPS, result.averaged(k).tolist())} for k in kinds},
     }
-    _write(out / "hparams.json", json.dumps(hp.to_dict(), indent=4) + "\n")
+    write_text(out / "hparams.json", json.dumps(hp.to_dict(), indent=4) + "\n")
     plots = write_heatmaps(result, out, kinds=kinds)
     summary["files"] = [str(out / "trace.json"), str(out / "hparams.json")] + [str(p) for p in plots]
-    _write(out / "trace.json", json.dumps({**summary, "facts": [t.to_dict() for t in result.traces]}, indent=1) + "\n")
+    write_text(out / "trace.json", json.dumps({**summary, "facts": [t.to_dict() for t in result.traces]}, indent=1) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 import zipfile
@@ -43,6 +41,7 @@ from massedit.model.arch import ModelLayout
 from massedit.inputs.corpus import corpus_texts
 from massedit.inputs.names import check_name
 from massedit.edits.delta import config_hash
+from massedit.files import written
 from massedit.model.devices import execution_device, input_device, read_parameter
 from massedit.model.hooks import capture_inputs, run_until
 from massedit.model.loading import model_name_for
@@ -98,26 +97,9 @@ def stats_file(stats_dir, model_name: str, dataset: str, module_name: str, dtype
     return stats_folder(stats_dir, model_name, dataset) / f"{module_name}_{dtype}_mom2{suffix}.npz"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_savez(path: Path, arrays: dict) -> None:
-    """A temp file in the same directory, then rename; with the permissions of a normal file
-    (mkstemp's are 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with written(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def write_stats(path: Path, mom2: torch.Tensor, count: int, sample_size: int, identity: Optional[dict] = None) -> None:

@@ -48,7 +48,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -62,6 +61,7 @@ from massedit.model import quantized
 from massedit.model.arch import REGISTRY
 from massedit.model.devices import read_parameter, write_parameter
 from massedit.model.sharded import local_part, unwrap
+from massedit.files import written
 
 FORMAT_VERSION = 3
 # Version 1 named the apply record "applied"; version 3 added bias entries and parameter additions.
@@ -699,10 +699,8 @@ class EditDelta:
             "additions": None if self.additions is None else self.additions.header(),
             "record": None if records is None else [r.header() for r in records],
         }
-        # Write then rename, so an interrupted save never leaves a truncated delta behind.
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
-        os.replace(tmp, path)
+        with written(path) as tmp:  # an interrupted save never leaves a truncated delta behind
+            save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
 
     @classmethod
     def load(cls, path) -> "EditDelta":

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from massedit.edits.delta import EditDelta, config_hash, file_digest, weight_digest
+from massedit.files import write_text
 
 FORMAT_VERSION = 1
 
@@ -227,9 +228,7 @@ class Ledger:
             "base": {n: weight_digest(model, n) for n in weight_names},
         }
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / ".ledger.json.tmp"
-        tmp.write_text(json.dumps(header, indent=2))
-        os.replace(tmp, self.path / "ledger.json")
+        write_text(self.path / "ledger.json", json.dumps(header, indent=2))
 
     def append(self, delta: EditDelta, keys: dict[int, torch.Tensor], info: dict) -> Path:
         """Record an applied round, atomically; returns its directory."""

@@ -2,10 +2,10 @@
 by `massedit trace` and `massedit demo`. matplotlib is optional: without it nothing is drawn."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from massedit.evaluation.trace import GROUPS, KINDS, TraceResult
+from massedit.files import written
 
 _TITLES = {"hidden": "block output (residual stream)", "mlp": "MLP output", "attn": "attention output"}
 _COLORS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -32,9 +32,8 @@ def write_heatmaps(result: TraceResult, out: Path, kinds=KINDS) -> list[Path]:
         fig.colorbar(image, ax=ax, label="P(o) restored − corrupted")
         fig.tight_layout()
         path = out / f"trace_{kind}.png"
-        tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
+        with written(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
         paths.append(path)
     return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterator, Optional
+from massedit.files import write_text
 
 
 def iter_corpus(path: str | Path) -> Iterator[str]:
@@ -135,10 +136,7 @@ def corpus_texts(corpus, n: int, model=None, tok=None, cache_dir: Optional[Path]
         else:
             texts = sampled_texts(model, tok, SAMPLED_DOCS)
             if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                partial = cached.with_suffix(".partial")
-                partial.write_text("\n".join(texts) + "\n", encoding="utf-8")
-                partial.replace(cached)
+                write_text(cached, "\n".join(texts) + "\n")
             parts.append(texts)
     # Interleaved, so that a sample count below the total still takes from every part.
     mixed = [t for group in zip(*parts) for t in group] + [t for p in parts for t in p[min(map(len, parts)):]]

@@ -4,7 +4,6 @@ statistics file it came from (tagged with that file's SHA-256, so a projector wh
 changed is recomputed, never used), and X = (P (K Kᵀ + K_p K_pᵀ) + L2·I)⁻¹ P K per layer."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from massedit.edits.delta import file_digest
+from massedit.files import written
 
 _HEADER_KEY = "massedit.nullspace"
 
@@ -69,8 +69,7 @@ def cached_basis(stats_path: Optional[Path], cov: torch.Tensor, threshold: float
                     and meta.get("dim") == str(cov.shape[0])):
                 return f.get_tensor("basis").to(cov.device)
     basis = null_space_basis(cov, threshold)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"basis": basis.cpu().contiguous()}, str(tmp),
-              metadata={_HEADER_KEY: digest, "threshold": repr(float(threshold)), "dim": str(cov.shape[0])})
-    os.replace(tmp, path)
+    with written(path) as tmp:
+        save_file({"basis": basis.cpu().contiguous()}, str(tmp),
+                  metadata={_HEADER_KEY: digest, "threshold": repr(float(threshold)), "dim": str(cov.shape[0])})
     return basis
