@@ -12,7 +12,8 @@ lr 0.5, KL 0.0625; clamp 4 unless --clamp). Statistics come from the built-in co
 --corpora-n facts with it and solves again from the same z with each other built-in corpus's statistics
 (z does not depend on them; nor on λ, which --lam sweeps the same way). --z-cache DIR keeps the z
 between runs (benchmarks.z_cache): another λ, corpus or set of layers below the same z layer then costs
-no z phase. Prints a table per part and writes
+no z phase. --shift K edits --shift-n facts with the chosen layers and with them moved K layers earlier
+and later, so the trace's choice is shown against its neighbours. Prints a table per part and writes
 benchmarks/results/real-<model>-<time>.json with the trace heat maps (.png) beside it.
 """
 from __future__ import annotations
@@ -147,6 +148,25 @@ def _cached_memit_at(editor, args, records, requests, n: int, name: str,
     return row, edited
 
 
+def _first_of(editor, args, records, edited, n: int, name: str, generation: bool) -> tuple[dict, object]:
+    """The row of the first n facts solved again from the z of a larger edit (`_memit_at`'s second
+    value): a request's z does not depend on the others edited with it."""
+    whole, h_before = edited
+    part = (dataclasses.replace(whole, z=whole.z[:n], requests=whole.requests[:n], n_edits=n), h_before[:n])
+    row = {"pre": _scores(editor.model, editor.tok, records[:n], generation),
+           **_resolve(editor, args, records, part, editor.hp.mom2_update_weight, editor.corpus, name),
+           "z": f"the first {n} of the n = {whole.n_edits} run's"}
+    return row, part
+
+
+def _store_z(editor, args, name: str, result) -> None:
+    if args.z_cache:
+        from benchmarks import z_cache
+
+        z_cache.save(args.z_cache, _z_key(editor, name), result.requests, result.z, result.z_loss, result.z_steps,
+                     result.timings["z"])
+
+
 def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
     """The row of one MEMIT edit of the first n facts, its EditResult (z, requests) for `_resolve`,
     and h^L before the edit (for `_reach`)."""
@@ -219,6 +239,16 @@ def _resolve(editor, args, records, edited, lam: float, corpus: str, name: str) 
             "timings": {k: round(v, 2) for k, v in timings.items()}, "z": "reused"}
 
 
+def _shifted(layers: list[int], shift: int, n_layers: int) -> dict[str, list[int]]:
+    """The span `shift` layers earlier and later, where it fits inside the model."""
+    out = {}
+    for label, by in (("earlier", -shift), ("later", shift)):
+        moved = [layer + by for layer in layers]
+        if min(moved) >= 0 and max(moved) < n_layers:
+            out[label] = moved
+    return out
+
+
 def _rome(args, model, tok, records, requests, layers, corpus) -> dict:
     from massedit import MassEditor
     from massedit.model.loading import model_name_for
@@ -275,6 +305,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trace-kinds", default="hidden,mlp,attn", help="kinds of the full traces (default all three)")
     p.add_argument("--trace-samples", type=int, default=10, help="noise samples per fact (default 10)")
     p.add_argument("--rome", type=int, default=0, help="ROME single edits as the baseline (default 0)")
+    p.add_argument("--shift", type=int, default=0,
+                   help="also edit --shift-n facts with the layers moved this many layers earlier and later (each its "
+                        "own z phase), so the trace's choice is compared with its neighbours (default 0: not)")
+    p.add_argument("--shift-n", type=int, default=100)
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
     p.add_argument("--z-steps", type=int, default=common.REAL_STEPS,
                    help=f"v_num_grad_steps (paper: {common.REAL_STEPS}; more where z does not converge)")
@@ -303,6 +337,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--lam: every λ must be positive, got {args.lam}")
     if args.z_steps < 1:
         p.error(f"--z-steps must be at least 1, got {args.z_steps}")
+    if args.shift < 0 or args.shift_n < 1:
+        p.error(f"--shift must be at least 0 and --shift-n at least 1, got {args.shift} and {args.shift_n}")
     common.set_threads(args.threads)
 
     from massedit import MassEditor
@@ -369,21 +405,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                       f"request) in {f['z_s']:.0f} s = {f['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, "
                       f"{100 * f['fraction_of_matmul']:.0f}% of this CPU's float32 matmul "
                       f"({f['cpu_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)", flush=True)
-                if args.z_cache:
-                    from benchmarks import z_cache
-
-                    whole = largest[0]
-                    z_cache.save(args.z_cache, _z_key(editor, name), whole.requests, whole.z, whole.z_loss,
-                                 whole.z_steps, whole.timings["z"])
+                _store_z(editor, args, name, largest[0])
             edited = largest
             first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g}"
         else:
-            whole, h_before = largest
-            edited = (dataclasses.replace(whole, z=whole.z[:n], requests=whole.requests[:n], n_edits=n), h_before[:n])
-            row = {"pre": _scores(model, tok, records[:n], args.generation),
-                   **_resolve(editor, args, records, edited, hp.mom2_update_weight, corpus, name)}
-            row["z"] = f"the first {n} of the n = {whole.n_edits} run's"
-            first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g} (z of n = {whole.n_edits})"
+            row, edited = _first_of(editor, args, records, largest, n, name, args.generation)
+            first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g} (z of n = {largest[0].n_edits})"
         rows.append({"run": first, "lam": hp.mom2_update_weight, **row})
         print(_table(rows[-1:]), flush=True)
         for lam in lams[1:]:
@@ -392,14 +419,35 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(_table(rows[-1:]), flush=True)
         result["memit"] = rows
         save()
+    if args.shift:
+        n = min(args.shift_n, len(records))
+        ranges = {"chosen": layers, **_shifted(layers, args.shift, editor.layout.n_layers)}
+        result["layer_ranges"] = {}
+        for label, span in ranges.items():
+            other = editor if span == layers else MassEditor(
+                model, tok, _hparams(model, span, args, corpus), stats_dir=args.stats_dir, corpus=corpus,
+                model_name=name, progress=False)
+            if other is editor and largest is not None and n <= largest[0].n_edits:
+                cached = _first_of(editor, args, records, largest, n, name, False)
+            else:
+                cached = _cached_memit_at(other, args, records, requests, n, name, False)
+            if cached is None:
+                cached = _memit_at(other, model, tok, records, requests, n, False)
+                _store_z(other, args, name, cached[1][0])
+            result["layer_ranges"][label] = {"layers": span, **cached[0]}
+            save()
+        print(_table([{"run": f"{label}: layers {r['layers']}", **r} for label, r in result["layer_ranges"].items()]),
+              flush=True)
     if args.rome:
         result["rome"] = _rome(args, model, tok, records, requests, layers, corpus)
         print(_table([{"run": f"ROME layer {result['rome']['layer']}", **result["rome"]}]), flush=True)
         save()
     if args.corpora:
         n = min(args.corpora_n, len(records))
-        row, edited = (_cached_memit_at(editor, args, records, requests, n, name, False)
-                       or _memit_at(editor, model, tok, records, requests, n, False))
+        row, edited = _cached_memit_at(editor, args, records, requests, n, name, False) or (None, None)
+        if row is None:
+            row, edited = _memit_at(editor, model, tok, records, requests, n, False)
+            _store_z(editor, args, name, edited[0])
         result["corpora"] = {corpus: {**row, "corpus": corpus}}
         for choice in (c for c in BUILTIN if c != corpus):
             result["corpora"][choice] = {"pre": row["pre"], **_resolve(editor, args, records, edited,

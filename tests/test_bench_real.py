@@ -129,3 +129,28 @@ def test_stored_z_scores_as_the_run_that_stored_it_and_changed_z_settings_miss(t
     (other / "counterfact.json").write_text(json.dumps(records))
     assert run("other-facts", facts_dir=other)["timings"]["z"] > 0
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_shift_compares_the_chosen_layers_with_the_span_moved_earlier_and_later(tmp_path, capsys):
+    """--shift K: the chosen span (solved again from the main run's z), the span K layers earlier and
+    K later (each its own z, stored), scored on the same --shift-n facts; a span that would leave the
+    model is left out."""
+    from massedit.model.arch import ModelLayout
+
+    model, tok = make_model("llama")
+    n_layers = ModelLayout(model).n_layers
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out, cache = tmp_path / "real.json", tmp_path / "z"
+    assert real.main(["--model", str(tmp_path / "model"), "--facts", str(_facts(tmp_path)), "--n", "4", "--trace", "0",
+                      "--layers", "1,2", "--shift", "1", "--shift-n", "3", "--corpus", "pydoc", "--samples", "40",
+                      "--stats-dir", str(tmp_path / "stats"), "--z-cache", str(cache), "--out", str(out)]) == 0
+    ranges = json.loads(out.read_text())["layer_ranges"]
+    assert {k: r["layers"] for k, r in ranges.items()} == {"chosen": [1, 2], "earlier": [0, 1], "later": [2, 3]}
+    assert n_layers == 4
+    assert ranges["chosen"]["z"] == "the first 3 of the n = 4 run's"
+    for label in ("earlier", "later"):
+        assert ranges[label]["timings"]["z"] > 0 and {"ES", "PS", "NS"} <= set(ranges[label]["post"])
+    assert sorted(p.name.split("-")[2] for p in cache.glob("*.pt")) == ["L1", "L2", "L3"]
+    assert "earlier: layers [0, 1]" in capsys.readouterr().out
+    assert real._shifted([0, 1], 2, 4) == {"later": [2, 3]}
