@@ -644,7 +644,9 @@ FLOPS_FORMULA = (
     "bw_i = z_steps_i backward passes. Forward = 2·params FLOPs per token; backward = 2·params per token (activation "
     "gradients only: the weights are frozen while editing). Prefix reuse: Σ_i 2·P(0..loss)·full_i (one no-grad "
     "record pass) + (it_i + bw_i)·2·(P(L+1..loss)·suffix_i + H·labels_i). Plain path: Σ_i it_i·2·(P(0..loss)·full_i "
-    "+ H·labels_i) + bw_i·2·(P(L+1..loss)·full_i + H·labels_i). Not counted: attention scores (4·context·d per token "
+    "+ H·labels_i) + bw_i·2·(P(L+1..loss)·full_i + H·labels_i). The reference's structure (kmeng01/memit compute_z, "
+    "logits and their log-softmax at every position): Σ_i (it_i + bw_i)·2·H·full_i + it_i·2·P(0..loss)·full_i + "
+    "bw_i·2·P(L+1..loss)·full_i, with the same steps. Not counted: attention scores (4·context·d per token "
     "per block, <1% here), norms, softmax, Adam, padding. mfu_backward_4x counts backward as 4·params per token (the "
     "6·N·T training convention, whose weight gradients are not computed here). MFU = FLOPs / z seconds / peak."
 )
@@ -669,6 +671,8 @@ def z_accounting(tok, requests, templates, steps, path: str, p_through_loss: int
       prefix reuse:  Σ_i 2·P(0..loss)·full_i                       (one no-grad record pass)
                    + (it_i + bw_i)·2·(P(L+1..loss)·suffix_i + H·labels_i)
       plain path:    Σ_i it_i·2·(P(0..loss)·full_i + H·labels_i) + bw_i·2·(P(L+1..loss)·full_i + H·labels_i)
+      "reference":   the plain path with the LM head at every position (the public compute_z takes the
+                     log-softmax of all logits, then gathers the target positions), H·full_i for H·labels_i
     L = z layer, loss = v_loss_layer. Not counted: attention scores (4·context·d per token per
     block, < 1% at these prompt lengths), norms, softmax, Adam, padding positions.
     `flops_backward_4x` repeats the sum with backward = 4·params per token (the "6·N·T" training
@@ -694,8 +698,9 @@ def z_accounting(tok, requests, templates, steps, path: str, p_through_loss: int
             f_bwd += bw * 2 * (p_after_z * suffix_i + head * labels_i)
         else:
             tokens += it * full_i
-            f_fwd += it * 2 * (p_through_loss * full_i + head * labels_i)
-            f_bwd += bw * 2 * (p_after_z * full_i + head * labels_i)
+            at_head = full_i if path == "reference" else labels_i
+            f_fwd += it * 2 * (p_through_loss * full_i + head * at_head)
+            f_bwd += bw * 2 * (p_after_z * full_i + head * at_head)
     return {
         "path": path,
         "tokens": tokens,

@@ -232,14 +232,25 @@ def _probe(model, tok, requests, folder: Path) -> dict:
     return {"texts": texts, "ids": ids, "logits_file": str(folder / "probe-logits.safetensors")}
 
 
-def _massedit_edit(model, tok, hp, args, corpus: str, name: str, templates, requests) -> tuple[dict, dict]:
-    """(phase timings, ΔW per weight name) of massedit's MEMIT edit, from a fresh editor."""
+def _massedit_edit(model, tok, hp, args, corpus: str, name: str, templates, requests) -> tuple[dict, dict, dict]:
+    """(phase timings, ΔW per weight name, z FLOPs of massedit's path and of the reference's structure
+    at the same steps) of massedit's MEMIT edit, from a fresh editor."""
     from massedit import MassEditor
+    from massedit.compute.targets import supports_prefix_reuse
 
     editor = MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=name, progress=False)
     editor.set_context_templates(templates)
     result = editor.edit(requests, apply=False)
-    return phase_timings(result.timings), {wd.name: wd.dense(torch.float64) for wd in result.delta.weights}
+    layout, z_layer = editor.layout, max(hp.layers)
+    loss_layer = layout.n_layers - 1 if hp.v_loss_layer is None else hp.v_loss_layer
+    path = "prefix" if editor.reuse_prefix and supports_prefix_reuse(model) else "plain"
+    flops = {side: common.z_accounting(tok, result.requests, templates, result.z_steps.tolist(), kind,
+                                       common.block_params(layout, range(0, loss_layer + 1)),
+                                       common.block_params(layout, range(z_layer + 1, loss_layer + 1)),
+                                       layout.lm_head.weight.numel())["flops"]
+             for side, kind in (("massedit", path), ("reference", "reference"))}
+    return (phase_timings(result.timings), {wd.name: wd.dense(torch.float64) for wd in result.delta.weights},
+            {"massedit_path": path, **flops})
 
 
 def _massedit_statistics(model, layout, tok, texts: list, layers) -> tuple[dict, dict]:
@@ -267,13 +278,29 @@ def _statistics_row(ours: dict, ours_sums: dict, reference: dict) -> dict:
     return row
 
 
+def z_flops_row(flops: dict, ours_s: float, ref_s: float, peak: float) -> dict:
+    """Each side's z FLOPs (common.FLOPS_FORMULA) over its z time, as a fraction of this CPU's float32
+    matmul throughput: where both run near it, the z ratio cannot pass the FLOP ratio."""
+    row = {"formula": common.FLOPS_FORMULA, "cpu_matmul_flops_per_s": peak, "massedit_path": flops["massedit_path"],
+           "flop_ratio": common.ratio(flops["reference"], flops["massedit"])}
+    for side, seconds in (("massedit", ours_s), ("reference", ref_s)):
+        rate = flops[side] / seconds if seconds else None
+        row[side] = {"flops": flops[side], "flops_per_s": rate, "fraction_of_matmul": rate / peak if rate else None}
+    return row
+
+
 def _size_table(row: dict) -> str:
     ours, ref = row["massedit"], row["reference"]
     lines = [[p, common.fmt(ours[p], ".2f"), common.fmt(ref[p], ".2f"), common.fmt(common.ratio(ref[p], ours[p]), ".2f")]
              for p in PHASES]
     diffs = ", ".join(f"{_layer_of(name)}: {d:.2g}" for name, d in row["delta_rel_diff"].items())
+    f = row["z_flops"]
     return (f"n = {row['n']}\n" + common.text_table(["phase", "massedit s", "reference s", "reference/massedit"], lines)
-            + f"\nΔW relative difference per layer: {diffs}")
+            + f"\nΔW relative difference per layer: {diffs}"
+            + f"\nz FLOPs: massedit {f['massedit']['flops'] / 1e12:.2f} T ({f['massedit_path']} path, "
+              f"{100 * f['massedit']['fraction_of_matmul']:.0f}% of this CPU's matmul), reference structure "
+              f"{f['reference']['flops'] / 1e12:.2f} T ({100 * f['reference']['fraction_of_matmul']:.0f}%): "
+              f"FLOP ratio {f['flop_ratio']:.2f}, the z ratio where both run at the same fraction")
 
 
 def _statistics_table(row: dict) -> str:
@@ -320,12 +347,14 @@ def _compare(args, model, tok, hp, ref_hp: dict, layout, corpus: str, name: str,
     reference = json.loads((scratch / "reference.json").read_text(encoding="utf-8"))
     result["checks"] = reference["checks"]
 
+    peak = common.cpu_matmul_flops()
     for ref_row in reference["sizes"]:
         n = ref_row["n"]
-        timings, delta = ours[n]
+        timings, delta, flops = ours[n]
         row = {"n": n, "massedit": timings, "reference": phase_timings(ref_row["timings"]),
                "delta_rel_diff": relative_differences(delta, load_file(ref_row["delta_file"]))}
         row["ratio"] = {p: common.ratio(row["reference"][p], timings[p]) for p in PHASES}
+        row["z_flops"] = z_flops_row(flops, timings["z"], row["reference"]["z"], peak)
         result["sizes"].append(row)
         print(_size_table(row), flush=True)
     if ours_stats is not None:

@@ -168,8 +168,32 @@ def test_memit_agrees_with_the_reference_on_a_tiny_llama(tmp_path, capsys):
         assert set(row["delta_rel_diff"]) == {f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)}
         assert max(row["delta_rel_diff"].values()) <= 1e-3, row["delta_rel_diff"]
         assert row["massedit"]["z"] > 0 and row["reference"]["z"] > 0 and row["reference"]["keys"] > 0
+        f = row["z_flops"]
+        assert f["reference"]["flops"] > f["massedit"]["flops"] > 0 and f["flop_ratio"] > 1
+        assert 0 < f["massedit"]["fraction_of_matmul"] and 0 < f["reference"]["fraction_of_matmul"]
     stats = data["statistics"]
     assert stats["massedit"]["tokens"] == stats["reference"]["tokens"] > 0
     assert len(stats["reference"]["passes"]) == 2 and max(stats["covariance_rel_diff"].values()) <= 1e-5
     printed = capsys.readouterr().out
-    assert "reference/massedit" in printed and "ΔW relative difference per layer" in printed
+    assert "reference/massedit" in printed and "ΔW relative difference per layer" in printed and "FLOP ratio" in printed
+
+
+def test_the_reference_structure_costs_the_lm_head_at_every_position():
+    """z_accounting's "reference" path is the plain path with H·full_i in place of H·labels_i, and the
+    row divides each side's FLOPs by its own time."""
+    from benchmarks import common
+    from massedit.inputs.requests import EditRequest
+
+    _, tok = _llama(tied=True)
+    reqs = [EditRequest("Paris", "{} is the capital of", "Italy"), EditRequest("Rome", "{} lies in", "Spain")]
+    templates, steps, head = [["{}"], ["A b c. {}"]], [3, 5], 1000
+    plain, ref, prefix = (common.z_accounting(tok, reqs, templates, steps, path, 100, 40, head)
+                          for path in ("plain", "reference", "prefix"))
+    assert ref["flops"] > plain["flops"] > prefix["flops"] > 0
+    per_request = [common.z_accounting(tok, [r], templates, [s], path, 100, 40, head)
+                   for r, s in zip(reqs, steps) for path in ("plain", "reference")]
+    for (p, r), s in zip(zip(per_request[::2], per_request[1::2]), steps):
+        assert r["flops"] - p["flops"] == (2 * s + 1) * 2 * head * (p["prompt_tokens"] - p["label_positions"])
+    row = vs_reference.z_flops_row({"massedit_path": "prefix", "massedit": 1e12, "reference": 4e12}, 10.0, 50.0, 1e11)
+    assert row["flop_ratio"] == 4.0 and row["massedit"]["fraction_of_matmul"] == 1.0
+    assert row["reference"]["fraction_of_matmul"] == 0.8
