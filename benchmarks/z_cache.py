@@ -5,8 +5,9 @@ z phase of an hour or more.
 A file holds the z of a run's requests in order, with what they depend on: the model, every
 hyperparameter that reaches the z optimization (all of them except the ones listed in
 `NOT_IN_Z`, so a field added later counts as reaching it), the context templates, and one
-fingerprint per request. A later run reuses the first n of them when its first n fingerprints are
-the stored ones; anything else is a miss, never a wrong z.
+fingerprint per request. A later run reuses them when every one of its requests' fingerprints is
+stored (any subset, in any order: a request's z does not depend on the others edited with it);
+anything else is a miss, never a wrong z.
 """
 from __future__ import annotations
 
@@ -44,14 +45,15 @@ def _files(directory, k: dict) -> list[Path]:
 
 
 def load(directory, k: dict, requests) -> Optional[dict]:
-    """The stored z, z loss and z steps of `requests` (all of them, in order) from a file of `k`
-    whose first requests are these, or None."""
+    """The stored z, z loss and z steps of `requests` (in their order) from a file of `k` that holds
+    every one of them, or None."""
     want = fingerprints(requests)
     for path in _files(directory, k):
         data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["key"] == json.dumps(k, sort_keys=True) and data["fingerprints"][: len(want)] == want:
-            n = len(want)
-            return {"z": data["z"][:n], "z_loss": data["z_loss"][:n], "z_steps": data["z_steps"][:n],
+        row = {fp: i for i, fp in enumerate(data["fingerprints"])}
+        if data["key"] == json.dumps(k, sort_keys=True) and all(fp in row for fp in want):
+            take = torch.tensor([row[fp] for fp in want], dtype=torch.long)
+            return {"z": data["z"][take], "z_loss": data["z_loss"][take], "z_steps": data["z_steps"][take],
                     "z_seconds": data["z_seconds"], "stored": len(data["fingerprints"]), "path": str(path)}
     return None
 

@@ -129,6 +129,13 @@ def test_stored_z_scores_as_the_run_that_stored_it_and_changed_z_settings_miss(t
     (other / "counterfact.json").write_text(json.dumps(records))
     assert run("other-facts", facts_dir=other)["timings"]["z"] > 0
     assert len(list(cache.glob("*.pt"))) == 3
+    # Any stored subset, in any order, is a hit: z does not depend on the other requests.
+    records = json.loads((facts / "counterfact.json").read_text())
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / "counterfact.json").write_text(json.dumps([records[3], records[1]]))
+    picked = run("subset", "--n", "max", facts_dir=subset)
+    assert "stored:" in picked["z"] and picked["n"] == 2
 
 
 def test_shift_compares_the_chosen_layers_with_the_span_moved_earlier_and_later(tmp_path, capsys):
