@@ -421,8 +421,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     editor.solvers()  # statistics computed here once (then cached on disk), before any timing
     statistics_seconds = time.perf_counter() - t0
     templates = editor.context_templates()
-    result: dict = {"benchmark": "vs_reference", "model": args.model, "machine": common.machine_info(),
-                    "reference": versions, "hparams": hp.to_dict(), "reference_hparams": ref_hp,
+    result: dict = {"benchmark": "vs_reference", "model": args.model, "facts": str(facts.resolve()),
+                    "machine": common.machine_info(), "reference": versions, "hparams": hp.to_dict(), "reference_hparams": ref_hp,
                     "context_templates": templates, "statistics_seconds": round(statistics_seconds, 1), "sizes": []}
 
     scratch = Path(tempfile.mkdtemp(prefix="vs_reference-"))
