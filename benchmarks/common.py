@@ -338,17 +338,17 @@ def real_corpus(corpus: Optional[str] = None) -> str:
 
 def real_hparams(model, layers: Optional[Sequence[int]] = None, corpus: Optional[str] = None,
                  clamp: float = REAL_CLAMP, lam: Optional[float] = None, samples: int = REAL_SAMPLES,
-                 steps: int = REAL_STEPS, algorithm: str = "memit"):
-    """default_for's settings with the MEMIT paper's z optimization (`steps` steps, lr 0.5, KL
-    0.0625), clamp `clamp`, λ `lam` (None: default_for's), `samples` statistics texts labelled with
-    the built-in `corpus`; MEMIT edits `layers` (None: default_for's), ROME their middle one."""
+                 steps: Optional[int] = REAL_STEPS, algorithm: str = "memit"):
+    """default_for's settings with the MEMIT paper's z optimization (`steps` steps, None: default_for's;
+    lr 0.5, KL 0.0625), clamp `clamp`, λ `lam` (None: default_for's), `samples` statistics texts
+    labelled with the built-in `corpus`; MEMIT edits `layers` (None: default_for's), ROME their middle one."""
     from massedit.hparams import default_for
     from massedit.inputs.corpus import is_builtin
 
     hp = default_for(model.config, algorithm)
     layers = list(layers) if layers else default_for(model.config).layers
     hp.layers = layers if algorithm == "memit" else [layers[(len(layers) - 1) // 2]]
-    hp.v_num_grad_steps, hp.v_lr, hp.kl_factor = steps, 0.5, 0.0625
+    hp.v_num_grad_steps, hp.v_lr, hp.kl_factor = steps or hp.v_num_grad_steps, 0.5, 0.0625
     hp.clamp_norm_factor = clamp
     if lam is not None:
         hp.mom2_update_weight = lam

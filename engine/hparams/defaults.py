@@ -23,6 +23,11 @@ Three kinds, three names:
   (benchmarks.real; README "Measured on real models"): the paper's z settings (25 steps, lr 0.5,
   clamp 4, KL 0.0625), layers 1..5 from the causal trace, λ from a sweep at n = 1,000 on statistics
   of the built-in `pydoc+sampled` corpus (2,000 documents); ROME at layer 3, the middle of that range.
+  ``gemma3-270m``: measured on Gemma-3-270M with its 150 known facts: one layer (5, the end of the
+  trace's span 1..5), δ found at the MLP output (z_site "mlp": Gemma's MLP output passes a norm
+  before the residual stream), 50 steps (z does not converge in 25), λ 300 from a sweep of 100 /
+  300 / 1000. Spreading over layers 4..5 or 1..5 realises under half of z (README, "Measured on
+  real models"); no ROME preset (depth-scaled defaults).
 - **Defaults for a model** (`default_for(config)`): the preset of a model the references tuned, else
   values scaled to the model's depth from the preset of its family in the architecture table.
 - **World-model settings** (`world_preset(config)`): measured for the small models `massedit world
@@ -69,6 +74,7 @@ _KNOWN_MODELS = {
     ("mistral", 32, 4096): ("mistral-7b", None),
     # Measured here, not by the references: README "Measured on real models" (the trace's layers; λ swept at n = 1,000).
     ("llama", 30, 576): ("smollm2-135m", "rome-smollm2-135m"),
+    ("gemma3_text", 18, 640): ("gemma3-270m", None),
 }
 
 
@@ -137,7 +143,7 @@ def default_for(model_config: Any, algorithm: str = "memit") -> MEMITHyperParams
     """Hyperparameters for a HF model config (or a model, or a config dict).
 
     A model the references tuned (GPT-2 XL, GPT-J 6B, GPT-NeoX 20B, 32-layer 4096-wide Llama /
-    Mistral) or this project measured (SmolLM2-135M) gets its preset. Any other model gets depth-scaled defaults: layers from
+    Mistral) or this project measured (SmolLM2-135M, Gemma-3-270M) gets its preset. Any other model gets depth-scaled defaults: layers from
     `default_layers(N)`, v_loss_layer = N - 1, and the other values of the closest reference
     family — EasyEdit's Llama values (25 steps, weight decay 1e-3, clamp 4) for the architecture
     table's "llama-like" family, GPT-J's MEMIT values (25 steps, weight decay 0.5, clamp 0.75, λ 15000)
