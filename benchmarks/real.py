@@ -14,7 +14,8 @@ for Gemma-3-270M). Statistics come from the built-in corpus of real models
 (z does not depend on them; nor on λ, which --lam sweeps the same way). --z-cache DIR keeps the z
 between runs (benchmarks.z_cache): another λ, corpus or set of layers below the same z layer then costs
 no z phase. --shift K edits --shift-n facts with the chosen layers and with them moved K layers earlier
-and later, so the trace's choice is shown against its neighbours. Prints a table per part and writes
+and later, so the trace's choice is shown against its neighbours. --max-per-object K keeps at most K facts
+of each relation and true object (how crowded the edits are, apart from how many). Prints a table per part and writes
 benchmarks/results/real-<model>-<time>.json with the trace heat maps (.png) beside it.
 """
 from __future__ import annotations
@@ -55,6 +56,20 @@ def _records(args, model, tok) -> tuple[list, dict]:
     built = build_facts(model_scorer(model, tok), model=args.model, max_per_relation=args.max_per_relation,
                         log=lambda line: print(f"facts: {line}", flush=True))
     return built.counterfact["en"], built.report
+
+
+def _at_most_per_object(records: list, k: int) -> list:
+    """The records in order, keeping at most k of each (relation, true object): how crowded the
+    edits are (e.g. 163 of 696 city edits in one country) is measured apart from how many there are."""
+    seen: dict = {}
+    kept = []
+    for record in records:
+        rw = record["requested_rewrite"]
+        key = (rw.get("relation_id"), rw["target_true"]["str"])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= k:
+            kept.append(record)
+    return kept
 
 
 def _scores(model, tok, records, generation: bool) -> dict:
@@ -297,6 +312,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", required=True, help="catalog name (massedit models list), HF directory or .gguf")
     p.add_argument("--facts", help="directory written by `massedit data facts` (default: build them here)")
     p.add_argument("--max-per-relation", type=int, default=None, help="when building facts here")
+    p.add_argument("--max-per-object", type=int, default=None,
+                   help="keep at most this many facts of each relation and true object, in order (how crowded "
+                        "the edits are, apart from how many; default: all)")
     p.add_argument("--n", default="100", help="comma-separated edit counts, 'max' for every known fact, 0 for none (default 100)")
     p.add_argument("--layers", help="edited layers, e.g. 4,5,6,7,8 (default: the trace's suggestion, else default_for's)")
     p.add_argument("--span", type=int, default=5, help="how many consecutive layers the trace suggests (default 5)")
@@ -337,6 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--lam: a number or comma-separated numbers, e.g. 1000,5000, got {args.lam!r}")
     if any(lam <= 0 for lam in args.lam):
         p.error(f"--lam: every λ must be positive, got {args.lam}")
+    if args.max_per_object is not None and args.max_per_object < 1:
+        p.error(f"--max-per-object must be at least 1, got {args.max_per_object}")
     if args.z_steps is not None and args.z_steps < 1:
         p.error(f"--z-steps must be at least 1, got {args.z_steps}")
     if args.shift < 0 or args.shift_n < 1:
@@ -358,9 +378,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict = {"benchmark": "real", "model": args.model, "machine": common.machine_info(),
                     "load_seconds": round(time.perf_counter() - t0, 1)}
     records, facts_report = _records(args, model, tok)
+    if args.max_per_object:
+        records = _at_most_per_object(records, args.max_per_object)
     requests = parse_records(records, "facts")
     result["facts"] = {"records": len(records), "counts": facts_report.get("counts"),
-                       "knowledge_test": facts_report.get("knowledge_test")}
+                       "knowledge_test": facts_report.get("knowledge_test"), "max_per_object": args.max_per_object}
     print(f"{args.model}: {len(records)} known facts", flush=True)
 
     def save() -> None:

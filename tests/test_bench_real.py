@@ -161,3 +161,21 @@ def test_shift_compares_the_chosen_layers_with_the_span_moved_earlier_and_later(
     assert sorted(p.name.split("-")[2] for p in cache.glob("*.pt")) == ["L1", "L2", "L3"]
     assert "earlier: layers [0, 1]" in capsys.readouterr().out
     assert real._shifted([0, 1], 2, 4) == {"later": [2, 3]}
+
+
+def test_at_most_per_object_keeps_order_and_caps_each_relation_and_true_object():
+    def rec(rel, true, subject):
+        return {"requested_rewrite": {"relation_id": rel, "target_true": {"str": true}, "subject": subject}}
+
+    records = [rec("P17", "China", "a"), rec("P17", "China", "b"), rec("P30", "Asia", "c"), rec("P17", "China", "d"),
+               rec("P17", "India", "e"), rec("P30", "China", "f")]
+    kept = real._at_most_per_object(records, 2)
+    assert [r["requested_rewrite"]["subject"] for r in kept] == ["a", "b", "c", "e", "f"]
+
+
+def test_max_per_object_below_one_is_one_line(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        real.main(["--model", "x", "--max-per-object", "0"])
+    assert "--max-per-object must be at least 1" in capsys.readouterr().err
