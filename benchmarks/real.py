@@ -355,6 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--lam: a number or comma-separated numbers, e.g. 1000,5000, got {args.lam!r}")
     if any(lam <= 0 for lam in args.lam):
         p.error(f"--lam: every λ must be positive, got {args.lam}")
+    if args.z_cache and Path(args.z_cache).exists() and not Path(args.z_cache).is_dir():
+        p.error(f"--z-cache {args.z_cache}: a file, not a folder; give a folder (it is created if missing)")
     if args.max_per_object is not None and args.max_per_object < 1:
         p.error(f"--max-per-object must be at least 1, got {args.max_per_object}")
     if args.z_steps is not None and args.z_steps < 1:

@@ -40,8 +40,12 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _prefix(k: dict) -> str:
+    return f"z-{k['model']}-L{k['z_layer']}-{_digest(k)}-"
+
+
 def _files(directory, k: dict) -> list[Path]:
-    return sorted(Path(directory).glob(f"z-{k['model']}-L{k['z_layer']}-{_digest(k)}-*.pt"))
+    return sorted(Path(directory).glob(f"{_prefix(k)}*.pt"))
 
 
 def load(directory, k: dict, requests) -> Optional[dict]:
@@ -62,7 +66,7 @@ def save(directory, k: dict, requests, z, z_loss, z_steps, z_seconds: float) -> 
     """A new file per set of requests (other facts never overwrite stored z), written whole or not at
     all: beside, then renamed."""
     fps = fingerprints(requests)
-    path = Path(directory) / f"z-{k['model']}-L{k['z_layer']}-{_digest(k)}-{_digest(fps)}.pt"
+    path = Path(directory) / f"{_prefix(k)}{_digest(fps)}.pt"
     with written(path) as tmp:
         torch.save({"key": json.dumps(k, sort_keys=True), "fingerprints": fps, "z": z.detach().cpu(),
                     "z_loss": z_loss.detach().cpu(), "z_steps": z_steps.detach().cpu(),

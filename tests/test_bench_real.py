@@ -179,3 +179,12 @@ def test_max_per_object_below_one_is_one_line(capsys):
     with pytest.raises(SystemExit):
         real.main(["--model", "x", "--max-per-object", "0"])
     assert "--max-per-object must be at least 1" in capsys.readouterr().err
+
+
+def test_a_z_cache_that_is_a_file_is_one_line_before_loading(tmp_path, capsys):
+    import pytest
+
+    (tmp_path / "z").write_text("")
+    with pytest.raises(SystemExit):
+        real.main(["--model", "not-loaded", "--z-cache", str(tmp_path / "z")])
+    assert "--z-cache" in (err := capsys.readouterr().err) and "a file, not a folder" in err
