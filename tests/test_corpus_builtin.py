@@ -56,6 +56,14 @@ def test_catalog_models_default_to_the_builtin_corpus():
     assert default_corpus("./some/model", None) is None
 
 
+def test_catalog_presets_file_statistics_under_the_default_corpus():
+    """`massedit edit --model NAME` computes statistics of REAL_MODEL_CORPUS and files them under that
+    name: a catalog preset naming another corpus would look for statistics nothing writes."""
+    from massedit.hparams import preset
+
+    assert all(preset(name).mom2_dataset == REAL_MODEL_CORPUS for name in catalog.CATALOG)
+
+
 def test_stats_command_files_builtin_statistics_under_the_corpus_name(tmp_path, monkeypatch, capsys):
     from massedit.cli import main
 

@@ -10,8 +10,9 @@ from typing import Optional
 from massedit.model import catalog, parallel
 from massedit.model.loading import DEVICE_MAPS, DTYPES, QUANTIZE, LoadOptions
 
-# Measured against the other built-in corpora on SmolLM2-135M (README, "Real models").
-REAL_MODEL_CORPUS = "pydoc+sampled"
+# Measured against the other built-in corpora on SmolLM2-135M (README, "Real models"): at n = 1,000 from
+# the same z, NS 70.8 against 69.6 for pydoc+sampled; the catalog's presets name it as their mom2_dataset.
+REAL_MODEL_CORPUS = "pydoc"
 
 
 class UserError(Exception):
