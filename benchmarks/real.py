@@ -388,7 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{args.model}: {len(records)} known facts", flush=True)
 
     def save() -> None:
-        # After every part: a run of an hour or more keeps what it measured if a later part fails.
+        # After every row: a run of an hour or more keeps what it measured if it is stopped or a later part fails.
         common.write_json(out, result)
 
     if args.trace:
@@ -437,14 +437,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             row, edited = _first_of(editor, args, records, largest, n, name, args.generation)
             first = f"MEMIT layers {layers} λ {hp.mom2_update_weight:g} (z of n = {largest[0].n_edits})"
+        result["memit"] = rows
         rows.append({"run": first, "lam": hp.mom2_update_weight, **row})
         print(_table(rows[-1:]), flush=True)
+        save()
         for lam in lams[1:]:
             other = _resolve(editor, args, records, edited, lam, corpus, name)
             rows.append({"run": f"MEMIT layers {layers} λ {lam:g} (same z)", "pre": row["pre"], **other})
             print(_table(rows[-1:]), flush=True)
-        result["memit"] = rows
-        save()
+            save()
     if args.shift:
         n = min(args.shift_n, len(records))
         ranges = {"chosen": layers, **_shifted(layers, args.shift, editor.layout.n_layers)}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks import real
+from massedit.commands._common import REAL_MODEL_CORPUS
 from massedit.inputs.facts import build_facts
 from test_facts import oracle
 from tiny import make_model
@@ -55,8 +56,8 @@ def test_real_benchmark_smoke(tmp_path, capsys, monkeypatch):
     corpora = data["corpora"]
     assert set(corpora) == {"pydoc", "sampled", "pydoc+sampled"}
     # The default corpus edits; the others solve again from its z with their own statistics.
-    assert corpora["pydoc+sampled"]["timings"]["z"] > 0 and "z" not in corpora["pydoc+sampled"]
-    for other in ("pydoc", "sampled"):
+    assert corpora[REAL_MODEL_CORPUS]["timings"]["z"] > 0 and "z" not in corpora[REAL_MODEL_CORPUS]
+    for other in set(corpora) - {REAL_MODEL_CORPUS}:
         assert corpora[other]["z"] == "reused" and corpora[other]["corpus"] == other
         assert corpora[other]["timings"]["statistics"] > 0 and {"ES", "PS", "NS"} <= set(corpora[other]["post"])
     assert {p.name for p in (tmp_path / "stats").glob("*/*_stats")} == {"pydoc_stats", "sampled_stats",
@@ -86,6 +87,27 @@ def test_a_lam_sweep_solves_again_from_the_same_z(tmp_path):
     assert rows[1]["reach"] == rows[0]["reach"]
     assert abs(rows[2]["reach"]["reach_mean"]) < 0.05 < rows[0]["reach"]["reach_mean"]
     assert rows[2]["reach"]["miss_mean"] > rows[0]["reach"]["miss_mean"]
+
+
+def test_rows_measured_before_a_failure_are_kept(tmp_path, monkeypatch):
+    """The JSON is written after every row: a run stopped during its second λ keeps its first."""
+    import pytest
+
+    model, tok = make_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "real.json"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(real, "_resolve", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        real.main(["--model", str(tmp_path / "model"), "--facts", str(_facts(tmp_path)), "--n", "2", "--trace", "0",
+                   "--layers", "1,2", "--lam", "50,500", "--corpus", "pydoc", "--samples", "40",
+                   "--stats-dir", str(tmp_path / "stats"), "--out", str(out)])
+    rows = json.loads(out.read_text())["memit"]
+    assert [(r["n"], r["lam"]) for r in rows] == [(2, 50)] and {"ES", "PS", "NS"} <= set(rows[0]["post"])
 
 
 def test_lam_that_is_not_a_number_is_one_line(tmp_path, capsys):
