@@ -17,12 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from massedit.compute.targets import NOT_IN_Z
 from massedit.files import written
-
-# Hyperparameters the z optimization does not read: the solve's (λ, statistics), which layers below
-# the z layer are edited (z is found at max(layers)), and the chunk size (z does not depend on it).
-NOT_IN_Z = frozenset({"layers", "layer_selection", "mom2_adjustment", "mom2_update_weight", "mom2_dataset",
-                      "mom2_n_samples", "mom2_dtype", "batch_size"})
 
 
 def key(model: str, hparams: dict, templates) -> dict:

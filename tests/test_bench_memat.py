@@ -33,7 +33,8 @@ def test_memat_benchmark_smoke(bilingual_world, tmp_path, capsys):
         assert -1 <= keys["cos_same_fact"] <= 1 and keys["edit_reach_l2_over_l1_median"] >= 0
     assert [r["k"] for r in data["memat"]] == [1, 2]
     for run in data["memat"]:
-        assert run["restored"] is True and 0 <= run["memit_phase_rel_diff"] < 1e-3
+        # One z optimization for every K: the MEMIT phase writes exactly what the MEMIT run did.
+        assert run["restored"] is True and run["memit_phase_identical"] is True and run["memit_phase_rel_diff"] == 0
         assert len(run["details"]["heads"]) == run["k"]
         assert set(B.PHASES) <= set(run["timings"])
         grid = run["probe_accuracy"]

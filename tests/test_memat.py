@@ -288,3 +288,46 @@ def test_cli_edits_with_memat_and_refuses_a_family_that_cannot_reload_the_bias(t
     capsys.readouterr()
     assert main(args) != 0
     assert "no config flag" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- z from an earlier MEMIT run
+
+
+def test_memat_with_a_memit_runs_targets_skips_z_and_gives_the_same_delta(tmp_path, monkeypatch):
+    """targets=: the MEMIT run's z, so MEMAT at several K optimizes z once; what it writes is the same,
+    bit for bit, as MEMAT optimizing z itself, and MEMIT with the same targets gives MEMIT's delta."""
+    from massedit.compute.targets import TargetOptimizer
+    from massedit.methods.memit import Memit
+
+    model, tok = make_model("llama")
+    reqs = _requests()
+    editor = _editor(model, tok, tmp_path)
+    memit = editor.edit(reqs, method="memit", apply=False)
+    own = editor.edit(reqs, method=Memat(_records(reqs)), apply=False)
+
+    def no_z(*args, **kwargs):
+        raise AssertionError("z was optimized again")
+
+    monkeypatch.setattr(TargetOptimizer, "optimize", no_z)
+    reused = editor.edit(reqs, method=Memat(_records(reqs), targets=memit), apply=False)
+    assert [wd.name for wd in reused.delta.weights] == [wd.name for wd in own.delta.weights]
+    assert all(torch.equal(a.dense(), b.dense()) for a, b in zip(reused.delta.weights, own.delta.weights))
+    assert torch.equal(reused.z, memit.z) and torch.equal(reused.z_loss, memit.z_loss)
+    again = editor.edit(reqs, method=Memit(targets=memit), apply=False)
+    assert all(torch.equal(a.dense(), b.dense()) for a, b in zip(again.delta.weights, memit.delta.weights))
+
+
+def test_targets_of_another_edit_are_refused_before_any_work(tmp_path):
+    from massedit.methods.memit import Memit
+
+    model, tok = make_model("llama")
+    reqs = _requests()
+    editor = _editor(model, tok, tmp_path)
+    memit = editor.edit(reqs, method="memit", apply=False)
+    with pytest.raises(RequestError, match="requests differ"):
+        editor.edit(reqs[:-1], method=Memit(targets=memit), apply=False)
+    other = _editor(model, tok, tmp_path, clamp_norm_factor=4)
+    with pytest.raises(RequestError, match="z settings differ"):
+        other.edit(reqs, method=Memit(targets=memit), apply=False)
+    # λ and the layers below the z layer do not reach z: those targets serve.
+    _editor(model, tok, tmp_path, mom2_update_weight=5.0).edit(reqs, method=Memit(targets=memit), apply=False)

@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
@@ -40,6 +40,20 @@ from massedit.inputs.requests import EditRequest
 from massedit.inputs.tokens import Encoded, compose, encode_prompt, fill, pad, pad_id_of, padding_side, target_ids
 
 KL_PROMPT = "{} is a"
+
+# Hyperparameters the z optimization does not read: the solve's (λ, statistics), which layers below
+# the z layer are edited (z is found at max(layers)), and the chunk size (z does not depend on it).
+NOT_IN_Z = frozenset({"layers", "layer_selection", "mom2_adjustment", "mom2_update_weight", "mom2_dataset",
+                      "mom2_n_samples", "mom2_dtype", "batch_size"})
+
+
+def z_hparams(hparams: dict) -> dict:
+    """What of an hparams dict z depends on: MEMIT's keys but NOT_IN_Z (a key added to MEMIT later
+    counts as reaching z; a method's own keys act after z) and the z layer."""
+    from massedit.hparams import MEMITHyperParams
+
+    memit = {f.name for f in fields(MEMITHyperParams)} - NOT_IN_Z
+    return {"z_layer": max(hparams["layers"]), **{k: v for k, v in sorted(hparams.items()) if k in memit}}
 
 
 @dataclass(frozen=True, kw_only=True)

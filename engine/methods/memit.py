@@ -10,7 +10,9 @@ import torch
 from massedit.solve.spread import spread_update
 from massedit.methods.base import EditMethod, register_method
 from massedit.compute.keys import subject_hidden
-from massedit.compute.targets import TargetOptimizer, ZResult, ZSettings
+from massedit.compute.targets import TargetOptimizer, ZResult, ZSettings, z_hparams
+from massedit.edits.delta import config_hash
+from massedit.inputs.requests import RequestError
 from massedit.inputs.tokens import encode_prompt, pad, pad_id_of
 from massedit.model.devices import input_device
 from massedit.model.hooks import capture_outputs, edit_output, run_until
@@ -53,9 +55,32 @@ class Memit(EditMethod):
     serial_z = False
     shards_requests = True
 
-    def __init__(self, serial_z: Optional[bool] = None):
+    def __init__(self, serial_z: Optional[bool] = None, targets=None):
+        """targets: an EditResult of an earlier edit of the same requests with the same z settings on
+        the same unedited model (e.g. a MEMIT run to compare against); its z is used instead of
+        optimizing again (z depends on none of λ, statistics or what a method adds after MEMIT)."""
         if serial_z is not None:
             self.serial_z = serial_z
+        self.given = targets
+
+    def check_requests(self, requests, editor=None) -> None:
+        if self.given is None or editor is None:
+            return
+        # Before statistics: targets of another edit would give a wrong ΔW with no sign of it.
+        given, meta = self.given, self.given.delta.metadata
+        mine = {"requests": list(requests), "model config": config_hash(editor.model),
+                "z settings": z_hparams(editor.hp.to_dict()), "context templates": list(editor.context_templates())}
+        theirs = {"requests": list(given.requests or []), "model config": meta.get("config_hash"),
+                  "z settings": z_hparams(meta["hparams"]), "context templates": list(meta.get("context_templates") or [])}
+        differ = [k for k in mine if mine[k] != theirs[k]]
+        if differ:
+            raise RequestError(f"targets= come from another edit ({', '.join(differ)} differ): pass the EditResult "
+                               "of these requests on this model, or targets=None to optimize z")
+
+    def _given_targets(self, editor, requests) -> ZResult:
+        given = self.given
+        h = subject_hidden(editor.model, editor.layout, editor.tok, requests, max(editor.hp.layers))
+        return ZResult(given.z.to(h), h, given.z_loss, given.z_steps)
 
     def targets(self, editor, requests, templates, batch_size: Optional[int]):
         optimizer = TargetOptimizer(editor.model, editor.layout, editor.tok, ZSettings.from_hparams(editor.hp, editor.layout),
@@ -69,8 +94,11 @@ class Memit(EditMethod):
 
     def compute(self, editor, requests, templates, solvers, timings, batch_size):
         t = time.perf_counter()
-        z = self.targets(editor, requests, templates, batch_size)
-        if editor.hp.z_site == "mlp":
+        if self.given is not None:
+            z = self._given_targets(editor, requests)
+        else:
+            z = self.targets(editor, requests, templates, batch_size)
+        if self.given is None and editor.hp.z_site == "mlp":
             # h as ZResult has it for the residual site (block L's output), so z − h stays the move asked of it.
             h = subject_hidden(editor.model, editor.layout, editor.tok, requests, max(editor.hp.layers))
             z = ZResult(residual_targets(editor, requests, z), h.to(z.h), z.loss, z.steps)

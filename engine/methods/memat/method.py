@@ -144,8 +144,11 @@ class Memat(Memit):
     # Its rounds would change the model's structure (added biases, config flags) under the ledger.
     edits_in_rounds = False
 
-    def __init__(self, records: Union[Sequence[dict], str, Path, None] = None, serial_z: Optional[bool] = None):
-        super().__init__(serial_z)
+    def __init__(self, records: Union[Sequence[dict], str, Path, None] = None, serial_z: Optional[bool] = None,
+                 targets=None):
+        """targets: a MEMIT EditResult of the same requests (Memit's `targets`), so that MEMAT at several
+        K runs its MEMIT phase's z optimization once."""
+        super().__init__(serial_z, targets)
         self.source = str(records) if isinstance(records, (str, Path)) else "memat records"
         self.l2 = None if records is None else parse_l2_records(records, self.source)
         self._additions: Optional[ParameterAdditions] = None
@@ -163,6 +166,7 @@ class Memat(Memit):
         return cls(args.memat_records)
 
     def check_requests(self, requests, editor=None) -> None:
+        super().check_requests(requests, editor)
         if self.l2 is None:
             raise RequestError("method 'memat' needs the second-language records: pass method=Memat(records) "
                                "(API) or --memat-records FILE (CLI)")
