@@ -5,6 +5,7 @@ one runs the command end to end on a tiny random model."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import zlib
 from pathlib import Path
 
@@ -181,6 +182,37 @@ def test_knowledge_test_and_selection():
     assert kept == ["x", "w"]
 
 
+def test_at_most_max_per_object_kept_and_a_failed_test_frees_its_place():
+    # Facts "a1".."a4" share object a; "b1" has object b. One chunk would test all of a's at once.
+    pending = {"R": ["a1", "a2", "a3", "b1", "a4"]}
+    asked = []
+
+    def test(facts):
+        asked.append(list(facts))
+        return [f != "a1" for f in facts]  # the model does not know a1
+
+    kept, tested = select_known(pending, test, lambda f: frozenset([f]), chunk=10, objects=lambda f: f[0],
+                                max_per_object=2)
+    assert kept == ["a2", "b1", "a3"] and tested == {"R": 4}
+    assert asked == [["a1", "a2", "b1"], ["a3"]]  # a4 is never tested: a already holds two
+    unlimited, _ = select_known(pending, test, lambda f: frozenset([f]), chunk=10, objects=lambda f: f[0])
+    assert unlimited == ["a2", "a3", "b1", "a4"]
+
+
+def test_builder_caps_each_relation_and_true_object(tmp_path):
+    capped = json.loads((_build(tmp_path, "capped", max_per_relation=None, relations=["P17"], max_per_object=3)
+                         / "counterfact.json").read_text())
+    whole = json.loads((_build(tmp_path, "whole", max_per_relation=None, relations=["P17"]) / "counterfact.json")
+                       .read_text())
+    def per_object(records):
+        return Counter(r["requested_rewrite"]["target_true"]["str"] for r in records)
+
+    assert max(per_object(capped).values()) == 3 < max(per_object(whole).values())
+    assert set(per_object(capped)) == set(per_object(whole))  # every country keeps some of its cities
+    report = json.loads((tmp_path / "capped" / "facts.json").read_text())
+    assert report["max_per_object"] == 3 and report["n_records"] == len(capped)
+
+
 def _cli(capsys, *argv):
     code = cli.main(list(argv))
     return code, capsys.readouterr()
@@ -188,7 +220,8 @@ def _cli(capsys, *argv):
 
 @pytest.mark.parametrize("flag, value, valid", [("--relations", "P17,P99", "P17, P1376"),
                                                 ("--languages", "en,fr", "en, ca"),
-                                                ("--max-candidates", "0", "at least 1")])
+                                                ("--max-candidates", "0", "at least 1"),
+                                                ("--max-per-object", "0", "at least 1")])
 def test_bad_choices_are_one_line_before_loading(tmp_path, capsys, flag, value, valid):
     code, cap = _cli(capsys, "data", "facts", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"),
                      flag, value)

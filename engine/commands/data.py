@@ -45,6 +45,9 @@ def add_arguments(parser) -> None:
     f.add_argument("--seed", type=int, default=0, help="seed of every choice (default 0): same seed, same files")
     f.add_argument("--max-per-relation", type=int, default=None, metavar="N",
                    help="stop testing a relation once N of its facts are kept (default: test them all)")
+    f.add_argument("--max-per-object", type=int, default=None, metavar="N",
+                   help="keep at most N facts of one relation and true object, e.g. of the cities of one country "
+                        "(default: no limit); edited together, crowded objects cost neighborhood score")
     f.add_argument("--max-candidates", type=int, default=MAX_CANDIDATES, metavar="K",
                    help=f"objects the true one must beat: target_new and a seeded sample of the relation's others "
                         f"(default {MAX_CANDIDATES})")
@@ -69,7 +72,7 @@ def run(args) -> int:
     from massedit.model.loading import load_model
 
     relations, languages = _list(args.relations), _list(args.languages)
-    check_choices(relations, languages, args.max_candidates, args.max_per_relation)
+    check_choices(relations, languages, args.max_candidates, args.max_per_relation, args.max_per_object)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     out = Path(args.out)
@@ -77,7 +80,8 @@ def run(args) -> int:
     with claim(out):
         model, tok = load_model(args.model, options_from_args(args))
         built = build_facts(model_scorer(model, tok, args.batch_size), relations, languages, seed=args.seed,
-                            max_per_relation=args.max_per_relation, max_candidates=args.max_candidates,
+                            max_per_relation=args.max_per_relation, max_per_object=args.max_per_object,
+                            max_candidates=args.max_candidates,
                             distinct_subjects=not args.repeat_subjects, min_population=args.min_population,
                             model=args.model, log=None if args.quiet else functools.partial(print, flush=True))
         with staged(out, owned=["facts.json", *FILES, *languages[1:]]) as stage:

@@ -83,7 +83,7 @@ def _rng(seed: int, *parts) -> random.Random:
 
 
 def check_choices(relations: Sequence[str], languages: Sequence[str], max_candidates: int = MAX_CANDIDATES,
-                  max_per_relation: Optional[int] = None) -> None:
+                  max_per_relation: Optional[int] = None, max_per_object: Optional[int] = None) -> None:
     """One-line errors for unknown relation ids or languages (naming the valid ones) and for counts
     below 1; callers check before loading a model."""
     for rid in relations:
@@ -95,7 +95,8 @@ def check_choices(relations: Sequence[str], languages: Sequence[str], max_candid
     for flag, values in (("--relations", relations), ("--languages", languages)):
         if not values or len(set(values)) != len(values):
             raise ValueError(f"{flag}: give each of them once, comma-separated (got {','.join(values)!r})")
-    for flag, value in (("--max-candidates", max_candidates), ("--max-per-relation", max_per_relation)):
+    for flag, value in (("--max-candidates", max_candidates), ("--max-per-relation", max_per_relation),
+                        ("--max-per-object", max_per_object)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
 
@@ -120,12 +121,18 @@ def _subject_keys(plan: Plan) -> frozenset:
     return frozenset(plan.fact.subject.name(lang).text for lang in LANGUAGES)
 
 
+def _object_key(plan: Plan) -> tuple:
+    return plan.fact.relation, plan.fact.object.id
+
+
 def build_facts(scorer: known.Scorer, relations: Sequence[str] = RELATION_IDS, languages: Sequence[str] = ("en",),
                 seed: int = 0, max_per_relation: Optional[int] = None, max_candidates: int = MAX_CANDIDATES,
                 distinct_subjects: bool = True, min_population: int = MIN_POPULATION, model: str = "",
-                log: Optional[Callable[[str], None]] = None) -> FactsBuild:
-    """The records of the facts the scorer's model knows (in every one of `languages`)."""
-    check_choices(relations, languages, max_candidates, max_per_relation)
+                log: Optional[Callable[[str], None]] = None, max_per_object: Optional[int] = None) -> FactsBuild:
+    """The records of the facts the scorer's model knows (in every one of `languages`); with
+    `max_per_object`, at most that many of one relation and true object (edited together, facts
+    crowding one object cost neighborhood: README "Crowding, apart from n")."""
+    check_choices(relations, languages, max_candidates, max_per_relation, max_per_object)
     all_facts = load_facts(min_population)
     # known_in[rid]["en+ca"]: the tested facts known in en and in ca. Each language is tested only
     # on the facts the ones before it passed (a fact must pass all; this skips most of the scoring).
@@ -150,7 +157,8 @@ def build_facts(scorer: known.Scorer, relations: Sequence[str] = RELATION_IDS, l
         return [i in passed for i in range(len(plans))]
 
     pending = {rid: _plans(rid, all_facts[rid], seed, max_candidates) for rid in relations}
-    kept, tested = known.select_known(pending, test, _subject_keys, max_per_relation, distinct=distinct_subjects)
+    kept, tested = known.select_known(pending, test, _subject_keys, max_per_relation, distinct=distinct_subjects,
+                                      objects=_object_key, max_per_object=max_per_object)
     n_tested = sum(tested.values())
     if not kept:
         raise ValueError(f"the model knows none of the {n_tested} facts tested (test: {known.TEST}); "
@@ -169,7 +177,7 @@ def build_facts(scorer: known.Scorer, relations: Sequence[str] = RELATION_IDS, l
                  "where L1 passed)",
         "candidates": (f"target_new and a seeded sample of at most {max_candidates - 1} other objects of the relation "
                        f"(all of them where it has at most {max_candidates} objects besides the true one)"),
-        "max_candidates": max_candidates, "max_per_relation": max_per_relation,
+        "max_candidates": max_candidates, "max_per_relation": max_per_relation, "max_per_object": max_per_object,
         "distinct_subjects": distinct_subjects, "min_population": min_population,
         "n_records": len(kept), "counts": counts,
         "templates": {rid: {lang: list(relation(rid).templates[lang]) for lang in languages} for rid in relations},

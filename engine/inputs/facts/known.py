@@ -7,6 +7,7 @@ both languages. The scorer is a parameter, so tests can stub the model out.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
 
@@ -62,18 +63,21 @@ def knows(scorer: Scorer, probes: Sequence[Probe], stages: Sequence[int] = STAGE
 
 def select_known(pending: dict, test: Callable[[list], list[bool]], subjects: Callable[[object], frozenset],
                  max_per_relation: Optional[int] = None, chunk: int = 64,
-                 distinct: bool = True) -> tuple[list, dict]:
+                 distinct: bool = True, objects: Callable[[object], Hashable] = lambda fact: None,
+                 max_per_object: Optional[int] = None) -> tuple[list, dict]:
     """Test the facts of each relation (`pending`: relation -> facts in the order to try them), a
     chunk per relation per round, round-robin, until each relation has `max_per_relation` known
     facts or none left. With `distinct`, a subject (any of its `subjects(fact)` keys) is kept once:
     a fact whose subject another relation already holds is not tested, and one subject is not
-    tested for two relations in one round. Returns (the known facts in the order kept, relation ->
-    number tested)."""
+    tested for two relations in one round. With `max_per_object`, at most that many facts of one
+    `objects(fact)` key are kept (and tested at once in a round): the rest wait for a test that
+    fails, else are never tested. Returns (the known facts in the order kept, relation -> number tested)."""
     pending = {rid: list(facts) for rid, facts in pending.items()}
     kept: list = []
     n_kept = {rid: 0 for rid in pending}
     tested = {rid: 0 for rid in pending}
     claimed: set[Hashable] = set()
+    per_object: Counter = Counter()  # kept, then also those in the round being tested
     while True:
         batch, in_round = [], set()
         for rid, facts in pending.items():
@@ -83,9 +87,11 @@ def select_known(pending: dict, test: Callable[[list], list[bool]], subjects: Ca
                 keys = subjects(fact)
                 if distinct and keys & claimed:
                     continue  # it can never be kept
-                if room > 0 and not (distinct and keys & in_round):
+                full_object = max_per_object is not None and per_object[objects(fact)] >= max_per_object
+                if room > 0 and not (distinct and keys & in_round) and not full_object:
                     batch.append((rid, fact))
                     in_round |= keys
+                    per_object[objects(fact)] += 1
                     room -= 1
                 else:
                     rest.append(fact)
@@ -99,3 +105,5 @@ def select_known(pending: dict, test: Callable[[list], list[bool]], subjects: Ca
                 kept.append(fact)
                 n_kept[rid] += 1
                 claimed |= subjects(fact)
+            else:
+                per_object[objects(fact)] -= 1
