@@ -382,7 +382,8 @@ def add_source_arguments(p: argparse.ArgumentParser, world_help: str) -> None:
     p.add_argument("--layers", help="--model: edited layers, e.g. 1,2,3,4,5 (default: default_for's)")
     p.add_argument("--lam", type=float, help="--model: λ, mom2_update_weight (default: default_for's)")
     p.add_argument("--clamp", type=float, help=f"--model: clamp_norm_factor (default {REAL_CLAMP:g})")
-    p.add_argument("--steps", type=int, help=f"v_num_grad_steps (default: the world preset's; --model: {REAL_STEPS})")
+    p.add_argument("--steps", type=int, help=f"v_num_grad_steps (default: the world preset's; --model: the model's "
+                   f"preset's, the paper's {REAL_STEPS} for SmolLM2-135M, 50 for Gemma-3-270M)")
     p.add_argument("--samples", type=int, help=f"mom2_n_samples (default: the world preset's; --model: {REAL_SAMPLES})")
     p.add_argument("--stats-dir", help="covariance cache (default: WORLD/stats; --model: ./stats)")
     add_threads(p, default=None)
@@ -450,7 +451,7 @@ def source_editor(args, model, tok, hparams=None, context_templates=None):
                             hparams)
     if hparams is None:
         hp = real_hparams(model, args.layer_list, clamp=args.clamp or REAL_CLAMP, lam=args.lam,
-                          samples=args.samples or REAL_SAMPLES, steps=args.steps or REAL_STEPS)
+                          samples=args.samples or REAL_SAMPLES, steps=args.steps)
     else:
         hp = _changed(hparams, layers=args.layer_list, mom2_update_weight=args.lam, clamp_norm_factor=args.clamp,
                       v_num_grad_steps=args.steps, mom2_n_samples=args.samples, mom2_dataset=real_corpus())
