@@ -329,11 +329,12 @@ def load_real(name: str):
     return load_model(name, LoadOptions(torch_dtype="float32"))
 
 
-def real_corpus(corpus: Optional[str] = None) -> str:
-    """The statistics corpus: `corpus`, else the built-in one of real models."""
-    from massedit.commands._common import REAL_MODEL_CORPUS
+def real_corpus(model, corpus: Optional[str] = None) -> str:
+    """The statistics corpus of a real model: `corpus`, else the built-in one its preset names."""
+    from massedit.commands._common import preset_corpus
+    from massedit.hparams import default_for
 
-    return corpus or REAL_MODEL_CORPUS
+    return corpus or preset_corpus(default_for(model.config))
 
 
 def real_hparams(model, layers: Optional[Sequence[int]] = None, corpus: Optional[str] = None,
@@ -353,7 +354,7 @@ def real_hparams(model, layers: Optional[Sequence[int]] = None, corpus: Optional
     if lam is not None:
         hp.mom2_update_weight = lam
     hp.mom2_n_samples = samples
-    corpus = real_corpus(corpus)
+    corpus = real_corpus(model, corpus)
     if is_builtin(corpus):
         hp.mom2_dataset = corpus
     return hp
@@ -365,7 +366,7 @@ def real_editor(model, tok, name: str, hp, stats_dir, corpus: Optional[str] = No
     from massedit.editor import MassEditor
     from massedit.model.loading import model_name_for
 
-    return MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=real_corpus(corpus), model_name=model_name_for(name),
+    return MassEditor(model, tok, hp, stats_dir=stats_dir, corpus=real_corpus(model, corpus), model_name=model_name_for(name),
                       context_templates=context_templates, progress=False)
 
 
@@ -454,7 +455,7 @@ def source_editor(args, model, tok, hparams=None, context_templates=None):
                           samples=args.samples or REAL_SAMPLES, steps=args.steps)
     else:
         hp = _changed(hparams, layers=args.layer_list, mom2_update_weight=args.lam, clamp_norm_factor=args.clamp,
-                      v_num_grad_steps=args.steps, mom2_n_samples=args.samples, mom2_dataset=real_corpus())
+                      v_num_grad_steps=args.steps, mom2_n_samples=args.samples, mom2_dataset=real_corpus(model))
     return real_editor(model, tok, args.model, hp, args.stats_dir or "stats", context_templates=context_templates)
 
 

@@ -9,7 +9,7 @@ several n (distinct subjects), ROME single edits as the baseline, and the statis
 without it the facts are built here (all relations, seed 0). z settings are the paper's (25 steps,
 lr 0.5, KL 0.0625; clamp 4 unless --clamp; the model's preset's steps and z site: 50 steps on the MLP site
 for Gemma-3-270M). Statistics come from the built-in corpus of real models
-(massedit.commands._common.REAL_MODEL_CORPUS) unless --corpus names another; --corpora edits the first
+(the one its preset names: massedit.commands._common.preset_corpus) unless --corpus names another; --corpora edits the first
 --corpora-n facts with it and solves again from the same z with each other built-in corpus's statistics
 (z does not depend on them; nor on λ, which --lam sweeps the same way). --z-cache DIR keeps the z
 between runs (benchmarks.z_cache): another λ, corpus or set of layers below the same z layer then costs
@@ -366,7 +366,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     common.set_threads(args.threads)
 
     from massedit import MassEditor
-    from massedit.commands._common import REAL_MODEL_CORPUS
     from massedit.hparams import default_for
     from massedit.inputs.corpus import BUILTIN
     from massedit.inputs.requests import parse_records
@@ -405,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         layers = result["trace"]["suggested_layers"]
     else:
         layers = default_for(model.config).layers
-    corpus = args.corpus or REAL_MODEL_CORPUS
+    corpus = common.real_corpus(model, args.corpus)
     hp = _hparams(model, layers, args, corpus)
     lams = args.lam or [hp.mom2_update_weight]
     result["hparams"] = hp.to_dict()

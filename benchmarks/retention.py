@@ -25,7 +25,7 @@ prose) shuffled (seeded), --heldout of them kept aside for the loss, the rest cy
 --batch-size truncated to --max-length tokens; causal-LM loss, AdamW (--lr, --weight-decay), gradients
 clipped to norm 1 (Hugging Face Trainer's default). Edits use default_for's hparams (--layers to
 choose layers, e.g. those benchmarks.real's trace suggests) and statistics from the built-in corpus
-of real models (massedit.commands._common.REAL_MODEL_CORPUS) unless --corpus names another, cached in
+of real models (the one the model's preset names) unless --corpus names another, cached in
 --stats-dir. --model takes whatever `massedit edit --model` takes (a catalog name fetches the model).
 """
 from __future__ import annotations
@@ -247,7 +247,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(args.seed)
 
     from massedit import MassEditor
-    from massedit.commands._common import REAL_MODEL_CORPUS
     from massedit.evaluation import evaluate, summary
     from massedit.inputs.corpus import corpus_texts
     from massedit.model.loading import LoadOptions, load_model, model_name_for
@@ -256,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = common.result_path(f"retention-{name}", args.out)
     records = _records(args.facts, args.n)
     model, tok = load_model(args.model, LoadOptions(torch_dtype="float32"))
-    corpus = args.corpus or REAL_MODEL_CORPUS
+    corpus = common.real_corpus(model, args.corpus)
     hp = _hparams(model, args, corpus)
     editor = MassEditor(model, tok, hp, stats_dir=args.stats_dir, corpus=corpus, model_name=name, progress=False)
     text = Text(tok, corpus_texts(args.train_text, 10**9), args)

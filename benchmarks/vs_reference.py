@@ -406,8 +406,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if len(records) < sizes[-1]:
         raise SystemExit(f"vs_reference: --n {args.n}: {facts} holds {len(records)} records; ask for at most that many")
     name = model_name_for(args.model)
-    corpus = common.real_corpus(args.corpus)
     model, tok = load_model(args.model, LoadOptions(torch_dtype="float32"))
+    corpus = common.real_corpus(model, args.corpus)
     requests = parse_records(records, str(facts))
     hp = common.real_hparams(model, layers, corpus, samples=args.samples, steps=args.steps)
     layout = ModelLayout(model, hp.module_overrides())

@@ -49,19 +49,24 @@ def test_a_path_wins_over_a_builtin_name(tmp_path, monkeypatch):
     assert corpus_texts("pydoc", 10) == ["my own text"]
 
 
-def test_catalog_models_default_to_the_builtin_corpus():
+def test_catalog_models_default_to_the_builtin_corpus_of_their_preset():
+    from massedit.hparams import preset
+
+    for name in catalog.CATALOG:
+        assert default_corpus(name, None) == preset(name).mom2_dataset
     name = next(iter(catalog.CATALOG))
-    assert default_corpus(name, None) == REAL_MODEL_CORPUS
     assert default_corpus(name, "mine.txt") == "mine.txt"
     assert default_corpus("./some/model", None) is None
 
 
-def test_catalog_presets_file_statistics_under_the_default_corpus():
-    """`massedit edit --model NAME` computes statistics of REAL_MODEL_CORPUS and files them under that
-    name: a catalog preset naming another corpus would look for statistics nothing writes."""
+def test_catalog_presets_name_a_builtin_corpus_and_other_models_fall_back():
+    """Statistics of a catalog model are computed from its preset's corpus and filed under its name:
+    a preset naming a corpus nothing can compute offline would leave `massedit edit` without them."""
+    from massedit.commands._common import preset_corpus
     from massedit.hparams import preset
 
-    assert all(preset(name).mom2_dataset == REAL_MODEL_CORPUS for name in catalog.CATALOG)
+    assert all(is_builtin(preset(name).mom2_dataset) for name in catalog.CATALOG)
+    assert preset_corpus(preset("gpt2-xl")) == REAL_MODEL_CORPUS  # its preset names wikipedia
 
 
 def test_stats_command_files_builtin_statistics_under_the_corpus_name(tmp_path, monkeypatch, capsys):

@@ -329,6 +329,6 @@ def test_gemma3_270m_shape_gets_one_layer_on_the_mlp_site():
     gemma = {"model_type": "gemma3_text", "num_hidden_layers": 18, "hidden_size": 640}
     hp = default_for(gemma)
     assert hp.layers == [5] and hp.z_site == "mlp" and hp.v_num_grad_steps == 50 and hp.v_loss_layer == 17
-    assert hp.mom2_dataset == "pydoc" and hp.mom2_update_weight == 300
+    assert hp.mom2_dataset == "pydoc+sampled" and hp.mom2_update_weight == 300
     assert default_for(gemma, "rome").z_site == "residual"
     assert default_for({**gemma, "num_hidden_layers": 26, "hidden_size": 1152}).layers != [5]

@@ -10,8 +10,8 @@ from typing import Optional
 from massedit.model import catalog, parallel
 from massedit.model.loading import DEVICE_MAPS, DTYPES, QUANTIZE, LoadOptions
 
-# Measured against the other built-in corpora on SmolLM2-135M (README, "Real models"): at n = 1,000 from
-# the same z, NS 70.8 against 69.6 for pydoc+sampled; the catalog's presets name it as their mom2_dataset.
+# For a real model whose preset names no built-in corpus; each catalog model's preset names the one
+# measured best for it (README, "Real models": SmolLM2-135M pydoc, Gemma-3-270M pydoc+sampled).
 REAL_MODEL_CORPUS = "pydoc"
 
 
@@ -54,10 +54,22 @@ def add_model_arguments(parser, dtype_alias: bool = False) -> None:
         add_deprecated_alias(g, "--dtype", "--model-dtype", "model_dtype", tuple(DTYPES))
 
 
+def preset_corpus(hp) -> str:
+    """The built-in corpus of a real model's statistics: the one its hparams (its preset) name, else
+    REAL_MODEL_CORPUS."""
+    from massedit.inputs.corpus import is_builtin
+
+    return hp.mom2_dataset if is_builtin(hp.mom2_dataset) else REAL_MODEL_CORPUS
+
+
 def default_corpus(model: str, corpus: Optional[str]) -> Optional[str]:
     """The corpus for missing statistics: the one given, else for a model of the catalog (massedit models
-    list), whose pretraining text cannot be had offline, the built-in REAL_MODEL_CORPUS."""
-    return corpus if corpus is not None or not catalog.is_catalog_name(model) else REAL_MODEL_CORPUS
+    list), whose pretraining text cannot be had offline, the built-in corpus its preset names."""
+    if corpus is not None or not catalog.is_catalog_name(model):
+        return corpus
+    from massedit.hparams import preset
+
+    return preset_corpus(preset(catalog.get_spec(model).name))
 
 
 def options_from_args(args) -> LoadOptions:

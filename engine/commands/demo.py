@@ -42,7 +42,7 @@ from massedit.model import catalog
 from massedit.model.devices import input_device
 from massedit.model.loading import load_model, model_name_for
 from massedit.methods import method_names
-from massedit.commands._common import REAL_MODEL_CORPUS, add_model_arguments, options_from_args
+from massedit.commands._common import add_model_arguments, options_from_args, preset_corpus
 from massedit.publish import check_out, claim, staged
 from massedit.inputs.requests import parse_records
 from massedit.evaluation.heatmap import write_heatmaps
@@ -59,7 +59,7 @@ REAL_MODEL = "smollm2-135m"
 REAL_N = 8
 REAL_TRACE = 3
 REAL_FACTS_PER_RELATION = 3
-REAL_SAMPLES = 300  # of the catalog models' corpus (REAL_MODEL_CORPUS), sized for the time budget
+REAL_SAMPLES = 300  # documents of the model's corpus, sized for the time budget
 SHOWN_CONTINUATIONS = 3
 
 
@@ -201,8 +201,8 @@ def _real_source(args, out: Path, say) -> Source:
     records = _first(records, args.n, f"the facts built hold {{}} that {args.model} knows")
     requests = parse_records(records, "facts", fmt="counterfact")
     hp = default_for(model.config)
-    hp.mom2_dataset, hp.mom2_n_samples = REAL_MODEL_CORPUS, REAL_SAMPLES
-    return Source(model, tok, records, requests, hp, REAL_MODEL_CORPUS, model_name_for(args.model),
+    hp.mom2_dataset, hp.mom2_n_samples = preset_corpus(hp), REAL_SAMPLES
+    return Source(model, tok, records, requests, hp, hp.mom2_dataset, model_name_for(args.model),
                   "the model's default layers", time.perf_counter() - start)
 
 

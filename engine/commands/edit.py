@@ -37,7 +37,7 @@ from massedit.hparams import default_for, load_hparams
 from massedit.compute.stats import stats_folder
 from massedit.model.loading import check_savable, load_model
 from massedit.methods import METHODS, method_names
-from massedit.commands._common import REAL_MODEL_CORPUS, add_model_arguments, default_corpus, options_from_args
+from massedit.commands._common import add_model_arguments, default_corpus, options_from_args
 from massedit.publish import check_dir, check_out, claim, staged
 from massedit.edits.ledger import Ledger
 from massedit.edits.sequential import SequentialEditor, split_rounds
@@ -54,7 +54,7 @@ def add_arguments(p) -> None:
                                      "(e.g. gpt-j-6b); default: chosen for the model")
     p.add_argument("--stats-dir", default="stats", help="covariance statistics cache (default ./stats)")
     p.add_argument("--corpus", help="corpus to compute missing statistics from: a file, a saved dataset, or a built-in "
-                   f"corpus ({' | '.join(BUILTIN)}; {REAL_MODEL_CORPUS} by default for the models of `massedit models list`)")
+                   f"corpus ({' | '.join(BUILTIN)}; for the models of `massedit models list` by default the one their preset names)")
     p.add_argument("--context-templates", help='JSON list of lists, e.g. [["{}"], ["Some text. {}"]]')
     p.add_argument("--method", default="memit", choices=method_names())
     # Each method's own options; which method owns which is kept for the check in `_method`.
