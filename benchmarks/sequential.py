@@ -97,12 +97,17 @@ def _parse(argv):
 
 def spectrum_threshold(eigenvalues: dict, mass: float) -> float:
     """The nullspace threshold below which the pooled eigenvalues of the layers' covariances
-    ({layer: eigenvalues}) hold at most the share `mass` of their sum: the smallest eigenvalue
-    whose inclusion would pass that share."""
+    ({layer: eigenvalues}) hold at most the share `mass` of their sum: halfway between the last
+    eigenvalue inside that share and the first that would pass it (not on an eigenvalue, where
+    whether it counts would hang on the last bits of the eigensolver that computes it again)."""
     pooled = torch.sort(torch.cat([e.double().flatten() for e in eigenvalues.values()])).values
     share = pooled.cumsum(0) / pooled.sum()
     below = int((share <= mass).sum())
-    return float(pooled[min(below, len(pooled) - 1)])
+    if below == 0:
+        return float(pooled[0] / 2)
+    if below == len(pooled):
+        return float(pooled[-1] * 2)
+    return float((pooled[below - 1] + pooled[below]) / 2)
 
 
 def spectrum_summary(eigenvalues: dict, threshold: float) -> dict:

@@ -184,10 +184,12 @@ def test_hparams_file_drives_alphaedit_and_flags_override_it(facts, model_dir, t
 
 def test_spectrum_threshold_of_a_known_spectrum():
     spectra = {0: torch.tensor([94.0, 1.0, 3.0, 2.0]), 3: torch.tensor([1.0, 2.0, 3.0, 94.0])}
-    # Pooled and sorted: 1 1 2 2 3 3 94 94 (sum 200); 1+1+2+2 = 6 is 3% of the mass.
-    assert sequential.spectrum_threshold(spectra, 0.03) == 3.0
-    assert sequential.spectrum_threshold(spectra, 0.029) == 2.0
-    assert sequential.spectrum_threshold(spectra, 0.001) == 1.0  # nothing below the smallest eigenvalue
+    # Pooled and sorted: 1 1 2 2 3 3 94 94 (sum 200); 1+1+2+2 = 6 is 3% of the mass. The threshold lies
+    # halfway to the next eigenvalue, so that no eigenvalue sits on it.
+    assert sequential.spectrum_threshold(spectra, 0.03) == 2.5
+    assert sequential.spectrum_threshold(spectra, 0.029) == 2.0  # 1 1 2 inside, but 2 ties with the next
+    assert sequential.spectrum_threshold(spectra, 0.001) == 0.5  # nothing below the smallest eigenvalue
+    assert sequential.spectrum_threshold(spectra, 1.0) == 188.0  # everything below
     summary = sequential.spectrum_summary(spectra, 3.0)
     assert summary["0"]["null_dim"] == 2 and summary["0"]["null_mass"] == pytest.approx(0.03)
     assert summary["3"]["quantiles"]["1"] == 94.0 and summary["3"]["dim"] == 4
