@@ -329,5 +329,7 @@ def test_targets_of_another_edit_are_refused_before_any_work(tmp_path):
     other = _editor(model, tok, tmp_path, clamp_norm_factor=4)
     with pytest.raises(RequestError, match="z settings differ"):
         other.edit(reqs, method=Memit(targets=memit), apply=False)
+    with pytest.raises(TypeError, match="EditResult"):
+        Memit(targets=memit.z)
     # λ and the layers below the z layer do not reach z: those targets serve.
     _editor(model, tok, tmp_path, mom2_update_weight=5.0).edit(reqs, method=Memit(targets=memit), apply=False)

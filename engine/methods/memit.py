@@ -61,6 +61,9 @@ class Memit(EditMethod):
         optimizing again (z depends on none of λ, statistics or what a method adds after MEMIT)."""
         if serial_z is not None:
             self.serial_z = serial_z
+        if targets is not None and (getattr(targets, "z", None) is None or getattr(targets, "delta", None) is None):
+            raise TypeError(f"targets= takes the EditResult of an earlier edit (MassEditor.edit's return value), "
+                            f"got {type(targets).__name__}")
         self.given = targets
 
     def check_requests(self, requests, editor=None) -> None:
