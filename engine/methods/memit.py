@@ -90,10 +90,11 @@ class Memit(EditMethod):
                                     templates, reuse_prefix=editor.reuse_prefix, site=editor.hp.z_site)
         if self.serial_z:
             return optimizer.optimize_serial(requests, progress=editor.progress)
-        # On CUDA, chunks are sized from free memory unless a batch size is given.
+        # Chunks are sized from free memory unless a batch size is given; on CPU also at most
+        # hp.batch_size requests, past which a larger chunk is no faster.
         on_gpu = optimizer.device.type == "cuda"
-        return optimizer.optimize(requests, batch_size or (None if on_gpu else editor.hp.batch_size),
-                                  progress=editor.progress)
+        return optimizer.optimize(requests, batch_size, progress=editor.progress,
+                                  max_chunk=None if on_gpu else editor.hp.batch_size)
 
     def compute(self, editor, requests, templates, solvers, timings, batch_size):
         t = time.perf_counter()
