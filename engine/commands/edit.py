@@ -60,7 +60,8 @@ def add_arguments(p) -> None:
     # Each method's own options; which method owns which is kept for the check in `_method`.
     p.set_defaults(method_options={name: cls.add_arguments(p) for name, cls in METHODS.items()
                                    if "add_arguments" in vars(cls)})
-    p.add_argument("--batch-size", type=int, help="requests per z-optimization chunk (default: hparams batch_size)")
+    p.add_argument("--batch-size", type=int, help="requests per z-optimization chunk (default: as many as fit in free "
+                   "memory; on CPU at most the hparams' batch_size)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated context templates")
     p.add_argument("--model-name", help="model name in the statistics path (default: the model directory's name); "
                    "naming it also accepts reference-layout statistics, which carry no model fingerprint")
