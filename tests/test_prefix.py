@@ -124,7 +124,7 @@ def test_cpu_chunks_fit_the_machines_available_memory(monkeypatch):
     whole = prefix.optimize(reqs, batch_size=8, progress=False)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=6 * per + 1))
     assert prefix.chunk_size(prefix.prompts(reqs)) == 3
-    assert prefix.chunk_size(prefix.prompts(reqs), most=2) == 2
+    assert prefix.chunk_size(prefix.prompts(reqs), max_chunk=2) == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert prefix.chunk_size(prefix.prompts(reqs)) == 1
     sizes = []

@@ -607,8 +607,8 @@ class TargetOptimizer:
         return activations + labels * vocab * 4 * 3
 
     def chunk_size(self, prompts: Sequence[ZPrompts], memory_budget: Optional[int] = None,
-                   most: Optional[int] = None) -> int:
-        """Requests per chunk (at most `most`) that fit `memory_budget` bytes (default: 80% of free
+                   max_chunk: Optional[int] = None) -> int:
+        """Requests per chunk (at most `max_chunk`) that fit `memory_budget` bytes (default: 80% of free
         CUDA memory on a GPU; elsewhere half of the machine's available memory, shared by the
         processes torchrun started on it, because a process that runs out of host memory is killed
         rather than given an error to split the chunk on)."""
@@ -619,7 +619,7 @@ class TargetOptimizer:
                 local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
                 memory_budget = int(0.5 * psutil.virtual_memory().available / max(1, local_processes))
         fit = memory_budget // max(1, self.bytes_per_request(prompts))
-        return max(1, min(len(prompts), most or len(prompts), fit))
+        return max(1, min(len(prompts), max_chunk or len(prompts), fit))
 
     def optimize(self, requests: Sequence[EditRequest], batch_size: Optional[int] = None, progress: bool = True,
                  memory_budget: Optional[int] = None, max_chunk: Optional[int] = None) -> ZResult:
