@@ -47,6 +47,16 @@ def add_threads(p: argparse.ArgumentParser, default: Optional[int] = 1) -> None:
                    help="torch threads" + (f" (default {default})" if default else " (default: torch's choice)"))
 
 
+def add_z_cache(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--z-cache", help=f"folder of stored targets (benchmarks.z_cache): {what}, and a later run whose "
+                                     "z would be the same (model, facts, z settings, z layer) reuses it")
+
+
+def check_z_cache(p: argparse.ArgumentParser, args) -> None:
+    if args.z_cache and Path(args.z_cache).exists() and not Path(args.z_cache).is_dir():
+        p.error(f"--z-cache {args.z_cache}: a file, not a folder; give a folder (it is created if missing)")
+
+
 def set_threads(threads: Optional[int]) -> None:
     """On a shared machine one thread is the default: two OpenMP threads spinning while other
     processes hold the cores made an edit 20-45x slower (benchmarks/README.md)."""

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, z_cache
 from benchmarks.common import distinct_subject_records, machine_info
 
 DEFAULT_K = (4, 8, 16, 32)
@@ -63,6 +63,9 @@ def _parse(argv):
     p.add_argument("--n", type=int, default=100, help="edits (capped at the distinct subjects)")
     p.add_argument("--k", help="comma-separated head counts K (default: 4,8,16,32 up to the model's heads)")
     p.add_argument("--l2", help="with --facts: the second language, DIR/<L2>/counterfact.json (default ca)")
+    p.add_argument("--hparams", help="hparams file (JSON / YAML) with MEMAT's keys (memat_lr, memat_epochs, ...): "
+                                     "replaces the source's settings; --k, --layers, --lam ... override it")
+    common.add_z_cache(p, "the MEMIT run's z is saved there")
     common.add_source_arguments(p, "a bilingual world directory (massedit world build --languages 2)")
     args = p.parse_args(argv)
     try:
@@ -75,6 +78,15 @@ def _parse(argv):
         p.error("--l2 goes with --facts; a bilingual world's L2 is its counterfact.l2.json")
     common.check_source(p, args, ("counterfact.json", "counterfact.l2.json", "model"),
                         "massedit world build --languages 2 --out DIR")
+    common.check_z_cache(p, args)
+    args.hp = None
+    if args.hparams is not None:
+        from massedit.hparams import HParamsError, load_hparams
+
+        try:
+            args.hp = load_hparams(args.hparams)
+        except (HParamsError, OSError, ValueError) as err:
+            p.error(f"--hparams {args.hparams}: {err}" if args.hparams not in str(err) else str(err))
     if args.facts is not None:
         args.l2 = args.l2 or "ca"
         if not l2_path(args).is_file():
@@ -212,11 +224,12 @@ def run(args, save=lambda result: None) -> dict:
     """The measurements; `save(result)` after each run, so that a stopped run keeps what it measured."""
     from massedit.inputs.requests import RequestError
     from massedit.methods.memat.method import Memat
+    from massedit.methods.memit import Memit
 
     model, tok = common.source_model(args)
     l1, requests = distinct_subject_records(common.source_directory(args), args.n)
     records = {"L1": l1, "L2": l2_records(l2_path(args), l1)}
-    editor = common.source_editor(args, model, tok)
+    editor = common.source_editor(args, model, tok, args.hp)
     n_heads = editor.layout.n_layers * editor.layout.n_heads
     ks = k_values(args.k_list, n_heads)
     base_hp = editor.hp
@@ -229,7 +242,13 @@ def run(args, save=lambda result: None) -> dict:
     if args.world is not None:
         result["world_facts"] = world_facts(Path(args.world))
 
-    edited = memit_result = editor.edit(requests, method="memit")
+    stored = _stored_z(args, editor, requests)
+    edited = memit_result = editor.edit(requests, method=Memit(targets=stored[0]) if stored else "memit")
+    if stored:
+        print(f"z: stored, {stored[1]['path']}", flush=True)
+    elif args.z_cache:
+        z_cache.save(args.z_cache, _z_key(args, editor), edited.requests, edited.z, edited.z_loss, edited.z_steps,
+                     edited.timings["z"], edited.delta.metadata)
     memit, memit_cases = _evaluate(model, tok, records)
     memit_digests = {d["name"]: d["sha256_after"] for d in edited.delta.digests()}
     memit_dense = {wd.name: wd.dense() for wd in edited.delta.weights}
@@ -237,7 +256,9 @@ def run(args, save=lambda result: None) -> dict:
     result["key_transfer"] = key_transfer(editor, records, edited.delta)
     right = _right_in_l2(memit_cases["L2"])
     result["memit"] = {"metrics": memit, "timings": edited.report()["timings"], "restored": _unchanged(model, snapshot),
-                       "l2_right": sum(right)}
+                       "l2_right": sum(right),
+                       "z": f"stored: {stored[1]['path']} (z phase {stored[1]['z_seconds']:.0f} s for "
+                            f"{stored[1]['stored']})" if stored else "optimized"}
     result["pre_l2_right"] = sum(_right_in_l2(pre_cases["L2"]))
     _print_rows("memit", memit)
     _print_transfer(result)
@@ -269,6 +290,7 @@ def run(args, save=lambda result: None) -> dict:
             "details": {key: details[key] for key in ("facts", "facts_right", "n_train_facts", "n_val_facts",
                                                       "best_val_accuracy", "heads", "omega_norms", "a0_norms")},
             "omega_loss_first_last": [details["omega_loss"][0], details["omega_loss"][-1]],
+            "omega_steps": len(details["omega_loss"]),
             "probe_accuracy": details["probe_accuracy"],
         })
         if len(result["memat"]) == 1:
@@ -281,6 +303,15 @@ def run(args, save=lambda result: None) -> dict:
         save(result)
     editor.hp = base_hp
     return result
+
+
+def _z_key(args, editor) -> dict:
+    return z_cache.key(common.source_name(args), editor.hp.to_dict(), editor.context_templates())
+
+
+def _stored_z(args, editor, requests):
+    """(EditResult for Memit(targets=), z_cache.load's dict) of the requests' stored z, or None."""
+    return z_cache.stored_result(args.z_cache, _z_key(args, editor), editor, requests) if args.z_cache else None
 
 
 def _print_transfer(result: dict) -> None:

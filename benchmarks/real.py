@@ -180,7 +180,7 @@ def _store_z(editor, args, name: str, result) -> None:
         from benchmarks import z_cache
 
         z_cache.save(args.z_cache, _z_key(editor, name), result.requests, result.z, result.z_loss, result.z_steps,
-                     result.timings["z"])
+                     result.timings["z"], result.delta.metadata)
 
 
 def _memit_at(editor, model, tok, records, requests, n: int, generation: bool) -> tuple[dict, object]:
@@ -344,8 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--corpora-n", type=int, default=100)
     p.add_argument("--generation", action="store_true", help="also generation entropy (GE): slow")
     p.add_argument("--stats-dir", default="stats", help="statistics cache (default ./stats)")
-    p.add_argument("--z-cache", help="folder of stored targets: the largest n's z is saved there, and a later run "
-                                     "whose z would be the same (model, facts, z settings, z layer) reuses it")
+    common.add_z_cache(p, "the largest n's z is saved there")
     p.add_argument("--out", help="JSON path (default benchmarks/results/real-<model>-<time>.json)")
     common.add_threads(p, default=None)
     args = p.parse_args(argv)
@@ -355,8 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--lam: a number or comma-separated numbers, e.g. 1000,5000, got {args.lam!r}")
     if any(lam <= 0 for lam in args.lam):
         p.error(f"--lam: every λ must be positive, got {args.lam}")
-    if args.z_cache and Path(args.z_cache).exists() and not Path(args.z_cache).is_dir():
-        p.error(f"--z-cache {args.z_cache}: a file, not a folder; give a folder (it is created if missing)")
+    common.check_z_cache(p, args)
     if args.max_per_object is not None and args.max_per_object < 1:
         p.error(f"--max-per-object must be at least 1, got {args.max_per_object}")
     if args.z_steps is not None and args.z_steps < 1:

@@ -7,7 +7,9 @@ hyperparameter that reaches the z optimization (all of them except the ones list
 `NOT_IN_Z`, so a field added later counts as reaching it), the context templates, and one
 fingerprint per request. A later run reuses them when every one of its requests' fingerprints is
 stored (any subset, in any order: a request's z does not depend on the others edited with it);
-anything else is a miss, never a wrong z.
+anything else is a miss, never a wrong z. The edit's metadata (model config hash, hparams, context
+templates) is stored too, so that `stored_result` hands the z to `Memit(targets=)`, which checks it
+against the editor once more.
 """
 from __future__ import annotations
 
@@ -17,13 +19,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from dataclasses import fields
+
 from massedit.compute.targets import NOT_IN_Z
+from massedit.hparams import MEMITHyperParams
 from massedit.files import written
 
 
 def key(model: str, hparams: dict, templates) -> dict:
+    """MEMIT's keys only: a method's own (MEMAT's memat_*) act after z."""
+    memit = {f.name for f in fields(MEMITHyperParams)}
     return {"model": model, "z_layer": max(hparams["layers"]), "templates": templates,
-            "hparams": {k: v for k, v in sorted(hparams.items()) if k not in NOT_IN_Z}}
+            "hparams": {k: v for k, v in sorted(hparams.items()) if k in memit and k not in NOT_IN_Z}}
 
 
 def fingerprints(requests) -> list[str]:
@@ -54,17 +61,35 @@ def load(directory, k: dict, requests) -> Optional[dict]:
         if data["key"] == json.dumps(k, sort_keys=True) and all(fp in row for fp in want):
             take = torch.tensor([row[fp] for fp in want], dtype=torch.long)
             return {"z": data["z"][take], "z_loss": data["z_loss"][take], "z_steps": data["z_steps"][take],
-                    "z_seconds": data["z_seconds"], "stored": len(data["fingerprints"]), "path": str(path)}
+                    "z_seconds": data["z_seconds"], "stored": len(data["fingerprints"]), "path": str(path),
+                    "metadata": json.loads(data.get("metadata", "null"))}
     return None
 
 
-def save(directory, k: dict, requests, z, z_loss, z_steps, z_seconds: float) -> Path:
+def stored_result(directory, k: dict, editor, requests):
+    """An EditResult holding the stored z of `requests` for `Memit(targets=)` (its delta carries no
+    weights, only the metadata of the edit the z came from), and the `load` dict; None where no file
+    of `k` holds them all with that metadata."""
+    from massedit.edits.delta import EditDelta
+    from massedit.editor import EditResult
+
+    stored = load(directory, k, requests)
+    if stored is None or stored["metadata"] is None:
+        return None
+    result = EditResult(delta=EditDelta([], stored["metadata"]), method="memit", n_edits=len(requests),
+                        timings={}, z_loss=stored["z_loss"], z_steps=stored["z_steps"], z=stored["z"],
+                        requests=editor.validate(requests))
+    return result, stored
+
+
+def save(directory, k: dict, requests, z, z_loss, z_steps, z_seconds: float,
+         metadata: Optional[dict] = None) -> Path:
     """A new file per set of requests (other facts never overwrite stored z), written whole or not at
-    all: beside, then renamed."""
+    all: beside, then renamed. `metadata`: the edit's (EditDelta.metadata), for `stored_result`."""
     fps = fingerprints(requests)
     path = Path(directory) / f"{_prefix(k)}{_digest(fps)}.pt"
     with written(path) as tmp:
         torch.save({"key": json.dumps(k, sort_keys=True), "fingerprints": fps, "z": z.detach().cpu(),
                     "z_loss": z_loss.detach().cpu(), "z_steps": z_steps.detach().cpu(),
-                    "z_seconds": float(z_seconds)}, tmp)
+                    "z_seconds": float(z_seconds), "metadata": json.dumps(metadata, sort_keys=True)}, tmp)
     return path

@@ -71,3 +71,31 @@ def test_monolingual_world_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         B.main(["--world", str(tmp_path)])
     assert "counterfact.l2.json" in capsys.readouterr().err
+
+
+def test_stored_z_and_an_hparams_file(bilingual_world, tmp_path):
+    """--z-cache: the second run takes the first's z (MEMIT scores the same) and MEMAT's keys come
+    from --hparams."""
+    common = ["--world", str(bilingual_world), "--n", "6", "--k", "1", "--steps", "5", "--samples", "50",
+              "--stats-dir", str(tmp_path / "stats"), "--threads", "1", "--out-dir", str(tmp_path),
+              "--z-cache", str(tmp_path / "z")]
+    first = json.loads(Path(B.main(common)["json"]).read_text(encoding="utf-8"))
+    assert first["memit"]["z"] == "optimized" and len(list((tmp_path / "z").glob("z-*.pt"))) == 1
+    hp = {**first["hparams"], "memat_lr": 0.05, "memat_epochs": 2}
+    (tmp_path / "hp.json").write_text(json.dumps(hp), encoding="utf-8")
+    second = json.loads(Path(B.main(common + ["--hparams", str(tmp_path / "hp.json")])["json"]).read_text())
+    assert second["memit"]["z"].startswith("stored: ")
+    assert second["memit"]["metrics"] == first["memit"]["metrics"]
+    assert second["hparams"]["memat_lr"] == 0.05 and second["hparams"]["memat_epochs"] == 2
+    # Two epochs of one mini-batch (6 requests < 32): two ω steps.
+    assert second["memat"][0]["omega_steps"] == 2
+
+
+def test_an_hparams_file_with_an_unknown_key_is_one_line(tmp_path, capsys):
+    for name in ("counterfact.json", "counterfact.l2.json"):
+        (tmp_path / name).write_text("[]", encoding="utf-8")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "hp.json").write_text('{"memat_learning_rate": 0.1}', encoding="utf-8")
+    with pytest.raises(SystemExit):
+        B.main(["--world", str(tmp_path), "--hparams", str(tmp_path / "hp.json")])
+    assert "memat_learning_rate" in capsys.readouterr().err
