@@ -4,7 +4,7 @@ bilingual world").
     python -m benchmarks.memat --world DIR [--n 100] [--k 4,8,16,32] [--threads T]
         [--stats-dir DIR] [--out-dir DIR]
     python -m benchmarks.memat --model gemma3-270m --facts DIR [--l2 ca] [--n 100] [--k 8,16,32]
-        [--layers 2,3,4,5] [--lam 1000] [--stats-dir DIR] [--threads T]
+        [--layers 2,3,4,5] [--lam 1000] [--hparams FILE] [--z-cache DIR] [--stats-dir DIR] [--threads T]
 
 - A world must be bilingual (`massedit world build --languages 2`): counterfact.json (L1) and
   counterfact.l2.json (L2, the same case_ids). Facts of a real model come from
@@ -12,7 +12,12 @@ bilingual world").
   DIR/<--l2>/counterfact.json (L2, the same case_ids); the real model is edited with
   benchmarks.common.real_hparams (the MEMIT paper's z settings, --layers, --lam, --clamp) and its
   statistics come from the real models' built-in corpus. MEMAT's own keys are at their defaults
-  (the paper's code) in both cases, K aside.
+  (the paper's code) in both cases, K aside, unless --hparams gives a file (JSON / YAML, read by
+  massedit.hparams.load_hparams) that replaces the source's settings, MEMAT's keys included
+  (memat_lr, memat_epochs, ...); --k, --layers, --lam, --clamp, --steps, --samples override it.
+- --z-cache DIR: the MEMIT run's z is stored there (benchmarks.z_cache) and a later run whose z
+  would be the same (model, facts, z settings, context templates) takes it instead of the z phase,
+  through `Memit(targets=)`, which checks it against the editor; the JSON says which (memit.z).
 - Edits: the first --n L1 records with distinct subjects, made with MEMIT and with MEMAT (L2
   records of the same case_ids) for each K. Each run starts from the
   unedited model: its delta is reverted after the evaluation and the weights are checked bit for
@@ -354,16 +359,21 @@ def table(result: dict) -> str:
     rows += [(f"MEMAT K={r['k']}", r["metrics"]) for r in result["memat"]]
     body = "".join(f"| {label} | {lang} | " + " | ".join(_fmt(m[lang][x]).strip() for x in METRICS) + " |\n"
                    for label, m in rows for lang in LANGUAGES)
-    gain_head = ("\n| K | L2 EM gain % | L2 PM gain % | L2 NS diff | L1 EM gain % | L1 PM gain % | L1 NS diff "
+    # The points beside the percentages: near a MEMIT EM of 0 a relative gain is large whatever it is.
+    gain_head = ("\n| K | L2 EM gain % (pts) | L2 PM gain % (pts) | L2 NS diff | L1 EM gain % (pts) "
+                 "| L1 PM gain % (pts) | L1 NS diff "
                  "| probe train facts | best probe acc | " + " | ".join(f"{p} s" for p in PHASES) + " |\n|"
                  + "---|" * (9 + len(PHASES)) + "\n")
 
     def num(x, digits=1):
         return "-" if x is None else f"{x:+.{digits}f}"
 
+    def gain(row: dict, metric: str) -> str:
+        return f"{num(row[f'{metric}_gain_pct'])} ({num(row[f'{metric}_diff'])})"
+
     gain_rows = "".join(
-        f"| {r['k']} | " + " | ".join(num(r["gains"][lang][key]) for lang in ("L2", "L1")
-                                      for key in ("EM_gain_pct", "PM_gain_pct", "NS_diff"))
+        f"| {r['k']} | " + " | ".join(x for lang in ("L2", "L1") for x in (
+            gain(r["gains"][lang], "EM"), gain(r["gains"][lang], "PM"), num(r["gains"][lang]["NS_diff"])))
         + f" | {r['details']['n_train_facts']} | {r['details']['best_val_accuracy']:.3f} | "
         + " | ".join(f"{r['timings'].get(p, 0.0):.1f}" for p in PHASES) + " |\n"
         for r in result["memat"])
