@@ -243,7 +243,7 @@ def run(args, save=lambda result: None) -> dict:
     pre, pre_cases = _evaluate(model, tok, records)
     result = {"benchmark": "memat", **common.source_info(args), "l2_records": str(l2_path(args)),
               "n": len(requests), "k": ks, "n_layers": editor.layout.n_layers, "n_heads": editor.layout.n_heads,
-              "hparams": base_hp.to_dict(), "machine": machine_info(), "pre": pre}
+              "hparams": base_hp.to_dict(), "hparams_file": args.hparams, "machine": machine_info(), "pre": pre}
     if args.world is not None:
         result["world_facts"] = world_facts(Path(args.world))
 
@@ -426,7 +426,10 @@ def plot(result: dict, path: Path) -> None:
     ax_keys.set_title(f"MEMIT's edit at the L2 subject's key ({result['memit']['l2_right']} of {result['n']} "
                       "right in L2)", fontsize=9)
     ax_keys.grid(True, alpha=0.3)
-    ax_keys.legend(fontsize=8)
+    # Reach sits near 1 and the cosines below it: from 0 the legend fits under the points.
+    ax_keys.set_ylim(0, max(1.05, *(row[k] for row in rows for k in ("edit_reach_l2_over_l1_median",
+                                                                         "cos_same_fact"))) + 0.05)
+    ax_keys.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"MEMAT on {_title(result)}")
     common.save_figure(fig, path)
 

@@ -87,6 +87,7 @@ def test_stored_z_and_an_hparams_file(bilingual_world, tmp_path):
     assert second["memit"]["z"].startswith("stored: ")
     assert second["memit"]["metrics"] == first["memit"]["metrics"]
     assert second["hparams"]["memat_lr"] == 0.05 and second["hparams"]["memat_epochs"] == 2
+    assert second["hparams_file"] == str(tmp_path / "hp.json") and first["hparams_file"] is None
     # Two epochs of one mini-batch (6 requests < 32): two ω steps.
     assert second["memat"][0]["omega_steps"] == 2
 
