@@ -57,6 +57,19 @@ def check_z_cache(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--z-cache {args.z_cache}: a file, not a folder; give a folder (it is created if missing)")
 
 
+def read_hparams(p: argparse.ArgumentParser, path: Optional[str]):
+    """The --hparams file's settings (None without one); a one-line usage error for a bad file,
+    before anything is loaded."""
+    if path is None:
+        return None
+    from massedit.hparams import HParamsError, load_hparams
+
+    try:
+        return load_hparams(path)
+    except (HParamsError, OSError, ValueError) as err:
+        p.error(f"--hparams {path}: {err}" if path not in str(err) else str(err))
+
+
 def set_threads(threads: Optional[int]) -> None:
     """On a shared machine one thread is the default: two OpenMP threads spinning while other
     processes hold the cores made an edit 20-45x slower (benchmarks/README.md)."""

@@ -84,14 +84,7 @@ def _parse(argv):
     common.check_source(p, args, ("counterfact.json", "counterfact.l2.json", "model"),
                         "massedit world build --languages 2 --out DIR")
     common.check_z_cache(p, args)
-    args.hp = None
-    if args.hparams is not None:
-        from massedit.hparams import HParamsError, load_hparams
-
-        try:
-            args.hp = load_hparams(args.hparams)
-        except (HParamsError, OSError, ValueError) as err:
-            p.error(f"--hparams {args.hparams}: {err}" if args.hparams not in str(err) else str(err))
+    args.hp = common.read_hparams(p, args.hparams)
     if args.facts is not None:
         args.l2 = args.l2 or "ca"
         if not l2_path(args).is_file():

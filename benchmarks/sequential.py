@@ -84,14 +84,7 @@ def _parse(argv):
     if args.l2 is not None and args.l2 < 0:
         p.error(f"--l2 must be >= 0 (AlphaEdit's public files use 10), got {args.l2}")
     common.check_source(p, args, ("counterfact.json", "model"))
-    args.hp = None
-    if args.hparams is not None:
-        from massedit.hparams import HParamsError, load_hparams
-
-        try:
-            args.hp = load_hparams(args.hparams)
-        except (HParamsError, OSError, ValueError) as err:
-            p.error(f"--hparams {args.hparams}: {err}" if args.hparams not in str(err) else str(err))
+    args.hp = common.read_hparams(p, args.hparams)
     return args
 
 

@@ -19,18 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from dataclasses import fields
-
-from massedit.compute.targets import NOT_IN_Z
-from massedit.hparams import MEMITHyperParams
+from massedit.compute.targets import z_hparams
 from massedit.files import written
 
 
 def key(model: str, hparams: dict, templates) -> dict:
-    """MEMIT's keys only: a method's own (MEMAT's memat_*) act after z."""
-    memit = {f.name for f in fields(MEMITHyperParams)}
-    return {"model": model, "z_layer": max(hparams["layers"]), "templates": templates,
-            "hparams": {k: v for k, v in sorted(hparams.items()) if k in memit and k not in NOT_IN_Z}}
+    """What z depends on (targets.z_hparams: MEMIT's keys, so a method's own, MEMAT's memat_*, do not count)."""
+    z_settings = z_hparams(hparams)
+    return {"model": model, "z_layer": z_settings.pop("z_layer"), "templates": templates, "hparams": z_settings}
 
 
 def fingerprints(requests) -> list[str]:
